@@ -1,0 +1,292 @@
+"""The generated CRD: up to date, structural, and in agreement with the pydantic models.
+
+No apiserver runs here, so the apiserver's jobs are done by hand: a structural-schema walk,
+defaulting (the schema's defaults must equal pydantic's), OpenAPI validation with jsonschema
+(Draft 4 semantics, as OpenAPI v3.0), and the CEL rules evaluated with cel-python.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Iterator
+
+import celpy
+import jsonschema
+import kubernetes_validate
+import pydantic
+import pytest
+import yaml
+
+from asyncrlhf import api
+from asyncrlhf_operator import crd
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.35"
+TYPES = {"object", "array", "string", "integer", "number", "boolean"}
+# JSONSchemaProps fields we allow ourselves (a typo in the generator must not slip through).
+ALLOWED_KEYS = {
+    "type", "description", "properties", "required", "items", "additionalProperties", "enum",
+    "default", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
+    "maxLength", "pattern", "minItems", "maxItems", "format", "nullable",
+    "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers standing in for the apiserver
+
+
+def structural_violations(node: Any, path: str = "") -> Iterator[str]:
+    """What a real apiserver would refuse in a CRD schema (the structural-schema rules)."""
+    if not isinstance(node, dict):
+        yield f"{path}: not a schema object"
+        return
+    if node.get("type") not in TYPES:
+        yield f"{path or '<root>'}: no valid type ({node.get('type')!r})"
+    for key in sorted(set(node) - ALLOWED_KEYS):
+        yield f"{path}: keyword {key!r} is not allowed (no $ref, allOf, anyOf, const, title...)"
+    if "properties" in node and "additionalProperties" in node:
+        yield f"{path}: properties and additionalProperties together"
+    if isinstance(node.get("additionalProperties"), bool):
+        yield f"{path}: additionalProperties must be a schema"
+    for bound in ("exclusiveMinimum", "exclusiveMaximum"):
+        if bound in node and not isinstance(node[bound], bool):
+            yield f"{path}: {bound} must be a boolean in OpenAPI v3.0"
+    if "default" in node:
+        errors = list(jsonschema.Draft4Validator(node).iter_errors(node["default"]))
+        if errors:
+            yield f"{path}: default {node['default']!r} is invalid: {errors[0].message}"
+    if "x-kubernetes-list-map-keys" in node:
+        for key in node["x-kubernetes-list-map-keys"]:
+            if key not in node["items"].get("required", ()):
+                yield f"{path}: list-map key {key!r} must be required"
+    for name, child in node.get("properties", {}).items():
+        yield from structural_violations(child, f"{path}.{name}")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from structural_violations(node["additionalProperties"], f"{path}.*")
+    if node.get("type") == "array":
+        yield from structural_violations(node.get("items"), f"{path}[]")
+
+
+def apply_defaults(schema: dict[str, Any], value: Any) -> Any:
+    """Structural defaulting as the apiserver does it (defaults are defaulted in turn)."""
+    if schema.get("type") == "object" and isinstance(value, dict):
+        for name, sub in schema.get("properties", {}).items():
+            if name not in value and "default" in sub:
+                value[name] = copy.deepcopy(sub["default"])
+            if name in value:
+                value[name] = apply_defaults(sub, value[name])
+        if isinstance(schema.get("additionalProperties"), dict):
+            for key in value:
+                value[key] = apply_defaults(schema["additionalProperties"], value[key])
+    elif schema.get("type") == "array" and isinstance(value, list):
+        return [apply_defaults(schema["items"], item) for item in value]
+    return value
+
+
+def schema_errors(manifest: dict[str, Any]) -> list[str]:
+    """OpenAPI errors of a manifest against the CRD, after defaulting (as on admission)."""
+    schema = crd.spec_schema()
+    defaulted = apply_defaults(schema, copy.deepcopy(manifest))
+    return [
+        f"{'.'.join(map(str, e.absolute_path))}: {e.message}"
+        for e in jsonschema.Draft4Validator(schema).iter_errors(defaulted)
+    ]
+
+
+_CEL = celpy.Environment()
+
+
+def cel_failures(manifest: dict[str, Any]) -> list[str]:
+    """fieldPaths of the spec's x-kubernetes-validations that fail (or error) on the manifest."""
+    schema = crd.spec_schema()
+    spec = apply_defaults(schema, copy.deepcopy(manifest)).get("spec", {})
+    failed = []
+    for rule in schema["properties"]["spec"]["x-kubernetes-validations"]:
+        program = _CEL.program(_CEL.compile(rule["rule"]))
+        result = program.evaluate({"self": celpy.json_to_cel(spec)})
+        if isinstance(result, celpy.CELEvalError) or not bool(result):
+            failed.append(rule["fieldPath"])
+    return failed
+
+
+def pydantic_error(manifest: dict[str, Any]) -> str | None:
+    try:
+        api.AsyncRLHFJob.model_validate(manifest)
+    except pydantic.ValidationError as err:
+        return str(err)
+    return None
+
+
+def manifest(name: str = "demo", **spec: Any) -> dict[str, Any]:
+    return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
+
+
+def example_manifests() -> list[tuple[str, dict[str, Any]]]:
+    found = []
+    for path in sorted((ROOT / "examples").rglob("*.y*ml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == api.KIND:
+                found.append((path.relative_to(ROOT).as_posix(), doc))
+    return found
+
+
+ALL_GOOD = [
+    ("minimal", manifest("minimal")),
+    ("defaults-filled", api.AsyncRLHFJob(metadata={"name": "defaults"}).to_manifest()),
+] + example_manifests()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CRD file and its shape
+
+
+def test_committed_crd_is_fresh():
+    committed = (ROOT / "crds" / crd.FILENAME).read_text()
+    assert committed == crd.render(), "crds/ is stale: run `python -m asyncrlhf_operator.crd`"
+
+
+def test_main_check_mode(tmp_path):
+    target = tmp_path / "crd.yaml"
+    assert crd.main(["-o", str(target)]) == 0
+    assert crd.main(["-o", str(target), "--check"]) == 0
+    target.write_text(target.read_text() + "# edited\n")
+    assert crd.main(["-o", str(target), "--check"]) == 1
+
+
+def test_crd_is_a_valid_kubernetes_object():
+    kubernetes_validate.validate(crd.generate_crd(), K8S_VERSION, strict=True)
+
+
+def test_names_and_subresources():
+    spec = crd.generate_crd()["spec"]
+    assert (spec["group"], spec["names"]["kind"], spec["names"]["plural"]) == (
+        "asyncrlhf.dev", "AsyncRLHFJob", "asyncrlhfjobs")
+    assert spec["names"]["shortNames"] == ["arj"]
+    version = spec["versions"][0]
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": ".status.phase", "Mode": ".spec.async.mode", "Step": ".status.step",
+        "Version": ".status.policyVersion", "Staleness": ".status.stalenessMean",
+        "Reward": ".status.rewardMean", "Age": ".metadata.creationTimestamp",
+    }
+
+
+def test_schema_is_structural():
+    assert list(structural_violations(crd.spec_schema())) == []
+
+
+def test_metadata_restricts_only_the_name():
+    metadata = crd.spec_schema()["properties"]["metadata"]
+    assert set(metadata) == {"type", "properties"} and set(metadata["properties"]) == {"name"}
+
+
+def test_printer_columns_point_at_schema_fields():
+    schema = crd.spec_schema()
+    for column in crd.generate_crd()["spec"]["versions"][0]["additionalPrinterColumns"]:
+        if column["jsonPath"].startswith(".metadata"):
+            continue
+        node = schema
+        for part in column["jsonPath"].strip(".").split("."):
+            node = node["properties"][part]
+        assert node["type"] == column["type"], column
+
+
+def test_every_spec_field_is_documented():
+    def undocumented(node, path):
+        if "description" not in node:
+            yield path
+        for name, child in node.get("properties", {}).items():
+            yield from undocumented(child, f"{path}.{name}")
+
+    assert list(undocumented(crd.spec_schema()["properties"]["spec"], "spec")) == []
+
+
+def test_cel_field_paths_exist():
+    spec = crd.spec_schema()["properties"]["spec"]
+    for rule in spec["x-kubernetes-validations"]:
+        node = spec
+        for part in rule["fieldPath"].strip(".").split("."):
+            node = node["properties"][part]
+        assert rule["message"] and "\n" not in rule["message"]
+
+
+def test_crd_defaults_equal_pydantic_defaults():
+    schema = crd.spec_schema()["properties"]["spec"]
+    expected = api.JobSpec().model_dump(by_alias=True, exclude_none=True, mode="json")
+    assert apply_defaults(schema, {}) == expected
+
+
+def test_status_schema_accepts_a_full_status():
+    status = api.JobStatus(
+        phase="Running", step=3, generator_versions={"g-0": 2}, reward_mean=0.5,
+        conditions=[api.Condition(type="Ready", status="True", reason="AllReady",
+                                  last_transition_time="2026-01-01T00:00:00Z")],
+    ).model_dump(by_alias=True, exclude_none=True, mode="json")
+    schema = crd.spec_schema()["properties"]["status"]
+    assert list(jsonschema.Draft4Validator(schema).iter_errors(status)) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests against the CRD and pydantic
+
+
+@pytest.mark.parametrize("name,job", ALL_GOOD, ids=[n for n, _ in ALL_GOOD])
+def test_good_manifest_passes_schema_cel_and_pydantic(name, job):
+    assert schema_errors(job) == []
+    assert cel_failures(job) == []
+    assert pydantic_error(job) is None
+
+
+def test_there_are_examples_or_none_yet():
+    # Guards the glob: every AsyncRLHFJob in examples/ is covered by the table above.
+    names = {n for n, _ in example_manifests()}
+    assert all(n.startswith("examples/") for n in names)
+
+
+BAD_VALUES = [
+    ("negative replicas", manifest(generator={"replicas": -1}), "spec.generator.replicas"),
+    ("unknown loss", manifest(algorithm={"loss": "sft"}), "spec.algorithm.loss"),
+    ("clip epsilon 1", manifest(algorithm={"clipEpsilon": 1.0}), "spec.algorithm.clipEpsilon"),
+    ("zero beta", manifest(algorithm={"beta": 0}), "spec.algorithm.beta"),
+    ("too many gpus", manifest(learner={"gpusPerNode": 17}), "spec.learner.gpusPerNode"),
+    ("bad mode", manifest(**{"async": {"mode": "later"}}), "spec.async.mode"),
+    ("string steps", manifest(learner={"totalSteps": "many"}), "spec.learner.totalSteps"),
+    ("upper-case name", manifest("Demo"), "metadata.name"),
+    ("long name", manifest("x" * 41), "metadata.name"),
+]
+
+
+@pytest.mark.parametrize("case,job,field", BAD_VALUES, ids=[c for c, _, _ in BAD_VALUES])
+def test_bad_value_rejected_by_schema_and_pydantic(case, job, field):
+    errors = schema_errors(job)
+    assert any(e.startswith(field) for e in errors), errors
+    assert pydantic_error(job) is not None
+
+
+CROSS_FIELD = [
+    ("staleness below k-1", manifest(**{"async": {"maxStaleness": 1}}, weightSync={"everySteps": 4}),
+     ".async.maxStaleness"),
+    ("staleness k-1 is enough", manifest(**{"async": {"maxStaleness": 3}}, weightSync={"everySteps": 4}),
+     None),
+    ("sync with every 2", manifest(**{"async": {"mode": "sync"}}, weightSync={"everySteps": 2}),
+     ".async.maxStaleness"),
+    ("sync every step", manifest(**{"async": {"mode": "sync", "maxStaleness": 0}}), None),
+    ("dpo with one sample", manifest(algorithm={"samplesPerPrompt": 1}), ".algorithm.samplesPerPrompt"),
+    ("ppo with one sample", manifest(algorithm={"loss": "ppo", "samplesPerPrompt": 1}), None),
+    ("file without path", manifest(task={"prompts": {"source": "file"}}), ".task.prompts.path"),
+    ("file with path", manifest(task={"prompts": {"source": "file", "path": "/data/p.jsonl"}}), None),
+    ("reward model unnamed", manifest(task={"reward": {"kind": "model"}}), ".task.reward.model"),
+    ("offload on torch", manifest(learner={"offload": True}), ".learner.zeroStage"),
+    ("offload on deepspeed", manifest(learner={"offload": True, "backend": "deepspeed"}), None),
+]
+
+
+@pytest.mark.parametrize("case,job,field", CROSS_FIELD, ids=[c for c, _, _ in CROSS_FIELD])
+def test_cel_rules_agree_with_pydantic(case, job, field):
+    assert schema_errors(job) == []
+    assert cel_failures(job) == ([field] if field else [])
+    error = pydantic_error(job)
+    assert (error is None) == (field is None), error
