@@ -1,0 +1,472 @@
+"""Planning without a cluster: spec → children, observations → status. Tables, no mocks.
+
+Every child of every example (and of a set of spec variants) is checked against the official
+Kubernetes schemas with kubernetes-validate in strict mode (unknown fields are errors).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from asyncrlhf import api
+from asyncrlhf.messages import GeneratorStatus, LearnerProgress
+from asyncrlhf_operator import plan
+from asyncrlhf_operator.status import (
+    Observed, compute_status, learner_action, status_patch, ttl_expired, verdict,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+K8S_VERSION = "1.35"
+NATS = "nats://nats.asyncrlhf-system.svc:4222"
+OWNER = plan.Owner(name="demo", namespace="team", uid="0b8c4a4e-6b9e-4c55-9d5e-1f0c3a9b7d21")
+NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def job(**spec: Any) -> api.AsyncRLHFJob:
+    return api.AsyncRLHFJob.model_validate(
+        {"metadata": {"name": OWNER.name, "namespace": OWNER.namespace}, "spec": spec})
+
+
+def examples() -> list[tuple[str, api.AsyncRLHFJob]]:
+    found = []
+    for path in sorted((ROOT / "examples").rglob("*.y*ml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            if isinstance(doc, dict) and doc.get("kind") == api.KIND:
+                found.append((path.relative_to(ROOT).as_posix(), api.AsyncRLHFJob.model_validate(doc)))
+    return found
+
+
+VARIANTS = [
+    ("defaults", job()),
+    ("multi-node-gpu", job(learner={"nodes": 4, "gpusPerNode": 8, "backend": "deepspeed", "zeroStage": 3},
+                           generator={"replicas": 8, "resources": {"gpus": 1, "memory": "80Gi"}},
+                           model={"policy": "Qwen/Qwen2.5-0.5B-Instruct", "dtype": "bfloat16"})),
+    ("existing-claim", job(weightSync={"volumeClaim": "shared-snapshots"})),
+    ("deleted-volume", job(weightSync={"retainVolume": False, "storageClass": "nfs", "size": "5Gi"})),
+    ("nats-credentials", job(nats={"url": "nats://bus.example:4333", "credentialsSecret": "nats-creds"})),
+    ("hub-dataset", job(task={"prompts": {"source": "dataset", "name": "openai/gsm8k"},
+                              "reward": {"rule": "gsm8k"}})),
+    ("suspended", job(suspend=True, ttlSecondsAfterFinished=60)),
+] + examples()
+
+
+def children(j: api.AsyncRLHFJob, **kw) -> dict[str, dict[str, Any]]:
+    return {c["kind"]: c for c in plan.desired_children(j, OWNER, NATS, **kw)}
+
+
+def env_of(child: dict[str, Any]) -> dict[str, Any]:
+    container = child["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: official schemas and invariants
+
+
+@pytest.mark.parametrize("name,j", VARIANTS, ids=[n for n, _ in VARIANTS])
+@pytest.mark.parametrize("finished", [False, True])
+def test_every_child_validates_strictly(name, j, finished):
+    for child in plan.desired_children(j, OWNER, NATS, finished=finished):
+        kubernetes_validate.validate(child, K8S_VERSION, strict=True)
+
+
+@pytest.mark.parametrize("name,j", VARIANTS, ids=[n for n, _ in VARIANTS])
+def test_children_are_labelled_and_owned(name, j):
+    for child in plan.desired_children(j, OWNER, NATS):
+        meta = child["metadata"]
+        assert meta["namespace"] == OWNER.namespace
+        assert set(meta["labels"]) == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
+                                       "app.kubernetes.io/component", "app.kubernetes.io/managed-by"}
+        retained = child["kind"] == "PersistentVolumeClaim" and j.spec.weight_sync.retain_volume
+        owners = meta.get("ownerReferences", [])
+        assert owners == ([] if retained else [plan.owner_reference(OWNER)]), child["kind"]
+
+
+@pytest.mark.parametrize("name,j", VARIANTS, ids=[n for n, _ in VARIANTS])
+def test_pods_are_restricted(name, j):
+    for kind in ("Job", "Deployment"):
+        pod = children(j)[kind]["spec"]["template"]["spec"]
+        assert pod["securityContext"] == {
+            "runAsNonRoot": True, "runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"}}
+        assert pod["automountServiceAccountToken"] is False
+        assert pod["serviceAccountName"] == "demo-workload"
+        for container in pod["containers"]:
+            assert container["securityContext"] == {
+                "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                "runAsNonRoot": True, "capabilities": {"drop": ["ALL"]}}
+            mounts = {m["mountPath"] for m in container["volumeMounts"]}
+            assert {"/tmp", "/cache", "/etc/asyncrlhf", "/snapshots"} <= mounts
+            for var in container["env"]:  # secrets only by reference
+                assert "PASSWORD" not in var["name"] or "secretKeyRef" in var["valueFrom"]
+
+
+def test_children_in_creation_order():
+    kinds = [c["kind"] for c in plan.desired_children(job(), OWNER, NATS)]
+    assert kinds == ["ServiceAccount", "ConfigMap", "PersistentVolumeClaim", "Service",
+                     "NetworkPolicy", "Job", "Deployment"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Children: spec → fields
+
+
+def dig(obj: Any, path: str) -> Any:
+    for part in path.split("."):
+        if isinstance(obj, list):
+            obj = obj[int(part)] if int(part) < len(obj) else None
+        else:
+            obj = obj.get(part) if isinstance(obj, dict) else None
+        if obj is None:
+            return None
+    return obj
+
+
+POD = "spec.template.spec"
+CONTAINER = f"{POD}.containers.0"
+FIELDS = [
+    ("replicas", job(generator={"replicas": 5}), {}, "Deployment", "spec.replicas", 5),
+    ("suspend scales generators", job(suspend=True, generator={"replicas": 5}), {}, "Deployment", "spec.replicas", 0),
+    ("suspend suspends learner", job(suspend=True), {}, "Job", "spec.suspend", True),
+    ("running learner", job(), {}, "Job", "spec.suspend", False),
+    ("finished scales generators", job(generator={"replicas": 5}), {"finished": True}, "Deployment",
+     "spec.replicas", 0),
+    ("indexed", job(learner={"nodes": 3}), {}, "Job", "spec.completionMode", "Indexed"),
+    ("completions", job(learner={"nodes": 3}), {}, "Job", "spec.completions", 3),
+    ("parallelism", job(learner={"nodes": 3}), {}, "Job", "spec.parallelism", 3),
+    ("gang restart", job(), {}, "Job", "spec.backoffLimit", 0),
+    ("disruptions ignored", job(), {}, "Job", "spec.podFailurePolicy.rules.0.action", "Ignore"),
+    ("never restart in place", job(), {}, "Job", f"{POD}.restartPolicy", "Never"),
+    ("rendezvous subdomain", job(), {}, "Job", f"{POD}.subdomain", "demo-learner"),
+    ("learner gpus", job(learner={"gpusPerNode": 8}), {}, "Job", f"{CONTAINER}.resources.limits.nvidia.com/gpu", None),
+    ("no gpus no toleration", job(), {}, "Deployment", f"{POD}.tolerations", None),
+    ("gpu toleration", job(generator={"resources": {"gpus": 1}}), {}, "Deployment",
+     f"{POD}.tolerations.0.key", "nvidia.com/gpu"),
+    ("learner command", job(), {}, "Job", f"{CONTAINER}.args",
+     ["learner", "--config", "/etc/asyncrlhf/job.yaml"]),
+    ("generator command", job(), {}, "Deployment", f"{CONTAINER}.args",
+     ["generator", "--config", "/etc/asyncrlhf/job.yaml"]),
+    ("image", job(image="registry.local/arj:1"), {}, "Deployment", f"{CONTAINER}.image", "registry.local/arj:1"),
+    ("config volume", job(), {}, "Deployment", f"{POD}.volumes.0.configMap.name", "demo-config"),
+    ("own claim", job(), {}, "Job", f"{POD}.volumes.1.persistentVolumeClaim.claimName", "demo-snapshots"),
+    ("given claim", job(weightSync={"volumeClaim": "mine"}), {}, "Job",
+     f"{POD}.volumes.1.persistentVolumeClaim.claimName", "mine"),
+    ("rwx", job(), {}, "PersistentVolumeClaim", "spec.accessModes", ["ReadWriteMany"]),
+    ("size", job(weightSync={"size": "7Gi"}), {}, "PersistentVolumeClaim", "spec.resources.requests.storage", "7Gi"),
+    ("storage class", job(weightSync={"storageClass": "nfs"}), {}, "PersistentVolumeClaim",
+     "spec.storageClassName", "nfs"),
+    ("default storage class", job(), {}, "PersistentVolumeClaim", "spec.storageClassName", None),
+    ("headless", job(), {}, "Service", "spec.clusterIP", "None"),
+    ("no token", job(), {}, "ServiceAccount", "automountServiceAccountToken", False),
+    ("np selects the job", job(), {}, "NetworkPolicy", "spec.podSelector.matchLabels",
+     {"app.kubernetes.io/name": "asyncrlhf", "app.kubernetes.io/instance": "demo"}),
+    ("np ingress only learners", job(), {}, "NetworkPolicy", "spec.ingress",
+     [{"from": [{"podSelector": {"matchLabels": plan.selector(OWNER, "learner")}}]}]),
+    ("np nats port", job(nats={"url": "nats://a:4333,nats://b:4334"}), {}, "NetworkPolicy",
+     "spec.egress.1.ports", [{"protocol": "TCP", "port": 4333}, {"protocol": "TCP", "port": 4334}]),
+    ("np no https for builtin", job(), {}, "NetworkPolicy", "spec.egress.3", None),
+    ("np https for hub model", job(model={"policy": "Qwen/Qwen2.5-0.5B"}), {}, "NetworkPolicy",
+     "spec.egress.3.ports", [{"protocol": "TCP", "port": 443}]),
+    ("np no https for volume path", job(model={"policy": "/models/qwen"}), {}, "NetworkPolicy", "spec.egress.3", None),
+]
+
+
+@pytest.mark.parametrize("case,j,kw,kind,path,expected", FIELDS, ids=[f[0] for f in FIELDS])
+def test_child_field(case, j, kw, kind, path, expected):
+    child = children(j, **kw)[kind]
+    if path.endswith("nvidia.com/gpu"):  # the key has dots
+        assert child["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 8
+    else:
+        assert dig(child, path) == expected
+
+
+def test_existing_claim_means_no_pvc():
+    assert "PersistentVolumeClaim" not in children(job(weightSync={"volumeClaim": "mine"}))
+
+
+ENV = [
+    ("nats default", job(), "Deployment", "ASYNCRLHF_NATS_URL", NATS),
+    ("nats from spec", job(nats={"url": "nats://x:1"}), "Job", "ASYNCRLHF_NATS_URL", "nats://x:1"),
+    ("snapshots", job(), "Job", "ASYNCRLHF_SNAPSHOT_DIR", "/snapshots"),
+    ("generator id", job(), "Deployment", "GENERATOR_ID", {"fieldRef": {"fieldPath": "metadata.name"}}),
+    ("rank", job(), "Job", "RANK", {"fieldRef": {
+        "fieldPath": "metadata.annotations['batch.kubernetes.io/job-completion-index']"}}),
+    ("world size", job(learner={"nodes": 4}), "Job", "WORLD_SIZE", "4"),
+    ("procs per gpu", job(learner={"gpusPerNode": 8}), "Job", "NPROC_PER_NODE", "8"),
+    ("procs on cpu", job(learner={"processesPerNode": 2}), "Job", "NPROC_PER_NODE", "2"),
+    ("master", job(), "Job", "MASTER_ADDR", "demo-learner-0.demo-learner"),
+    ("port", job(), "Job", "MASTER_PORT", "29500"),
+    ("password by reference", job(nats={"credentialsSecret": "s"}), "Job", "ASYNCRLHF_NATS_PASSWORD",
+     {"secretKeyRef": {"name": "s", "key": "password", "optional": True}}),
+    ("creds file", job(nats={"credentialsSecret": "s"}), "Deployment", "ASYNCRLHF_NATS_CREDS",
+     "/var/run/asyncrlhf/nats/creds"),
+    ("no credentials", job(), "Deployment", "ASYNCRLHF_NATS_USER", None),
+]
+
+
+@pytest.mark.parametrize("case,j,kind,var,expected", ENV, ids=[e[0] for e in ENV])
+def test_env(case, j, kind, var, expected):
+    assert env_of(children(j)[kind]).get(var) == expected
+
+
+# ---------------------------------------------------------------------------------------------
+# The rendered config
+
+
+def test_config_round_trips_without_runtime_fields():
+    j = job(generator={"replicas": 4}, suspend=True, ttlSecondsAfterFinished=5,
+            algorithm={"loss": "rloo"})
+    text = children(j)["ConfigMap"]["data"]["job.yaml"]
+    data = yaml.safe_load(text)
+    assert "replicas" not in data["spec"]["generator"]
+    assert "suspend" not in data["spec"] and "ttlSecondsAfterFinished" not in data["spec"]
+    assert data["metadata"] == {"name": "demo", "namespace": "team"}
+    again = api.AsyncRLHFJob.model_validate(data)
+    assert again.spec.algorithm == j.spec.algorithm and again.spec.learner == j.spec.learner
+
+
+HASH = [
+    ("replicas", {"generator": {"replicas": 9}}, False),
+    ("suspend", {"suspend": True}, False),
+    ("ttl", {"ttlSecondsAfterFinished": 3}, False),
+    ("temperature", {"generator": {"sampling": {"temperature": 0.3}}}, True),
+    ("image", {"image": "other:1"}, True),
+    ("loss", {"algorithm": {"loss": "grpo"}}, True),
+]
+
+
+@pytest.mark.parametrize("case,spec,changes", HASH, ids=[h[0] for h in HASH])
+def test_config_hash_changes_only_with_the_config(case, spec, changes):
+    assert (plan.config_hash(job(**spec)) != plan.config_hash(job())) == changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Observations → status
+
+SPEC = job(learner={"nodes": 2, "totalSteps": 50, "backoffLimit": 2},
+           generator={"replicas": 3}).spec
+
+
+def learner_job(active=0, ready=None, condition=None, message="", deleting=False) -> dict:
+    status: dict[str, Any] = {"active": active}
+    if ready is not None:
+        status["ready"] = ready
+    if condition:
+        status["conditions"] = [{"type": condition, "status": "True", "reason": condition, "message": message}]
+    meta = {"name": "demo-learner", **({"deletionTimestamp": "2026-03-01T11:00:00Z"} if deleting else {})}
+    return {"metadata": meta, "status": status}
+
+
+def progress(step=10, **kw) -> LearnerProgress:
+    fields = dict(step=step, total_steps=50, policy_version=step, rollouts_consumed=step * 16,
+                  staleness_mean=0.5, staleness_max=1, reward_mean=0.25, updated=NOW.timestamp())
+    fields.update(kw)
+    return LearnerProgress(**fields)
+
+
+def obs(**kw) -> Observed:
+    fields: dict[str, Any] = dict(now=NOW, generation=3, spec=SPEC)
+    fields.update(kw)
+    return Observed(**fields)
+
+
+RUNNING = {"phase": "Running", "startTime": "2026-03-01T10:00:00Z", "conditions": []}
+SUCCEEDED = {"phase": "Succeeded", "completionTime": "2026-03-01T11:00:00Z", "conditions": [
+    {"type": "Succeeded", "status": "True", "reason": "Completed", "message": "trained 50 steps",
+     "lastTransitionTime": "2026-03-01T11:00:00Z"}]}
+INVALID = {"phase": "Failed", "conditions": [
+    {"type": "Failed", "status": "True", "reason": "SpecInvalid", "message": "x",
+     "lastTransitionTime": "2026-03-01T11:00:00Z"}]}
+
+PHASES = [
+    ("nothing yet", obs(), {}, "Pending", "Starting"),
+    ("pods pending", obs(learner=learner_job(active=2, ready=0)), {}, "Pending", "Starting"),
+    ("one of two ready", obs(learner=learner_job(active=2, ready=1)), {}, "Pending", "Starting"),
+    ("all ready", obs(learner=learner_job(active=2, ready=2)), {}, "Running", "Training"),
+    ("old apiserver without ready", obs(learner=learner_job(active=2)), {}, "Running", "Training"),
+    ("progress keeps running", obs(learner=learner_job(active=2, ready=1), progress=progress()), RUNNING,
+     "Running", "Training"),
+    ("learner failed, restarts left", obs(learner=learner_job(condition="Failed"), restarts=1), RUNNING,
+     "Running", "LearnerRestarting"),
+    ("learner being deleted", obs(learner=learner_job(deleting=True), restarts=1), RUNNING,
+     "Running", "LearnerRestarting"),
+    ("learner recreated", obs(learner=None, restarts=1), RUNNING, "Running", "LearnerRestarting"),
+    ("backoff exhausted", obs(learner=learner_job(condition="Failed", message="OOMKilled"), restarts=2),
+     RUNNING, "Failed", "BackoffLimitExceeded"),
+    ("job complete", obs(learner=learner_job(condition="Complete")), RUNNING, "Succeeded", "Completed"),
+    ("progress done", obs(learner=learner_job(active=2, ready=2), progress=progress(50, done=True)),
+     RUNNING, "Succeeded", "Completed"),
+    ("suspended", obs(spec=job(suspend=True).spec), RUNNING, "Suspended", "Suspended"),
+    ("suspended beats a failed learner", obs(spec=job(suspend=True).spec,
+                                             learner=learner_job(condition="Failed"), restarts=9),
+     RUNNING, "Suspended", "Suspended"),
+    ("invalid spec", obs(spec=None, spec_error="spec.learner.nodes: must be >= 1"), {}, "Failed",
+     "SpecInvalid"),
+    ("succeeded sticks", obs(learner=None), SUCCEEDED, "Succeeded", "Completed"),
+    ("fixed spec clears SpecInvalid", obs(learner=learner_job(active=2, ready=2)), INVALID, "Running",
+     "Training"),
+]
+
+
+@pytest.mark.parametrize("case,o,previous,phase,reason", PHASES, ids=[p[0] for p in PHASES])
+def test_phase(case, o, previous, phase, reason):
+    v = verdict(o, previous)
+    assert (v.phase, v.reason) == (phase, reason)
+    status = compute_status(o, previous)
+    assert status["phase"] == phase
+    api.JobStatus.model_validate(status)
+
+
+def conditions_of(status):
+    return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+
+CONDITIONS = [
+    ("pending", obs(), {}, {"Ready": ("False", "Starting"), "Progressing": ("True", "Starting"),
+                            "Suspended": ("False", "NotSuspended")}),
+    ("generators not ready", obs(learner=learner_job(active=2, ready=2), generators={"readyReplicas": 1}), {},
+     {"Ready": ("False", "GeneratorsNotReady"), "Progressing": ("True", "Training"),
+      "Suspended": ("False", "NotSuspended")}),
+    ("all ready", obs(learner=learner_job(active=2, ready=2), generators={"readyReplicas": 3}), {},
+     {"Ready": ("True", "AllReady"), "Progressing": ("True", "Training"),
+      "Suspended": ("False", "NotSuspended")}),
+    ("suspended", obs(spec=job(suspend=True).spec), {},
+     {"Ready": ("False", "Suspended"), "Progressing": ("False", "Suspended"),
+      "Suspended": ("True", "Suspended")}),
+    ("succeeded", obs(learner=learner_job(condition="Complete")), {},
+     {"Ready": ("False", "Completed"), "Progressing": ("False", "Completed"),
+      "Suspended": ("False", "NotSuspended"), "Succeeded": ("True", "Completed")}),
+    ("failed", obs(learner=learner_job(condition="Failed"), restarts=2), {},
+     {"Ready": ("False", "BackoffLimitExceeded"), "Progressing": ("False", "BackoffLimitExceeded"),
+      "Suspended": ("False", "NotSuspended"), "Failed": ("True", "BackoffLimitExceeded")}),
+    ("invalid", obs(spec=None, spec_error="spec.x: bad"), {},
+     {"Ready": ("False", "SpecInvalid"), "Progressing": ("False", "SpecInvalid"),
+      "Suspended": ("False", "NotSuspended"), "Failed": ("True", "SpecInvalid"),
+      "SpecInvalid": ("True", "InvalidField")}),
+    ("invalid then fixed keeps the False conditions", obs(learner=learner_job(active=2, ready=2),
+                                                          generators={"readyReplicas": 3}),
+     compute_status(obs(spec=None, spec_error="spec.x: bad"), {}),
+     {"Ready": ("True", "AllReady"), "Progressing": ("True", "Training"),
+      "Suspended": ("False", "NotSuspended"), "Failed": ("False", "NotFailed"),
+      "SpecInvalid": ("False", "Valid")}),
+]
+
+
+@pytest.mark.parametrize("case,o,previous,expected", CONDITIONS, ids=[c[0] for c in CONDITIONS])
+def test_conditions(case, o, previous, expected):
+    assert conditions_of(compute_status(o, previous)) == expected
+
+
+def test_failure_message_names_the_cause():
+    status = compute_status(obs(learner=learner_job(condition="Failed", message="Pod OOMKilled"),
+                                restarts=2), RUNNING)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "Pod OOMKilled" in failed["message"] and "2 restarts" in failed["message"]
+    status = compute_status(obs(learner=learner_job(condition="Failed"), restarts=2,
+                                progress=progress(failed="NaN loss at step 7")), RUNNING)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert "NaN loss at step 7" in failed["message"]
+
+
+def test_invalid_spec_condition_names_the_field():
+    status = compute_status(obs(spec=None, spec_error="spec.async.maxStaleness: too small"), {})
+    invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
+    assert invalid["message"] == "spec.async.maxStaleness: too small"
+
+
+def test_transition_time_kept_while_unchanged():
+    first = compute_status(obs(learner=learner_job(active=2, ready=2)), {})
+    later = compute_status(Observed(now=NOW + timedelta(minutes=5), generation=3, spec=SPEC,
+                                    learner=learner_job(active=2, ready=2)), first)
+    assert later["conditions"] == first["conditions"]
+    suspended = compute_status(Observed(now=NOW + timedelta(minutes=6), spec=job(suspend=True).spec), later)
+    changed = {c["type"]: c["lastTransitionTime"] for c in suspended["conditions"]}
+    assert changed["Suspended"] == "2026-03-01T12:06:00Z"
+
+
+def test_status_fields_from_the_bus():
+    reports = (
+        GeneratorStatus(generator_id="g-a", policy_version=9, rollouts=100, tokens_per_second=40.0,
+                        updated=NOW.timestamp() - 5),
+        GeneratorStatus(generator_id="g-b", policy_version=10, rollouts=50, tokens_per_second=60.0,
+                        updated=NOW.timestamp()),
+        GeneratorStatus(generator_id="g-gone", policy_version=2, rollouts=30, tokens_per_second=99.0,
+                        updated=NOW.timestamp() - 3600),
+    )
+    status = compute_status(obs(learner=learner_job(active=2, ready=2), progress=progress(10),
+                                reports=reports, restarts=1), {})
+    assert status["step"] == 10 and status["policyVersion"] == 10
+    assert status["generatorVersions"] == {"g-a": 9, "g-b": 10}
+    assert status["rolloutsProduced"] == 180 and status["rolloutsConsumed"] == 160
+    assert status["tokensPerSecond"] == 100.0
+    assert (status["stalenessMean"], status["stalenessMax"], status["rewardMean"]) == (0.5, 1, 0.25)
+    assert status["observedGeneration"] == 3 and status["restarts"] == 1
+    assert status["startTime"] == "2026-03-01T12:00:00Z" and "completionTime" not in status
+
+
+def test_progress_kept_while_the_bus_is_silent():
+    first = compute_status(obs(learner=learner_job(active=2, ready=2), progress=progress(10)), {})
+    second = compute_status(obs(learner=learner_job(active=2, ready=2)), first)
+    assert second["step"] == 10 and second["rewardMean"] == 0.25
+
+
+def test_completion_time_set_once():
+    done = compute_status(obs(learner=learner_job(condition="Complete")), RUNNING)
+    assert done["completionTime"] == "2026-03-01T12:00:00Z"
+    later = compute_status(Observed(now=NOW + timedelta(hours=1), spec=SPEC), done)
+    assert later["completionTime"] == "2026-03-01T12:00:00Z"
+
+
+ACTIONS = [
+    ("running", obs(learner=learner_job(active=2, ready=2)), "", "none"),
+    ("failed first time", obs(learner=learner_job(condition="Failed")), "Running", "restart"),
+    ("failed target", obs(learner=learner_job(condition="FailureTarget"), restarts=1), "Running", "restart"),
+    ("failed at the limit", obs(learner=learner_job(condition="Failed"), restarts=2), "Running", "fail"),
+    ("no restarts allowed", obs(spec=job(learner={"backoffLimit": 0}).spec,
+                                learner=learner_job(condition="Failed")), "Running", "fail"),
+    ("suspended", obs(spec=job(suspend=True).spec, learner=learner_job(condition="Failed")), "Running", "none"),
+    ("already failed", obs(learner=learner_job(condition="Failed"), restarts=2), "Failed", "none"),
+    ("invalid spec", obs(spec=None), "", "none"),
+    ("absent", obs(), "Running", "none"),
+]
+
+
+@pytest.mark.parametrize("case,o,previous_phase,action", ACTIONS, ids=[a[0] for a in ACTIONS])
+def test_learner_action(case, o, previous_phase, action):
+    assert learner_action(o, previous_phase) == action
+
+
+TTL = [
+    ("no ttl", job().spec, SUCCEEDED, NOW, False),
+    ("not finished", job(ttlSecondsAfterFinished=0).spec, RUNNING, NOW, False),
+    ("ttl not reached", job(ttlSecondsAfterFinished=7200).spec, SUCCEEDED, NOW, False),
+    ("ttl reached", job(ttlSecondsAfterFinished=3600).spec, SUCCEEDED, NOW, True),
+    ("zero ttl", job(ttlSecondsAfterFinished=0).spec, {**INVALID, "completionTime": "2026-03-01T12:00:00Z"},
+     NOW, True),
+    ("invalid spec", None, SUCCEEDED, NOW, False),
+]
+
+
+@pytest.mark.parametrize("case,spec,status,now,expired", TTL, ids=[t[0] for t in TTL])
+def test_ttl(case, spec, status, now, expired):
+    assert ttl_expired(spec, status, now) == expired
+
+
+PATCHES = [
+    ("unchanged", {"a": 1}, {"a": 1}, {}),
+    ("changed", {"a": 1}, {"a": 2}, {"a": 2}),
+    ("removed", {"a": 1, "b": 2}, {"a": 1}, {"b": None}),
+    ("map key removed", {"m": {"x": 1, "y": 2}}, {"m": {"x": 1}}, {"m": {"y": None}}),
+    ("list replaced", {"l": [1]}, {"l": [2]}, {"l": [2]}),
+]
+
+
+@pytest.mark.parametrize("case,old,new,patch", PATCHES, ids=[p[0] for p in PATCHES])
+def test_status_patch(case, old, new, patch):
+    assert status_patch(old, new) == patch
