@@ -1,0 +1,124 @@
+{{/*
+Names and labels shared by every template. Object names are "<fullname>" (operator) and
+"<fullname>-nats" (the bus); all fit the 63-character label limit.
+*/}}
+
+{{- define "asyncrlhf.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "asyncrlhf.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 58 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 58 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 58 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "asyncrlhf.natsName" -}}
+{{- printf "%s-nats" (include "asyncrlhf.fullname" .) }}
+{{- end }}
+
+{{- define "asyncrlhf.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Labels on every object. */}}
+{{- define "asyncrlhf.labels" -}}
+helm.sh/chart: {{ include "asyncrlhf.chart" . }}
+app.kubernetes.io/name: {{ include "asyncrlhf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: asyncrlhf
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Selector labels of the operator pod (stable across upgrades: never add to these). */}}
+{{- define "asyncrlhf.operatorSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "asyncrlhf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end }}
+
+{{/* Selector labels of the NATS pod. */}}
+{{- define "asyncrlhf.natsSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "asyncrlhf.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nats
+{{- end }}
+
+{{- define "asyncrlhf.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create }}
+{{- default (include "asyncrlhf.fullname" .) .Values.operator.serviceAccount.name }}
+{{- else }}
+{{- required "operator.serviceAccount.name is required when operator.serviceAccount.create is false" .Values.operator.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* "repository:tag" or "repository@digest". Call with (dict "image" .Values.x.image "default" "tag"). */}}
+{{- define "asyncrlhf.image" -}}
+{{- if .image.digest }}
+{{- printf "%s@%s" .image.repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" .image.repository (default .default .image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/* The namespace the operator watches in namespaced scope. */}}
+{{- define "asyncrlhf.watchNamespace" -}}
+{{- default .Release.Namespace .Values.operator.watchNamespace }}
+{{- end }}
+
+{{/* Checks that cannot be written in values.schema.json; rendered once, from the operator Deployment. */}}
+{{- define "asyncrlhf.validate" -}}
+{{- if and (not .Values.nats.enabled) (not .Values.nats.externalUrl) }}
+{{- fail "nats.enabled is false: set nats.externalUrl to an existing NATS server with JetStream (nats://host:4222)" }}
+{{- end }}
+{{- if and .Values.nats.enabled .Values.nats.externalUrl }}
+{{- fail "nats.externalUrl is set while nats.enabled is true: choose one (set nats.enabled=false to use the external NATS)" }}
+{{- end }}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
+{{- fail "metrics.serviceMonitor.enabled needs metrics.enabled (the ServiceMonitor selects the metrics Service)" }}
+{{- end }}
+{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) }}
+{{- fail "an external NATS with auth needs nats.auth.existingSecret (a Secret with the user and password); or set nats.auth.enabled=false" }}
+{{- end }}
+{{- end }}
+
+{{/* Name of the Secret holding the NATS user and password. */}}
+{{- define "asyncrlhf.natsSecretName" -}}
+{{- default (printf "%s-auth" (include "asyncrlhf.natsName" .)) .Values.nats.auth.existingSecret }}
+{{- end }}
+
+{{/* The NATS URL the operator connects to (never with credentials in it). */}}
+{{- define "asyncrlhf.natsUrl" -}}
+{{- if .Values.nats.enabled }}
+{{- printf "nats://%s.%s.svc.%s:%d" (include "asyncrlhf.natsName" .) .Release.Namespace .Values.clusterDomain (int .Values.nats.service.port) }}
+{{- else }}
+{{- .Values.nats.externalUrl }}
+{{- end }}
+{{- end }}
+
+{{/* Env entries that hand the NATS credentials over by secretKeyRef (never as plain values). */}}
+{{- define "asyncrlhf.natsAuthEnv" -}}
+{{- if .Values.nats.auth.enabled }}
+- name: NATS_USER
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "asyncrlhf.natsSecretName" . }}
+      key: {{ .Values.nats.auth.userKey }}
+- name: NATS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ include "asyncrlhf.natsSecretName" . }}
+      key: {{ .Values.nats.auth.passwordKey }}
+{{- end }}
+{{- end }}
