@@ -323,8 +323,9 @@ def test_operator_deployment_matches_the_operator_contract() -> None:
     container = operator_container(objects)
     assert container["image"] == f"ghcr.io/asyncrlhf/operator:{chart_app_version()}"
     assert container["command"] == ["asyncrlhf"]
-    assert container["args"] == ["operator", "--all-namespaces", "--nats-url",
-                                 f"nats://{RELEASE}-asyncrlhf-nats.{NAMESPACE}.svc.cluster.local:4222"]
+    assert container["args"] == ["operator", "--all-namespaces",
+                                 "--nats-url", f"nats://{RELEASE}-asyncrlhf-nats.{NAMESPACE}.svc.cluster.local:4222",
+                                 "--health-port", "8080", "--metrics-port", "9090"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert ports == {"health": 8080, "metrics": 9090}
     for probe in ("livenessProbe", "readinessProbe"):
@@ -388,8 +389,10 @@ def test_the_operator_gets_the_nats_credentials_by_secret_reference() -> None:
     for scenario, secret_name in (("default", f"{RELEASE}-asyncrlhf-nats-auth"),
                                   ("external-nats", "bus-credentials")):
         env = {e["name"]: e for e in operator_container(render(scenario))["env"]}
-        assert env["NATS_USER"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": "user"}
-        assert env["NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": "password"}
+        # The same variable names the operator gives the job pods (asyncrlhf_operator.plan).
+        assert env["ASYNCRLHF_NATS_USER"]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": "user"}
+        assert env["ASYNCRLHF_NATS_PASSWORD"]["valueFrom"]["secretKeyRef"] == {
+            "name": secret_name, "key": "password"}
 
 
 def test_external_nats_renders_no_bus_and_points_the_operator_at_it() -> None:
@@ -543,7 +546,7 @@ def test_network_policies_select_the_real_pods_and_allow_only_the_bus_paths() ->
                for p in peers)
     job_peers = [p for p in peers if "namespaceSelector" in p]
     assert job_peers == [{"namespaceSelector": {},
-                          "podSelector": {"matchLabels": {"app.kubernetes.io/part-of": "asyncrlhf"}}}]
+                          "podSelector": {"matchLabels": {"app.kubernetes.io/managed-by": "asyncrlhf-operator"}}}]
     assert not any(p == {} or "ipBlock" in p for p in peers)
 
 
@@ -653,3 +656,43 @@ def test_values_schema_matches_values_yaml() -> None:
                 yield from walk(value, schema_node["properties"][key], f"{path}{key}.")
 
     assert not list(walk(values, schema, "")), "values missing from values.schema.json"
+
+
+# --------------------------------------------------------------------------- contract with the operator
+
+
+def _planned_children() -> list[dict]:
+    """What the operator creates for a job (its pure planning functions), or a loud failure."""
+    from asyncrlhf import api
+    from asyncrlhf_operator import plan
+
+    job = api.AsyncRLHFJob.model_validate({"metadata": {"name": "demo", "namespace": "team-a"}})
+    owner = plan.Owner(name="demo", namespace="team-a", uid="0000")
+    default_url = f"nats://{RELEASE}-asyncrlhf-nats.{NAMESPACE}.svc.cluster.local:4222"
+    return plan.desired_children(job, owner, default_url)
+
+
+KIND_RESOURCES = {
+    "ConfigMap": ("", "configmaps"), "PersistentVolumeClaim": ("", "persistentvolumeclaims"),
+    "Service": ("", "services"), "ServiceAccount": ("", "serviceaccounts"),
+    "Deployment": ("apps", "deployments"), "Job": ("batch", "jobs"),
+    "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+}
+
+
+def test_rbac_covers_every_child_the_operator_plans() -> None:
+    granted = rbac_rules(one(render("default"), "ClusterRole"))
+    for child in _planned_children():
+        resource = KIND_RESOURCES.get(child["kind"])
+        assert resource, f"the operator creates a {child['kind']}, which the chart's RBAC does not know"
+        assert {"get", "create", "patch", "delete"} <= granted[resource], child["kind"]
+
+
+def test_nats_admits_the_job_pods_the_operator_creates() -> None:
+    nats_policy = one(render("default"), "NetworkPolicy", f"{RELEASE}-asyncrlhf-nats")["spec"]
+    (ingress,) = nats_policy["ingress"]
+    cross_namespace = [p for p in ingress["from"] if "namespaceSelector" in p]
+    pods = list(pod_specs(_planned_children()))
+    assert pods
+    for name, meta, _ in pods:
+        assert any(_selects(peer["podSelector"], meta["labels"]) for peer in cross_namespace), name

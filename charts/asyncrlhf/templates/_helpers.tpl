@@ -107,18 +107,23 @@ app.kubernetes.io/component: nats
 {{- end }}
 {{- end }}
 
-{{/* Env entries that hand the NATS credentials over by secretKeyRef (never as plain values). */}}
+{{/*
+Env entries that hand the NATS credentials over by secretKeyRef (never as plain values).
+Call with (dict "ctx" $ "prefix" "NATS_"): the operator reads ASYNCRLHF_NATS_USER/PASSWORD (the
+names the job pods use too), the NATS server NATS_USER/NATS_PASSWORD (referenced by nats.conf).
+*/}}
 {{- define "asyncrlhf.natsAuthEnv" -}}
-{{- if .Values.nats.auth.enabled }}
-- name: NATS_USER
+{{- $values := .ctx.Values.nats.auth }}
+{{- if $values.enabled }}
+- name: {{ .prefix }}USER
   valueFrom:
     secretKeyRef:
-      name: {{ include "asyncrlhf.natsSecretName" . }}
-      key: {{ .Values.nats.auth.userKey }}
-- name: NATS_PASSWORD
+      name: {{ include "asyncrlhf.natsSecretName" .ctx }}
+      key: {{ $values.userKey }}
+- name: {{ .prefix }}PASSWORD
   valueFrom:
     secretKeyRef:
-      name: {{ include "asyncrlhf.natsSecretName" . }}
-      key: {{ .Values.nats.auth.passwordKey }}
+      name: {{ include "asyncrlhf.natsSecretName" .ctx }}
+      key: {{ $values.passwordKey }}
 {{- end }}
 {{- end }}
