@@ -165,7 +165,7 @@ class AsyncSpec(_Model):
 
     @property
     def effective_staleness(self) -> int:
-        return 0 if self.mode == "sync" else self.maxStaleness
+        return 0 if self.mode == "sync" else self.max_staleness
 
 
 class SamplingSpec(_Model):
@@ -191,8 +191,10 @@ class GeneratorSpec(_Model):
     engine: Literal["vllm", "hf"] = Field("vllm", description="Inference engine.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling parameters.")
     memory_fraction: float = Field(
-        0.05, gt=0, le=1,
-        description="vLLM gpu_memory_utilization (on CPU: fraction of RAM for the KV cache).",
+        0.85, gt=0, le=1, description="vLLM gpu_memory_utilization on GPUs (weights + KV cache)."
+    )
+    kv_cache_gib: float = Field(
+        0.5, gt=0, le=1024, alias="kvCacheGiB", description="KV cache size in GiB on CPUs (vLLM's CPU build)."
     )
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
 

@@ -104,6 +104,14 @@ async def connect(url: str, **options) -> nats.NATS:
     )
 
 
+async def close_quietly(nc) -> None:
+    """Flush and close; a bus that is already gone must not turn a clean exit into a failure."""
+    try:
+        await asyncio.wait_for(nc.drain(), 5)
+    except (asyncio.TimeoutError, nats.errors.Error):
+        await nc.close()
+
+
 async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float) -> None:
     """Create (or update) the job's stream, durable consumers and KV bucket. Idempotent."""
     config = bus.stream_config(max_bytes)

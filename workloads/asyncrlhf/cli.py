@@ -1,0 +1,174 @@
+"""The `asyncrlhf` command.
+
+  asyncrlhf run JOB.yaml           run a job on this machine (embedded NATS), report in runs/<job>/
+  asyncrlhf compare JOB.yaml       the same job in sync and async mode, side by side
+  asyncrlhf validate JOB.yaml      check a manifest and print it with defaults filled in
+  asyncrlhf learner|generator      the workload processes (pods run these; `run` starts them)
+  asyncrlhf crd                    regenerate crds/ from the spec models
+  asyncrlhf operator               run the Kubernetes operator
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from .manifest import ManifestError, dump_manifest, load_manifest
+
+EXIT_BAD_INPUT = 2
+
+
+def _job(path: str):
+    try:
+        return load_manifest(path)
+    except ManifestError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+
+
+def _env(name: str, default: str | None = None) -> str:
+    value = os.environ.get(name, default)
+    if value is None:
+        print(f"error: environment variable {name} is not set (the operator or `asyncrlhf run` sets it)",
+              file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    return value
+
+
+def cmd_run(args) -> int:
+    from .local import run_job
+
+    job = _job(args.manifest)
+    if args.mode:
+        job.spec.async_.mode = args.mode
+    if args.steps:
+        job.spec.learner.total_steps = args.steps
+    run_dir = Path(args.runs_dir) / job.metadata.name
+    result = run_job(job, run_dir, quiet=args.quiet)
+    print(json.dumps(result.summary, indent=2))
+    print(f"report: {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'reward.png'}")
+    return 0 if result.ok else 1
+
+
+def cmd_compare(args) -> int:
+    from .local import compare
+
+    job = _job(args.manifest)
+    if args.steps:
+        job.spec.learner.total_steps = args.steps
+    summary = compare(job, Path(args.runs_dir), quiet=args.quiet)
+    print(json.dumps({k: v for k, v in summary.items() if k not in ("sync", "async")}, indent=2))
+    print(f"report: {Path(args.runs_dir) / (job.metadata.name + '-compare')}/{{summary.json,reward.png}}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    job = _job(args.manifest)
+    print(dump_manifest(job), end="")
+    return 0
+
+
+def _workload_context(args):
+    from .bus import JobBus
+
+    job = _job(args.config)
+    bus = JobBus(job.metadata.namespace, job.metadata.name)
+    return job, bus, _env("ASYNCRLHF_NATS_URL", job.spec.nats.url or None)
+
+
+def cmd_learner(args) -> int:
+    from .learner import main_async
+
+    job, bus, url = _workload_context(args)
+    root = _env("ASYNCRLHF_SNAPSHOT_DIR")
+    run_dir = os.environ.get("ASYNCRLHF_RUN_DIR", os.path.join(root, "report"))
+    import torch
+
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    asyncio.run(main_async(job.spec, bus, url, root, run_dir))
+    return 0
+
+
+def cmd_generator(args) -> int:
+    from .generator import main_async
+
+    job, bus, url = _workload_context(args)
+    generator_id = _env("GENERATOR_ID", os.environ.get("HOSTNAME", "gen-0"))
+    asyncio.run(main_async(job.spec, bus, url, generator_id))
+    return 0
+
+
+def cmd_crd(args) -> int:
+    from asyncrlhf_operator.crd import main as crd_main
+
+    return crd_main(args.rest) or 0
+
+
+def cmd_operator(args) -> int:
+    from asyncrlhf_operator.main import run
+
+    run(namespace=args.namespace, all_namespaces=args.all_namespaces, nats_url=args.nats_url,
+        health_port=args.health_port, metrics_port=args.metrics_port)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asyncrlhf", description="Asynchronous RLHF on Kubernetes and locally.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a job on this machine")
+    run.add_argument("manifest")
+    run.add_argument("--mode", choices=["async", "sync"], help="override spec.async.mode")
+    run.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
+    run.add_argument("--runs-dir", default="runs", help="where reports go (default: runs/)")
+    run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.set_defaults(func=cmd_run)
+
+    comp = sub.add_parser("compare", help="run a job in sync and async mode and compare")
+    comp.add_argument("manifest")
+    comp.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
+    comp.add_argument("--runs-dir", default="runs")
+    comp.add_argument("--quiet", action="store_true")
+    comp.set_defaults(func=cmd_compare)
+
+    val = sub.add_parser("validate", help="validate a manifest; print it with defaults")
+    val.add_argument("manifest")
+    val.set_defaults(func=cmd_validate)
+
+    for role, func in (("learner", cmd_learner), ("generator", cmd_generator)):
+        p = sub.add_parser(role, help=f"run the {role} process (env: ASYNCRLHF_NATS_URL, ASYNCRLHF_SNAPSHOT_DIR)")
+        p.add_argument("--config", required=True, help="the job manifest (mounted from the ConfigMap in pods)")
+        p.set_defaults(func=func)
+
+    crd = sub.add_parser("crd", help="regenerate the CRD from the spec models")
+    crd.add_argument("rest", nargs=argparse.REMAINDER)
+    crd.set_defaults(func=cmd_crd)
+
+    op = sub.add_parser("operator", help="run the Kubernetes operator")
+    scope = op.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", help="watch one namespace")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+    op.add_argument("--nats-url", default=os.environ.get("ASYNCRLHF_NATS_URL", ""), help="default NATS URL")
+    op.add_argument("--health-port", type=int, default=8080)
+    op.add_argument("--metrics-port", type=int, default=9090)
+    op.set_defaults(func=cmd_operator)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""The generator: pull prompts, make K completions each with the current weights, score, publish.
+
+Generators are stateless, so any number can run and any one may die: a prompt is acked only after
+its rollout group is published, so an unfinished prompt is redelivered to another generator.
+Each prompt names the oldest policy version allowed to answer it (`min_version`); a generator
+that is behind loads the newest announced snapshot first — that is what bounds staleness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import nats
+
+from .api import JobSpec
+from .bus import GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, latest_weights, publish
+from .engines import Engine, make_engine
+from .messages import Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
+from .models import encode_prompt, load_tokenizer, resolve_model
+from .snapshots import SnapshotError, verify_snapshot
+from .tasks import rule_reward
+
+log = logging.getLogger("asyncrlhf.generator")
+
+
+@dataclass
+class GeneratorState:
+    version: int = 0
+    rollouts: int = 0
+    tokens: int = 0
+    busy_seconds: float = 0.0
+    refused: set[str] = field(default_factory=set)  # checksums of snapshots that failed verification
+
+
+def make_scorer(spec: JobSpec) -> Callable[[str, str, str], float]:
+    if spec.task.reward.kind == "rule":
+        return rule_reward(spec.task.reward)
+    raise NotImplementedError(
+        f"spec.task.reward.kind: {spec.task.reward.kind!r} scoring is not available in this build; use 'rule'"
+    )
+
+
+class Generator:
+    def __init__(self, spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str,
+                 engine: Optional[Engine] = None, fetch_size: Optional[int] = None) -> None:
+        self.spec, self.bus, self.nats_url, self.id = spec, bus, nats_url, generator_id
+        self.model_path = resolve_model(spec.model.policy)
+        self.tokenizer = load_tokenizer(spec.model.tokenizer or self.model_path)
+        self.engine = engine or make_engine(spec, self.model_path)
+        self.score = make_scorer(spec)
+        self.fetch_size = fetch_size or spec.learner.prompts_per_step
+        self.state = GeneratorState()
+        self.stopping = asyncio.Event()
+
+    # --- weights -------------------------------------------------------------------------
+
+    def try_reload(self, ann: WeightsAnnouncement) -> bool:
+        """Verify and load a snapshot; on any problem keep the current weights."""
+        if ann.checksum in self.state.refused:
+            return False
+        try:
+            verify_snapshot(ann.path, ann.checksum)
+            self.engine.reload(ann.path)
+        except (SnapshotError, OSError) as err:
+            log.error("refusing snapshot v%d: %s (keeping v%d)", ann.version, err, self.state.version)
+            self.state.refused.add(ann.checksum)
+            return False
+        self.state.version = ann.version
+        log.info("generator %s loaded policy v%d", self.id, ann.version)
+        return True
+
+    async def sync_weights(self, js, need: int, held: list) -> None:
+        """Load the newest snapshot; wait (keeping held prompts alive) until version >= need."""
+        last_progress = time.monotonic()
+        while True:
+            ann = await latest_weights(js, self.bus)
+            if ann is not None and ann.version > self.state.version:
+                await asyncio.to_thread(self.try_reload, ann)
+            if self.state.version >= need or self.stopping.is_set():
+                return
+            if time.monotonic() - last_progress > 5.0:
+                for msg in held:
+                    await msg.in_progress()
+                last_progress = time.monotonic()
+            await asyncio.sleep(0.05)
+
+    # --- work ----------------------------------------------------------------------------
+
+    def _make_groups(self, prompts: list[Prompt]) -> tuple[list[RolloutGroup], int]:
+        started = time.monotonic()
+        token_prompts = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        seeds = [zlib.crc32(f"{self.spec.learner.seed}:{p.id}".encode()) for p in prompts]
+        samples = self.engine.generate(token_prompts, prompts[0].samples, seeds)
+        elapsed = time.monotonic() - started
+        groups, tokens = [], 0
+        for prompt, ids, group in zip(prompts, token_prompts, samples):
+            completions = []
+            for s in group:
+                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
+                completions.append(Completion(
+                    text=text, token_ids=s.token_ids, logprobs=s.logprobs, eos=s.eos,
+                    score=self.score(prompt.text, text, prompt.answer),
+                ))
+                tokens += len(s.token_ids)
+            groups.append(RolloutGroup(
+                id=f"r-{prompt.id}", prompt_id=prompt.id, batch=prompt.batch, index=prompt.index,
+                prompt_text=prompt.text, prompt_token_ids=ids, completions=completions,
+                policy_version=self.state.version, generator_id=self.id, generation_seconds=elapsed,
+            ))
+        self.state.busy_seconds += elapsed
+        return groups, tokens
+
+    async def report(self, kv) -> None:
+        st = self.state
+        status = GeneratorStatus(
+            generator_id=self.id, policy_version=st.version, rollouts=st.rollouts, tokens=st.tokens,
+            tokens_per_second=st.tokens / st.busy_seconds if st.busy_seconds else 0.0,
+        )
+        try:
+            await kv.put(f"generator.{self.id}", status.encode())
+        except (nats.errors.Error, asyncio.TimeoutError) as err:
+            log.warning("could not report status: %s", err)
+
+    async def learner_done(self, kv) -> bool:
+        try:
+            entry = await kv.get("learner")
+        except (nats.js.errors.KeyNotFoundError, nats.errors.Error, asyncio.TimeoutError):
+            return False
+        progress = LearnerProgress.decode(entry.value)
+        return progress.done or bool(progress.failed)
+
+    async def handle(self, js, msgs: list) -> None:
+        prompts = [Prompt.decode(m.data) for m in msgs]
+        # one engine call per K: prompts of a fetch share K in practice; group defensively
+        await self.sync_weights(js, max(p.min_version for p in prompts), msgs)
+        if self.stopping.is_set():
+            for m in msgs:
+                await m.nak()
+            return
+        by_k: dict[int, list[int]] = {}
+        for i, p in enumerate(prompts):
+            by_k.setdefault(p.samples, []).append(i)
+        for idx in by_k.values():
+            groups, tokens = await asyncio.to_thread(self._make_groups, [prompts[i] for i in idx])
+            for i, group in zip(idx, groups):
+                await publish(js, self.bus.subject(ROLLOUTS), group.encode(), msg_id=group.id)
+                await msgs[i].ack()
+            self.state.rollouts += len(groups)
+            self.state.tokens += tokens
+
+    async def run(self) -> GeneratorState:
+        nc = await connect(self.nats_url, name=f"generator-{self.id}")
+        js = nc.jetstream()
+        kv = await js.key_value(self.bus.bucket)
+        sub = await js.pull_subscribe_bind(GENERATORS_CONSUMER, self.bus.stream)
+        ann = await latest_weights(js, self.bus)
+        if ann is not None:
+            await asyncio.to_thread(self.try_reload, ann)
+        await self.report(kv)
+        try:
+            while not self.stopping.is_set():
+                try:
+                    msgs = await sub.fetch(self.fetch_size, timeout=1.0)
+                except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                    if await self.learner_done(kv):
+                        break
+                    ann = await latest_weights(js, self.bus)
+                    if ann is not None and ann.version > self.state.version:
+                        await asyncio.to_thread(self.try_reload, ann)
+                        await self.report(kv)
+                    continue
+                await self.handle(js, msgs)
+                await self.report(kv)
+        finally:
+            await self.report(kv)
+            await close_quietly(nc)
+        return self.state
+
+
+def install_signal_handlers(stopping: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+
+
+async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str) -> None:
+    gen = Generator(spec, bus, nats_url, generator_id)
+    install_signal_handlers(gen.stopping)
+    state = await gen.run()
+    log.info("generator %s done: %d rollout groups, %d tokens", generator_id, state.rollouts, state.tokens)

@@ -1,0 +1,317 @@
+"""The learner: feed prompts ahead, assemble each step's batch from the bus, train, publish weights.
+
+The loop of the Async RLHF paper, made durable:
+  * Batch b's prompts are released once a snapshot of version >= b - N is announced, each tagged
+    `min_version = b - N`; generators answer with at least that version, so every rollout used
+    at step b is at most N versions old (N = async.maxStaleness; 0 in sync mode). The paper's
+    loop (N=1): while the learner trains step b on rollouts of θ_{b-1}, generators already answer
+    batch b+1 with θ_b.
+  * Step b trains on exactly batch b's groups (in prompt order), so runs are reproducible and
+    `mode: sync` is the same computation as `maxStaleness: 0`.
+  * Rollouts are acked only after the checkpoint that includes their step is durable. The
+    checkpoint stores the ids it consumed, so a redelivery after a crash is recognised and skipped:
+    a learner killed at any moment resumes with no rollout lost and none trained on twice.
+  * A rollout older than N versions (possible only if a generator ignores `min_version`) is
+    dropped — acked, counted — and its prompt is released again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import nats
+
+from .api import JobSpec
+from .bus import LEARNER_CONSUMER, PROMPTS, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources, publish
+from .messages import GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
+from .models import resolve_model
+from .snapshots import prune_snapshots, write_snapshot
+from .tasks import PromptRecord, prompt_stream
+from .training import TorchBackend, to_batch
+
+log = logging.getLogger("asyncrlhf.learner")
+CHECKPOINTS_KEPT = 2
+
+
+@dataclass
+class LearnerState:
+    """Everything a restarted learner needs besides weights and optimizer (JSON in the checkpoint)."""
+
+    step: int = 0
+    published_version: int = 0
+    released_through: int = -1
+    consumed: list[str] = field(default_factory=list)  # rollout ids trained on, in order
+    dropped: int = 0
+    duplicates: int = 0
+    rereleased: dict[str, int] = field(default_factory=dict)  # "batch:index" -> attempts
+    staleness_sum: int = 0
+    staleness_max: int = 0
+    last_snapshot: str = ""
+    elapsed: float = 0.0  # training wall-clock before this process (restarts add up)
+
+
+class Learner:
+    def __init__(self, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str,
+                 backend=None) -> None:
+        self.spec, self.bus, self.nats_url = spec, bus, nats_url
+        self.root, self.run_dir = Path(root), Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.model_path = resolve_model(spec.model.policy)
+        reference = resolve_model(spec.model.reference) if spec.model.reference else self.model_path
+        self.backend = backend or TorchBackend(spec, self.model_path, reference)
+        self.n = spec.async_.effective_staleness
+        self.k = spec.weight_sync.every_steps
+        self.prompts_per_step = spec.learner.prompts_per_step
+        self.state = LearnerState()
+        self.pending: dict[int, dict[int, tuple[RolloutGroup, object]]] = {}
+        self.held: list = []  # msgs consumed since the last checkpoint: acked after it
+        self.consumed_set: set[str] = set()
+        self.stopping = asyncio.Event()
+        self._records: list[PromptRecord] = []
+        self._stream = prompt_stream(spec.task.prompts, spec.learner.seed)
+        self._started = time.monotonic()
+        self.restore()
+
+    # --- prompts -------------------------------------------------------------------------
+
+    def batch_records(self, b: int) -> list[PromptRecord]:
+        need = (b + 1) * self.prompts_per_step
+        if len(self._records) < need:
+            self._records.extend(itertools.islice(self._stream, need - len(self._records)))
+        return self._records[b * self.prompts_per_step : need]
+
+    async def release_prompts(self, js) -> None:
+        last = min(self.spec.learner.total_steps - 1, self.state.published_version + self.n)
+        for b in range(self.state.released_through + 1, last + 1):
+            for i, rec in enumerate(self.batch_records(b)):
+                await self._publish_prompt(js, b, i, rec, f"p{b}-{i}", max(0, b - self.n))
+            self.state.released_through = b
+
+    async def _publish_prompt(self, js, b, i, rec, pid, min_version) -> None:
+        msg = Prompt(id=f"{self.bus.job}-{pid}", batch=b, index=i, text=rec.text, answer=rec.answer,
+                     samples=self.spec.algorithm.samples_per_prompt, min_version=min_version)
+        await publish(js, self.bus.subject(PROMPTS), msg.encode(), msg_id=msg.id)
+
+    # --- rollouts ------------------------------------------------------------------------
+
+    async def collect(self, js, sub, step: int) -> list[RolloutGroup]:
+        """Pull until every group of batch `step` is here; keep later batches pending."""
+        last_touch = time.monotonic()
+        while len(self.pending.get(step, {})) < self.prompts_per_step:
+            if self.stopping.is_set():
+                raise asyncio.CancelledError
+            try:
+                msgs = await sub.fetch(64, timeout=0.5)
+            except (nats.errors.TimeoutError, asyncio.TimeoutError):
+                msgs = []
+            for msg in msgs:
+                await self.accept(js, msg, step)
+            if time.monotonic() - last_touch > self.spec.nats.ack_wait_seconds / 3:
+                await self._keep_alive()
+                last_touch = time.monotonic()
+        slots = self.pending.pop(step)
+        groups = [slots[i][0] for i in range(self.prompts_per_step)]
+        self.held.extend(slots[i][1] for i in range(self.prompts_per_step))
+        return groups
+
+    async def accept(self, js, msg, step: int) -> None:
+        group = RolloutGroup.decode(msg.data)
+        slot = self.pending.setdefault(group.batch, {})
+        if group.id in self.consumed_set or group.index in slot or group.batch < step:
+            self.state.duplicates += 1
+            await msg.ack()
+            return
+        staleness = max(group.batch, step) - group.policy_version
+        if staleness > self.n:
+            self.state.dropped += 1
+            await msg.ack()
+            await self._rerelease(js, group)
+            return
+        slot[group.index] = (group, msg)
+
+    async def _rerelease(self, js, group: RolloutGroup) -> None:
+        key = f"{group.batch}:{group.index}"
+        attempt = self.state.rereleased.get(key, 0) + 1
+        self.state.rereleased[key] = attempt
+        rec = self.batch_records(group.batch)[group.index]
+        log.warning("dropped rollout %s (v%d, too stale); releasing its prompt again", group.id, group.policy_version)
+        await self._publish_prompt(js, group.batch, group.index, rec, f"p{group.batch}-{group.index}-r{attempt}",
+                                   self.state.published_version)
+
+    async def _keep_alive(self) -> None:
+        for slots in self.pending.values():
+            for _, msg in slots.values():
+                await msg.in_progress()
+        for msg in self.held:
+            await msg.in_progress()
+
+    # --- snapshots and checkpoints -------------------------------------------------------
+
+    def checkpoint_dir(self, step: int) -> Path:
+        return self.root / "checkpoints" / f"step-{step}"
+
+    def save_checkpoint(self, info) -> None:
+        step = self.state.step
+        final = self.checkpoint_dir(step)
+        tmp = final.with_name(f".tmp-{final.name}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.backend.save_state(tmp)
+        state = asdict(self.state) | {"weights": info.path, "checksum": info.checksum}
+        (tmp / "state.json").write_text(json.dumps(state))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        latest = self.root / "checkpoints" / "LATEST"
+        (latest.with_suffix(".tmp")).write_text(final.name)
+        os.replace(latest.with_suffix(".tmp"), latest)
+        for old in sorted(self.root.glob("checkpoints/step-*"), key=lambda p: int(p.name[5:]))[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def restore(self) -> None:
+        latest = self.root / "checkpoints" / "LATEST"
+        if not latest.exists():
+            return
+        directory = self.root / "checkpoints" / latest.read_text().strip()
+        saved = json.loads((directory / "state.json").read_text())
+        weights = saved.pop("weights")
+        saved.pop("checksum")
+        self.state = LearnerState(**saved)
+        self.consumed_set = set(self.state.consumed)
+        self.backend.load_weights(Path(weights))
+        self.backend.load_state(directory)
+        self._truncate_metrics(self.state.step)
+        log.info("resumed from %s at step %d", directory, self.state.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        path = self.run_dir / "metrics.jsonl"
+        if path.exists():
+            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    async def publish_weights(self, js, kv) -> None:
+        """Snapshot → checkpoint → ack → announce: generators only ever see durable weights."""
+        version = self.state.step
+        tokenizer_files = [p for p in Path(self.model_path).glob("*") if "token" in p.name]
+        info = await asyncio.to_thread(
+            write_snapshot, self.root, version, self.backend.save_weights, tokenizer_files
+        )
+        self.state.published_version = version
+        self.state.last_snapshot = info.path
+        self.state.elapsed += time.monotonic() - self._started
+        self._started = time.monotonic()
+        await asyncio.to_thread(self.save_checkpoint, info)
+        for msg in self.held:
+            await msg.ack()
+        self.held.clear()
+        ann = WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum)
+        await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{version}-{info.checksum[:16]}")
+        await self._prune(kv)
+
+    async def _prune(self, kv) -> None:
+        in_use = {self.state.published_version}
+        for status in await generator_statuses(kv):
+            in_use.add(status.policy_version)
+        latest = self.root / "checkpoints" / "LATEST"
+        if latest.exists():
+            saved = json.loads((self.root / "checkpoints" / latest.read_text().strip() / "state.json").read_text())
+            in_use.add(int(Path(saved["weights"]).name[1:]))
+        prune_snapshots(self.root, self.spec.weight_sync.keep_snapshots, in_use)
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def record(self, step: int, groups: list[RolloutGroup], metrics: dict, step_seconds: float) -> dict:
+        scores = [c.score for g in groups for c in g.completions]
+        stale = [step - g.policy_version for g in groups]
+        self.state.staleness_sum += sum(stale)
+        self.state.staleness_max = max(self.state.staleness_max, max(stale))
+        row = {
+            "step": step + 1, "time": round(self.state.elapsed + time.monotonic() - self._started, 3),
+            "reward_mean": sum(scores) / len(scores),
+            "eos_fraction": sum(c.eos for g in groups for c in g.completions) / len(scores),
+            "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+            "policy_versions": sorted({g.policy_version for g in groups}),
+            "samples": len(scores), "step_seconds": round(step_seconds, 4),
+            "consumed": len(self.state.consumed), "dropped": self.state.dropped,
+            **{k: round(v, 6) for k, v in metrics.items()},
+        }
+        with open(self.run_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        return row
+
+    def progress(self, row: Optional[dict], done: bool = False, failed: str = "") -> LearnerProgress:
+        st = self.state
+        consumed = len(st.consumed)
+        elapsed = st.elapsed + time.monotonic() - self._started
+        samples = consumed * self.spec.algorithm.samples_per_prompt
+        return LearnerProgress(
+            step=st.step, total_steps=self.spec.learner.total_steps, policy_version=st.published_version,
+            rollouts_consumed=consumed, rollouts_dropped=st.dropped, duplicates_skipped=st.duplicates,
+            staleness_mean=st.staleness_sum / max(1, consumed), staleness_max=st.staleness_max,
+            reward_mean=row["reward_mean"] if row else None,
+            samples_per_second=samples / elapsed if elapsed > 0 else 0.0,
+            last_snapshot=st.last_snapshot, done=done, failed=failed,
+        )
+
+    async def run(self) -> LearnerState:
+        nc = await connect(self.nats_url, name="learner")
+        js = nc.jetstream()
+        await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
+        kv = await js.key_value(self.bus.bucket)
+        sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, self.bus.stream)
+        total = self.spec.learner.total_steps
+        row = None
+        try:
+            while self.state.step < total and not self.stopping.is_set():
+                await self.release_prompts(js)
+                step = self.state.step
+                groups = await self.collect(js, sub, step)
+                started = time.monotonic()
+                metrics = await asyncio.to_thread(self.backend.train_step, to_batch(groups, self.backend.pad_id), step)
+                self.state.step = step + 1
+                self.state.consumed.extend(g.id for g in groups)
+                self.consumed_set.update(g.id for g in groups)
+                row = self.record(step, groups, metrics, time.monotonic() - started)
+                if self.state.step % self.k == 0 or self.state.step == total:
+                    await self.publish_weights(js, kv)
+                await kv.put("learner", self.progress(row).encode())
+            if self.state.step >= total:
+                await kv.put("learner", self.progress(row, done=True).encode())
+        except asyncio.CancelledError:
+            log.info("learner stopping at step %d (unacked rollouts will be redelivered)", self.state.step)
+        finally:
+            await close_quietly(nc)
+        return self.state
+
+
+async def generator_statuses(kv) -> list[GeneratorStatus]:
+    out = []
+    try:
+        keys = await kv.keys()
+    except nats.js.errors.NoKeysError:
+        return out
+    for key in keys:
+        if key.startswith("generator."):
+            entry = await kv.get(key)
+            out.append(GeneratorStatus.decode(entry.value))
+    return out
+
+
+async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
+    learner = Learner(spec, bus, nats_url, root, run_dir)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, learner.stopping.set)
+    await learner.run()

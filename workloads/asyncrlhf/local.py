@@ -1,0 +1,254 @@
+"""`asyncrlhf run`: the cluster job on one machine.
+
+The same manifest, the same generator and learner programs a cluster runs, as local processes:
+an embedded nats-server (unless spec.nats.url is set), `generator.replicas` generator processes,
+one learner, and a shared snapshot directory under `runs/<job>/volume`. The runner restarts a
+learner that dies (it resumes from its checkpoint) up to `learner.backoffLimit`, and a generator
+that dies (generators are stateless). It prints live progress and ends with a report.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import nats
+import psutil
+
+from .api import AsyncRLHFJob
+from .bus import WEIGHTS, EmbeddedNats, JobBus, connect, ensure_job_resources
+from .learner import generator_statuses
+from .manifest import dump_manifest
+from .messages import LearnerProgress
+from .models import resolve_model
+from .report import plot_rewards, read_metrics, summarize, write_json
+
+
+@dataclass
+class Child:
+    role: str
+    index: int
+    proc: subprocess.Popen
+    attempt: int = 0
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict
+    ok: bool
+
+
+def cpu_plan(cores: list[int], generators: int) -> tuple[list[int], list[list[int]]]:
+    """Learner gets the first core, generators share the rest (as separate GPUs would be)."""
+    if len(cores) < 2:
+        return cores, [cores] * generators
+    learner, rest = cores[:1], cores[1:]
+    return learner, [[rest[i % len(rest)]] for i in range(generators)]
+
+
+@dataclass
+class LocalRun:
+    job: AsyncRLHFJob
+    run_dir: Path
+    quiet: bool = False
+    children: list[Child] = field(default_factory=list)
+    restarts: int = 0
+    peak_memory: int = 0
+
+    def __post_init__(self) -> None:
+        self.spec = self.job.spec
+        self.bus = JobBus(self.job.metadata.namespace, self.job.metadata.name)
+        self.volume = self.run_dir / "volume"
+        self.config = self.run_dir / "job.yaml"
+        self.nats: Optional[EmbeddedNats] = None
+        self.url = self.spec.nats.url
+        cores = sorted(os.sched_getaffinity(0))
+        self.learner_cores, self.generator_cores = cpu_plan(cores, self.spec.generator.replicas)
+
+    # --- processes -----------------------------------------------------------------------
+
+    def _env(self, extra: dict[str, str]) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "ASYNCRLHF_NATS_URL": self.url, "ASYNCRLHF_SNAPSHOT_DIR": str(self.volume),
+            "ASYNCRLHF_RUN_DIR": str(self.run_dir), "PYTHONUNBUFFERED": "1",
+        })
+        env.update(extra)
+        return env
+
+    def spawn(self, role: str, index: int, attempt: int = 0) -> Child:
+        log = open(self.run_dir / f"{role}-{index}.log", "ab")
+        if role == "learner":
+            cores = self.learner_cores
+            extra = {"OMP_NUM_THREADS": str(len(cores))}
+        else:
+            cores = self.generator_cores[index]
+            extra = {"GENERATOR_ID": f"gen-{index}-{attempt}", "OMP_NUM_THREADS": str(len(cores)),
+                     "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
+            env=self._env(extra), stdout=log, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: os.sched_setaffinity(0, cores),
+        )
+        child = Child(role, index, proc, attempt)
+        self.children.append(child)
+        return child
+
+    def learner(self) -> Child:
+        return [c for c in self.children if c.role == "learner"][-1]
+
+    def _sample_memory(self) -> None:
+        total = 0
+        me = psutil.Process()
+        for p in [me] + me.children(recursive=True):
+            try:
+                total += p.memory_info().rss
+            except psutil.Error:
+                pass
+        self.peak_memory = max(self.peak_memory, total)
+
+    # --- lifecycle -----------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        if self.run_dir.exists():
+            shutil.rmtree(self.run_dir)
+        self.volume.mkdir(parents=True)
+        self.config.write_text(dump_manifest(self.job))
+        resolve_model(self.spec.model.policy)  # build the built-in model once, before the children
+        if not self.url:
+            self.nats = EmbeddedNats().start()
+            self.url = self.nats.url
+
+    async def run(self) -> RunResult:
+        started = time.monotonic()
+        self.prepare()
+        nc = await connect(self.url, name="asyncrlhf-run")
+        js = nc.jetstream()
+        try:
+            await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
+            kv = await js.key_value(self.bus.bucket)
+            for i in range(self.spec.generator.replicas):
+                self.spawn("generator", i)
+            self.spawn("learner", 0)
+            ok = await self.supervise(kv)
+            produced = sum(s.rollouts for s in await generator_statuses(kv))
+            info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))
+            snapshots = (info.state.subjects or {}).get(self.bus.subject(WEIGHTS), 0)
+        finally:
+            self.stop_children()
+            await nc.drain()
+            if self.nats:
+                self.nats.close()
+        summary = summarize(self.job, self.run_dir, time.monotonic() - started, produced, snapshots,
+                            self.peak_memory, self.restarts)
+        summary["ok"] = ok
+        write_json(self.run_dir / "summary.json", summary)
+        plot_rewards({f"{self.spec.async_.mode} (N={self.spec.async_.effective_staleness})": read_metrics(self.run_dir)},
+                     self.run_dir / "reward.png", f"{self.job.metadata.name}: reward vs wall-clock")
+        return RunResult(self.run_dir, summary, ok)
+
+    async def supervise(self, kv) -> bool:
+        """Print progress, restart what dies; True when the learner finished all steps."""
+        last_line = ""
+        while True:
+            await asyncio.sleep(1.0)
+            self._sample_memory()
+            progress = await read_progress(kv)
+            line = self.progress_line(progress)
+            if line != last_line and not self.quiet:
+                print(line, flush=True)
+                last_line = line
+            learner = self.learner()
+            code = learner.proc.poll()
+            if code is not None:
+                if code == 0 and progress and progress.done:
+                    return True
+                if self.restarts >= self.spec.learner.backoff_limit:
+                    print(f"learner failed (exit {code}) after {self.restarts} restarts; see "
+                          f"{self.run_dir / 'learner-0.log'}", file=sys.stderr)
+                    return False
+                self.restarts += 1
+                print(f"learner exited with {code}; restarting from its checkpoint "
+                      f"({self.restarts}/{self.spec.learner.backoff_limit})", file=sys.stderr)
+                self.spawn("learner", 0, learner.attempt + 1)
+            self._restart_dead_generators()
+
+    def _restart_dead_generators(self) -> None:
+        latest: dict[int, Child] = {}
+        for c in self.children:
+            if c.role == "generator":
+                latest[c.index] = c
+        for index, child in latest.items():
+            code = child.proc.poll()
+            if code is not None and code != 0:
+                print(f"generator {index} exited with {code}; starting a new one", file=sys.stderr)
+                self.spawn("generator", index, child.attempt + 1)
+
+    def progress_line(self, p: Optional[LearnerProgress]) -> str:
+        if p is None:
+            return "starting: building engines and loading models ..."
+        reward = "-" if p.reward_mean is None else f"{p.reward_mean:.3f}"
+        return (f"step {p.step}/{p.total_steps}  reward {reward}  policy v{p.policy_version}  "
+                f"staleness mean {p.staleness_mean:.2f} max {p.staleness_max}  "
+                f"samples/s {p.samples_per_second:.1f}  dropped {p.rollouts_dropped}")
+
+    def stop_children(self, timeout: float = 30.0) -> None:
+        live = [c for c in self.children if c.proc.poll() is None]
+        for c in live:
+            c.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for c in live:
+            try:
+                c.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                c.proc.kill()
+                c.proc.wait()
+
+
+async def read_progress(kv) -> Optional[LearnerProgress]:
+    try:
+        entry = await kv.get("learner")
+    except (nats.js.errors.KeyNotFoundError, nats.errors.TimeoutError):
+        return None
+    return LearnerProgress.decode(entry.value)
+
+
+def run_job(job: AsyncRLHFJob, run_dir: Path, quiet: bool = False) -> RunResult:
+    return asyncio.run(LocalRun(job, run_dir, quiet).run())
+
+
+def compare(job: AsyncRLHFJob, runs_root: Path, quiet: bool = False) -> dict:
+    """Run the job in sync and in async mode, one after the other, and report side by side."""
+    name = job.metadata.name
+    results = {}
+    for mode in ("sync", "async"):
+        variant = job.model_copy(deep=True)
+        variant.spec.async_.mode = mode
+        variant.metadata.name = f"{name}-{mode}"
+        if not quiet:
+            print(f"=== {mode} run ===", flush=True)
+        results[mode] = run_job(variant, runs_root / variant.metadata.name, quiet)
+    out = runs_root / f"{name}-compare"
+    out.mkdir(parents=True, exist_ok=True)
+    s, a = results["sync"].summary, results["async"].summary
+    summary = {
+        "sync": s, "async": a,
+        "speedup_training_wall_clock": s["training_seconds"] / a["training_seconds"] if a["training_seconds"] else None,
+        "speedup_total_wall_clock": s["wall_clock_seconds"] / a["wall_clock_seconds"] if a["wall_clock_seconds"] else None,
+        "final_reward": {"sync": s["final_reward_mean"], "async": a["final_reward_mean"]},
+    }
+    write_json(out / "summary.json", summary)
+    plot_rewards({f"sync": read_metrics(results["sync"].run_dir),
+                  f"async (N={job.spec.async_.max_staleness})": read_metrics(results["async"].run_dir)},
+                 out / "reward.png", f"{name}: sync vs async")
+    return summary

@@ -1,0 +1,133 @@
+"""Weight snapshots on the shared volume: written atomically, verified before use, pruned safely.
+
+Layout: `<root>/snapshots/v<version>/` holds what `save_pretrained` writes (config + safetensors
+shards), the tokenizer files, and `MANIFEST.json` (every file's size and sha256). The snapshot's
+checksum is the sha256 of the manifest bytes, so one short string pins every byte. A snapshot is
+written into a hidden temporary directory, fsynced, then renamed into place: readers see a
+complete snapshot or none. A reader verifies the checksum and every file before loading; a
+partial or corrupt snapshot raises SnapshotError and the caller keeps its old weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+MANIFEST = "MANIFEST.json"
+_VERSION_DIR = re.compile(r"^v(\d+)$")
+_CHUNK = 1 << 20
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot that must not be loaded (missing, partial, or not matching its checksum)."""
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    version: int
+    path: str
+    checksum: str
+
+
+def snapshot_dir(root: str | Path, version: int) -> Path:
+    return Path(root) / "snapshots" / f"v{version}"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _manifest_bytes(directory: Path, version: int) -> bytes:
+    files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
+    entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    return json.dumps({"version": version, "files": entries}, indent=1, sort_keys=True).encode()
+
+
+def write_snapshot(root: str | Path, version: int, save_into, extra_files: Iterable[Path] = ()) -> SnapshotInfo:
+    """Write a snapshot atomically. `save_into(tmpdir)` writes the model (e.g. save_pretrained)."""
+    final = snapshot_dir(root, version)
+    tmp = final.parent / f".tmp-v{version}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_into(tmp)
+    for extra in extra_files:
+        if extra.is_file() and not (tmp / extra.name).exists():
+            shutil.copy2(extra, tmp / extra.name)
+    manifest = _manifest_bytes(tmp, version)
+    (tmp / MANIFEST).write_bytes(manifest)
+    for p in tmp.iterdir():
+        with open(p, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # a re-run after a crash between rename and announce: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    return SnapshotInfo(version, str(final), hashlib.sha256(manifest).hexdigest())
+
+
+def verify_snapshot(path: str | Path, checksum: str) -> dict:
+    """Check the manifest's checksum and every listed file; return the manifest or raise."""
+    path = Path(path)
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise SnapshotError(f"snapshot {path}: no {MANIFEST} (missing or partial snapshot)")
+    raw = manifest_path.read_bytes()
+    if hashlib.sha256(raw).hexdigest() != checksum:
+        raise SnapshotError(f"snapshot {path}: manifest checksum does not match the announcement")
+    manifest = json.loads(raw)
+    for name, entry in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise SnapshotError(f"snapshot {path}: file {name} is missing")
+        if f.stat().st_size != entry["size"] or _sha256(f) != entry["sha256"]:
+            raise SnapshotError(f"snapshot {path}: file {name} is corrupt (size or sha256 differs)")
+    return manifest
+
+
+def load_snapshot_state(path: str | Path) -> dict:
+    """All tensors of a snapshot's safetensors files, merged (HF parameter names)."""
+    from safetensors.torch import load_file
+
+    state: dict = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise SnapshotError(f"snapshot {path}: no .safetensors files")
+    for f in files:
+        state.update(load_file(str(f)))
+    return state
+
+
+def list_versions(root: str | Path) -> list[int]:
+    base = Path(root) / "snapshots"
+    if not base.is_dir():
+        return []
+    return sorted(int(m.group(1)) for p in base.iterdir() if (m := _VERSION_DIR.match(p.name)))
+
+
+def prune_snapshots(root: str | Path, keep: int, in_use: Iterable[int] = ()) -> list[int]:
+    """Delete all but the newest `keep` snapshots, sparing any version still in use."""
+    versions = list_versions(root)
+    protected = set(versions[-keep:]) | set(in_use)
+    removed = [v for v in versions if v not in protected]
+    for v in removed:
+        shutil.rmtree(snapshot_dir(root, v), ignore_errors=True)
+    return removed
