@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 if TYPE_CHECKING:
     from asyncrlhf.api import OnePassHead
@@ -120,7 +121,7 @@ class OnePassRewardHead(_LinearHead):
         self.theta = theta_p
         # H_{t+1} = H_t + w z z^T with w = sigmoid'(z . theta_{t+1}); A_t z is still current
         w = sigmoid_prime(float(z @ self.theta))
-        self.h_inv -= (w / (1.0 + w * z_a_z)) * np.outer(a_z, a_z)
+        _rank_one_update_(self.h_inv, a_z, -w / (1.0 + w * z_a_z))
         self.updates += 1
 
     def _project(self, theta_p: np.ndarray, a_z: np.ndarray, coef: float) -> np.ndarray:
@@ -148,6 +149,12 @@ class OnePassRewardHead(_LinearHead):
             raise ValueError(f"state is for dim {state['theta'].shape[0]}, this head has dim {self.dim}")
         self.theta, self.h_inv = state["theta"].copy(), state["h_inv"].copy()
         self.updates, self.projections = (int(x) for x in state["counts"])
+
+
+def _rank_one_update_(matrix: np.ndarray, v: np.ndarray, coef: float) -> None:
+    """matrix += coef v v^T in place. numpy has no in-place outer-product update (it builds a
+    d x d temporary, ~6x slower at d=1024); torch's addr_ on a view of the same memory is BLAS ger."""
+    torch.from_numpy(matrix).addr_(torch.from_numpy(v), torch.from_numpy(v), alpha=coef)
 
 
 def project_in_local_norm(apply_inverse, theta_p: np.ndarray, bound: float) -> np.ndarray:
@@ -246,13 +253,27 @@ class LogisticMLE(_LinearHead):
         self.refit()
 
     def refit(self, steps: int | None = None) -> None:
+        """Damped Newton steps (Armijo backtracking: plain Newton diverges from a far warm start)."""
         z, y = self._z[: self.count], self._y[: self.count]
         for _ in range(self.newton_steps if steps is None else steps):
-            margin = z @ self.theta
-            p = sigmoid(margin)
+            p = sigmoid(z @ self.theta)
             grad = z.T @ (p - y) + self.lam * self.theta
             hess = (z * (p * (1.0 - p))[:, None]).T @ z + self.lam * np.eye(self.dim)
-            self.theta = self.theta - np.linalg.solve(hess, grad)
+            direction = np.linalg.solve(hess, grad)
+            self.theta = self._backtrack(z, y, direction, float(grad @ direction))
+
+    def _objective(self, z: np.ndarray, y: np.ndarray, theta: np.ndarray) -> float:
+        margin = z @ theta
+        return float(np.sum(np.logaddexp(0.0, margin) - y * margin) + 0.5 * self.lam * theta @ theta)
+
+    def _backtrack(self, z: np.ndarray, y: np.ndarray, direction: np.ndarray, decrease: float) -> np.ndarray:
+        current, step = self._objective(z, y, self.theta), 1.0
+        for _ in range(30):
+            candidate = self.theta - step * direction
+            if self._objective(z, y, candidate) <= current - 1e-4 * step * decrease:
+                return candidate
+            step *= 0.5
+        return self.theta
 
     def history_bytes(self) -> int:
         return self._z.nbytes + self._y.nbytes
