@@ -97,8 +97,18 @@ class JobBus:
         ]
 
 
+def credentials_from_env() -> dict:
+    """NATS credentials as the operator passes them (from a Secret; never logged)."""
+    creds = os.environ.get("ASYNCRLHF_NATS_CREDS", "")
+    if creds and os.path.isfile(creds):
+        return {"user_credentials": creds}
+    user, password = os.environ.get("ASYNCRLHF_NATS_USER"), os.environ.get("ASYNCRLHF_NATS_PASSWORD")
+    return {"user": user, "password": password} if user and password else {}
+
+
 async def connect(url: str, **options) -> nats.NATS:
     """Connect with reconnects on (a bus restart is survived, not fatal)."""
+    options = credentials_from_env() | options
     return await nats.connect(
         url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, **options
     )

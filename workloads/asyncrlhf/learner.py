@@ -91,8 +91,8 @@ class Learner:
         return self._records[b * self.prompts_per_step : need]
 
     async def release_prompts(self, js) -> None:
-        last = min(self.spec.learner.total_steps - 1, self.state.published_version + self.n)
-        for b in range(self.state.released_through + 1, last + 1):
+        st = self.state
+        for b in release_range(st.published_version, self.n, st.released_through, self.spec.learner.total_steps):
             for i, rec in enumerate(self.batch_records(b)):
                 await self._publish_prompt(js, b, i, rec, f"p{b}-{i}", max(0, b - self.n))
             self.state.released_through = b
@@ -127,17 +127,16 @@ class Learner:
     async def accept(self, js, msg, step: int) -> None:
         group = RolloutGroup.decode(msg.data)
         slot = self.pending.setdefault(group.batch, {})
-        if group.id in self.consumed_set or group.index in slot or group.batch < step:
+        verdict = classify(group, step, self.n, self.consumed_set, slot)
+        if verdict == "keep":
+            slot[group.index] = (group, msg)
+            return
+        await msg.ack()
+        if verdict == "duplicate":
             self.state.duplicates += 1
-            await msg.ack()
-            return
-        staleness = max(group.batch, step) - group.policy_version
-        if staleness > self.n:
+        else:
             self.state.dropped += 1
-            await msg.ack()
             await self._rerelease(js, group)
-            return
-        slot[group.index] = (group, msg)
 
     async def _rerelease(self, js, group: RolloutGroup) -> None:
         key = f"{group.batch}:{group.index}"
@@ -294,6 +293,21 @@ class Learner:
         finally:
             await close_quietly(nc)
         return self.state
+
+
+def release_range(published_version: int, max_staleness: int, released_through: int, total_steps: int) -> range:
+    """Batches whose prompts may be released now: b <= published + N (and not released yet)."""
+    return range(released_through + 1, min(total_steps - 1, published_version + max_staleness) + 1)
+
+
+def classify(group: RolloutGroup, step: int, max_staleness: int, consumed: set[str], slot: dict) -> str:
+    """'duplicate' (already trained on or already have that slot), 'stale' (older than N
+    versions at the step that will use it) or 'keep'."""
+    if group.id in consumed or group.index in slot or group.batch < step:
+        return "duplicate"
+    if max(group.batch, step) - group.policy_version > max_staleness:
+        return "stale"
+    return "keep"
 
 
 async def generator_statuses(kv) -> list[GeneratorStatus]:

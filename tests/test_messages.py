@@ -1,0 +1,64 @@
+"""Bus messages: typed, versioned, JSON; anything else is refused with a clear error."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from asyncrlhf.bus import JobBus
+from asyncrlhf.messages import Completion, LearnerProgress, MessageError, Prompt, RolloutGroup, WeightsAnnouncement
+
+
+def group() -> RolloutGroup:
+    return RolloutGroup(
+        id="r-1", prompt_id="p-1", batch=3, index=1, prompt_text="3 1 =", prompt_token_ids=[1, 7, 5, 14],
+        completions=[Completion(text="1 3", token_ids=[5, 7, 2], logprobs=[-0.1, -0.2, -0.3], eos=True, score=1.0)],
+        policy_version=2, generator_id="g0",
+    )
+
+
+@pytest.mark.parametrize("msg", [
+    group(),
+    Prompt(id="p", batch=0, index=0, text="1 2 =", samples=4, min_version=0),
+    WeightsAnnouncement(version=3, path="/s/v3", checksum="ab"),
+    LearnerProgress(step=1, total_steps=2, policy_version=1, reward_mean=0.5),
+])
+def test_round_trip(msg):
+    data = msg.encode()
+    assert json.loads(data)["v"] == 1  # JSON on the wire, with its schema version
+    assert type(msg).decode(data) == msg
+
+
+def test_unknown_version_is_refused():
+    data = json.loads(group().encode())
+    data["v"] = 2
+    with pytest.raises(MessageError, match="schema version 2"):
+        RolloutGroup.decode(json.dumps(data).encode())
+
+
+@pytest.mark.parametrize("mutate", [
+    lambda d: d.pop("policy_version"),
+    lambda d: d.update(extra=1),
+    lambda d: d.update(batch=-1),
+])
+def test_malformed_is_refused(mutate):
+    data = json.loads(group().encode())
+    mutate(data)
+    with pytest.raises(MessageError, match="invalid rollout message"):
+        RolloutGroup.decode(json.dumps(data).encode())
+
+
+def test_not_json_is_refused():
+    with pytest.raises(MessageError):
+        Prompt.decode(b"\x80\x04pickle")
+
+
+def test_names_of_a_job():
+    bus = JobBus("team-a", "tiny-sort")
+    assert bus.subject("rollouts") == "asyncrlhf.team-a.tiny-sort.rollouts"
+    assert bus.stream == "ARJ_team_a_tiny_sort"
+    assert bus.bucket == "arj-team-a-tiny-sort"
+    config = bus.stream_config(1 << 20)
+    assert config.retention.value == "workqueue" and config.discard.value == "new"
+    assert sorted(c.durable_name for c in bus.consumer_configs(30)) == ["generators", "learner", "reward"]
