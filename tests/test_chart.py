@@ -9,6 +9,7 @@ generated one, and every rendered object passes the official Kubernetes schemas 
 
 from __future__ import annotations
 
+import ast
 import asyncio
 import base64
 import functools
@@ -48,7 +49,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     },
     "namespaced": {"rbac": {"scope": "namespaced"}, "operator": {"watchNamespace": "team-a"}},
     "namespaced-no-cluster-objects": {
-        "rbac": {"scope": "namespaced", "crdRead": False}, "crds": {"install": False},
+        "rbac": {"scope": "namespaced"}, "crds": {"install": False},
     },
     "crds-off": {"crds": {"install": False}},
     "crds-not-kept": {"crds": {"keep": False}},
@@ -56,23 +57,25 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "no-network-policy": {"networkPolicy": {"enabled": False}},
 }
 
-# The operator's API calls (docs/operator.md): (apiGroup, resource, verbs).
-CHILD_VERBS = {"get", "list", "watch", "create", "patch", "delete"}
+# The operator's API calls, kopf's and its own (asyncrlhf_operator/kube.py): (apiGroup, resource)
+# -> verbs. Children are server-side applied (patch, create) and read and deleted, never listed
+# or watched; kopf never PUTs (no update) and posts only core/v1 Events.
+APPLIED = {"get", "create", "patch"}
 NAMESPACED_RULES = {
-    ("asyncrlhf.dev", "asyncrlhfjobs"): {"get", "list", "watch", "patch", "update"},
-    ("asyncrlhf.dev", "asyncrlhfjobs/status"): {"get", "patch", "update"},
-    ("", "configmaps"): CHILD_VERBS,
-    ("", "persistentvolumeclaims"): CHILD_VERBS,
-    ("", "services"): CHILD_VERBS,
-    ("", "serviceaccounts"): CHILD_VERBS,
-    ("apps", "deployments"): CHILD_VERBS,
-    ("batch", "jobs"): CHILD_VERBS,
-    ("networking.k8s.io", "networkpolicies"): CHILD_VERBS,
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "events"): {"create", "patch"},
-    ("events.k8s.io", "events"): {"create", "patch"},
+    ("asyncrlhf.dev", "asyncrlhfjobs"): {"get", "list", "watch", "patch", "delete"},
+    ("asyncrlhf.dev", "asyncrlhfjobs/status"): {"patch"},
+    ("asyncrlhf.dev", "asyncrlhfjobs/finalizers"): {"update"},
+    ("", "configmaps"): APPLIED,
+    ("", "persistentvolumeclaims"): APPLIED | {"delete"},
+    ("", "services"): APPLIED,
+    ("", "serviceaccounts"): APPLIED,
+    ("apps", "deployments"): APPLIED,
+    ("batch", "jobs"): APPLIED | {"delete"},
+    ("networking.k8s.io", "networkpolicies"): APPLIED,
+    ("", "secrets"): {"get"},
+    ("", "events"): {"create"},
 }
-CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"}}
+CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # Kinds that have no official schema (custom resources), checked by hand below instead.
 UNSCHEMAED_KINDS = {"CustomResourceDefinition", "ServiceMonitor"}
 
@@ -246,15 +249,15 @@ def test_namespaced_rbac_is_a_role_in_the_watched_namespace() -> None:
     role, binding = one(objects, "Role"), one(objects, "RoleBinding")
     assert role["metadata"]["namespace"] == binding["metadata"]["namespace"] == "team-a"
     assert rbac_rules(role) == NAMESPACED_RULES
-    assert binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                  "name": role["metadata"]["name"]}
     assert_binds_operator(objects, binding)
-    # The one cluster-scoped permission left is read-only CRD access for kopf's resource observer.
-    assert rbac_rules(one(objects, "ClusterRole")) == CRD_READ_RULES
-    assert_binds_operator(objects, one(objects, "ClusterRoleBinding"))
+    # The operator disables kopf's cluster scan in namespaced mode: nothing cluster-wide is granted.
+    assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
     assert operator_container(objects)["args"][:3] == ["operator", "--namespace", "team-a"]
 
 
-def test_namespaced_rbac_can_create_no_cluster_scoped_object_at_all() -> None:
+def test_namespaced_rbac_without_crds_creates_no_cluster_scoped_object() -> None:
     objects = render("namespaced-no-cluster-objects")
     kinds = {o["kind"] for o in objects}
     assert not kinds & {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}, kinds
@@ -262,12 +265,13 @@ def test_namespaced_rbac_can_create_no_cluster_scoped_object_at_all() -> None:
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
-def test_rbac_has_no_wildcards_and_no_secret_access(scenario: str) -> None:
+def test_rbac_has_no_wildcards_and_cannot_enumerate_secrets(scenario: str) -> None:
     for role in by_kind(render(scenario), "Role") + by_kind(render(scenario), "ClusterRole"):
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], (role["metadata"]["name"], rule)
-            assert "secrets" not in rule["resources"], rule
+            if "secrets" in rule["resources"]:  # read one Secret by name, never enumerate them
+                assert rule["verbs"] == ["get"] and rule["resources"] == ["secrets"], rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
 
 
@@ -685,7 +689,7 @@ def test_rbac_covers_every_child_the_operator_plans() -> None:
     for child in _planned_children():
         resource = KIND_RESOURCES.get(child["kind"])
         assert resource, f"the operator creates a {child['kind']}, which the chart's RBAC does not know"
-        assert {"get", "create", "patch", "delete"} <= granted[resource], child["kind"]
+        assert {"get", "create", "patch"} <= granted[resource], child["kind"]
 
 
 def test_nats_admits_the_job_pods_the_operator_creates() -> None:
@@ -696,3 +700,61 @@ def test_nats_admits_the_job_pods_the_operator_creates() -> None:
     assert pods
     for name, meta, _ in pods:
         assert any(_selects(peer["podSelector"], meta["labels"]) for peer in cross_namespace), name
+
+
+def _operator_api_calls() -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every call the operator's own code makes through `Kube`,
+    read from its source: get/delete with a literal (apiVersion, kind), apply of planned children."""
+    from asyncrlhf_operator import kube
+
+    verbs = {"get": ["get"], "delete": ["delete"], "apply": ["patch", "create"]}
+    calls: set[tuple[str, str, str]] = set()
+    for path in sorted((REPO / "operator" / "asyncrlhf_operator").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr in verbs and ast.unparse(node.func.value).endswith("kube")):
+                continue
+            if node.func.attr == "apply":
+                kinds = {(c["apiVersion"], c["kind"]) for c in _planned_children()}
+            else:
+                literal = [a for a in node.args[:2] if isinstance(a, ast.Constant)]
+                kinds = {(literal[0].value, literal[1].value)} if len(literal) == 2 else \
+                    {_api_kind_of(path, node)}
+            for api_version, kind in kinds:
+                group = api_version.rpartition("/")[0]
+                for verb in verbs[node.func.attr]:
+                    calls.add((group, kube.PLURALS[(api_version, kind)], verb))
+    return calls
+
+
+def _api_kind_of(path: Path, node: ast.Call) -> tuple[str, str]:
+    """Calls like kube.delete(api.API_VERSION, api.KIND, ...) name the custom resource."""
+    from asyncrlhf import api
+
+    text = ast.unparse(node)
+    if "api.API_VERSION" in text and "api.KIND" in text:
+        return api.API_VERSION, api.KIND
+    raise AssertionError(f"{path.name}: cannot tell which kind `{text}` touches; use literals")
+
+
+# What kopf itself does: list and watch the handled resource, patch finalizers and annotations,
+# patch /status, post core/v1 Events; in cluster scope also list and watch CRDs.
+KOPF_CALLS = {
+    ("asyncrlhf.dev", "asyncrlhfjobs", "list"), ("asyncrlhf.dev", "asyncrlhfjobs", "watch"),
+    ("asyncrlhf.dev", "asyncrlhfjobs", "patch"), ("asyncrlhf.dev", "asyncrlhfjobs/status", "patch"),
+    ("", "events", "create"),
+    # Not a call: setting ownerReferences[].blockOwnerDeletion needs it under the
+    # OwnerReferencesPermissionEnforcement admission plugin.
+    ("asyncrlhf.dev", "asyncrlhfjobs/finalizers", "update"),
+}
+
+
+def test_rbac_is_exactly_what_the_operator_code_calls() -> None:
+    """Every call the code makes is granted, and nothing is granted that no code calls (beyond
+    `get` on what it writes, the read that goes with owning an object)."""
+    needed = _operator_api_calls() | KOPF_CALLS
+    granted = {(g, r, v) for (g, r), verbs in NAMESPACED_RULES.items() for v in verbs}
+    assert needed - granted == set(), "the operator calls these but the chart does not grant them"
+    extra = {(g, r, v) for g, r, v in granted - needed if v != "get"}
+    assert extra == set(), "the chart grants these but no operator code calls them"
+    assert {(g, r) for g, r, _ in granted} == {(g, r) for g, r, _ in needed}
