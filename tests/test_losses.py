@@ -122,6 +122,12 @@ def test_micro_batch_that_splits_a_group_is_rejected():
                 Normalizer.of(batch))
 
 
+@pytest.mark.parametrize("name", ["online-dpo", "rloo", "proximal-rloo", "grpo", "tb"])
+def test_group_losses_reject_a_group_size_of_one(name):
+    with pytest.raises(ValueError, match="group_size >= 2"):
+        get_loss(name).prepare(_without_grad(random_batch(k=1)), LossParams())
+
+
 def test_unknown_loss_names_the_known_ones():
     with pytest.raises(ValueError, match="online-dpo"):
         get_loss("dpo")

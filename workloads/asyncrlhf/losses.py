@@ -284,6 +284,8 @@ class ProximalRLOO(RLOO):
 
 def group_normalized_advantages(scores: Tensor, k: int, eps: float = GRPO_STD_EPS) -> Tensor:
     """(score - group mean) / (group std + eps), std unbiased (as torch.std, TRL, DeepSeekMath)."""
+    if k < 2:
+        raise ValueError(f"grpo's group-normalised advantage needs group_size >= 2, got {k}")
     grouped = _grouped(scores, k)
     centred = grouped - grouped.mean(-1, keepdim=True)
     return (centred / (grouped.std(-1, keepdim=True) + eps)).reshape(-1)
