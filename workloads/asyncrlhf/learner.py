@@ -79,7 +79,10 @@ class Learner:
         self.stopping = asyncio.Event()
         self._records: list[PromptRecord] = []
         self._stream = prompt_stream(spec.task.prompts, spec.learner.seed)
-        self._started = time.monotonic()
+        # The training clock starts when the first batch is complete (engine start-up is not
+        # training time, and is the same in sync and async mode); a resumed learner's clock runs
+        # from its start, so recovery time counts.
+        self._started: Optional[float] = None
         self.restore()
 
     # --- prompts -------------------------------------------------------------------------
@@ -93,8 +96,11 @@ class Learner:
     async def release_prompts(self, js) -> None:
         st = self.state
         for b in release_range(st.published_version, self.n, st.released_through, self.spec.learner.total_steps):
-            for i, rec in enumerate(self.batch_records(b)):
-                await self._publish_prompt(js, b, i, rec, f"p{b}-{i}", max(0, b - self.n))
+            # all prompts of a batch at once, so a generator gets them in one fetch (one engine call)
+            await asyncio.gather(*(
+                self._publish_prompt(js, b, i, rec, f"p{b}-{i}", max(0, b - self.n))
+                for i, rec in enumerate(self.batch_records(b))
+            ))
             self.state.released_through = b
 
     async def _publish_prompt(self, js, b, i, rec, pid, min_version) -> None:
@@ -192,6 +198,7 @@ class Learner:
         self.backend.load_weights(Path(weights))
         self.backend.load_state(directory)
         self._truncate_metrics(self.state.step)
+        self._started = time.monotonic()
         log.info("resumed from %s at step %d", directory, self.state.step)
 
     def _truncate_metrics(self, step: int) -> None:
@@ -209,7 +216,7 @@ class Learner:
         )
         self.state.published_version = version
         self.state.last_snapshot = info.path
-        self.state.elapsed += time.monotonic() - self._started
+        self.state.elapsed = self.elapsed()
         self._started = time.monotonic()
         await asyncio.to_thread(self.save_checkpoint, info)
         for msg in self.held:
@@ -237,7 +244,7 @@ class Learner:
         self.state.staleness_sum += sum(stale)
         self.state.staleness_max = max(self.state.staleness_max, max(stale))
         row = {
-            "step": step + 1, "time": round(self.state.elapsed + time.monotonic() - self._started, 3),
+            "step": step + 1, "time": round(self.elapsed(), 3),
             "reward_mean": sum(scores) / len(scores),
             "eos_fraction": sum(c.eos for g in groups for c in g.completions) / len(scores),
             "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
@@ -250,10 +257,13 @@ class Learner:
             handle.write(json.dumps(row) + "\n")
         return row
 
+    def elapsed(self) -> float:
+        return self.state.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
+
     def progress(self, row: Optional[dict], done: bool = False, failed: str = "") -> LearnerProgress:
         st = self.state
         consumed = len(st.consumed)
-        elapsed = st.elapsed + time.monotonic() - self._started
+        elapsed = self.elapsed()
         samples = consumed * self.spec.algorithm.samples_per_prompt
         return LearnerProgress(
             step=st.step, total_steps=self.spec.learner.total_steps, policy_version=st.published_version,
@@ -277,6 +287,8 @@ class Learner:
                 await self.release_prompts(js)
                 step = self.state.step
                 groups = await self.collect(js, sub, step)
+                if self._started is None:
+                    self._started = time.monotonic()
                 started = time.monotonic()
                 metrics = await asyncio.to_thread(self.backend.train_step, to_batch(groups, self.backend.pad_id), step)
                 self.state.step = step + 1
