@@ -37,7 +37,7 @@ from .messages import GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, We
 from .models import resolve_model
 from .snapshots import prune_snapshots, write_snapshot
 from .tasks import PromptRecord, prompt_stream
-from .training import TorchBackend, to_batch
+from .training import make_backend, to_batch
 
 log = logging.getLogger("asyncrlhf.learner")
 CHECKPOINTS_KEPT = 2
@@ -68,7 +68,7 @@ class Learner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.model_path = resolve_model(spec.model.policy)
         reference = resolve_model(spec.model.reference) if spec.model.reference else self.model_path
-        self.backend = backend or TorchBackend(spec, self.model_path, reference)
+        self.backend = backend or make_backend(spec, self.model_path, reference)
         self.n = spec.async_.effective_staleness
         self.k = spec.weight_sync.every_steps
         self.prompts_per_step = spec.learner.prompts_per_step

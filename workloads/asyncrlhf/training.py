@@ -186,3 +186,12 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
         for pid, entries in meta["state"].items()
     }
     optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def make_backend(spec: JobSpec, policy_path: str, reference_path: str):
+    """The training backend named by `spec.learner.backend`."""
+    if spec.learner.backend == "deepspeed":
+        from .deepspeed_backend import DeepSpeedBackend
+
+        return DeepSpeedBackend(spec, policy_path, reference_path)
+    return TorchBackend(spec, policy_path, reference_path)
