@@ -1,0 +1,320 @@
+"""Thin kopf handlers: validate, apply what `plan` computes, write what `status` computes.
+
+Handlers are registered on a fresh `kopf.OperatorRegistry` by `build_registry(config)`, so the
+operator's settings (default NATS URL, status interval) are plain arguments and tests can run
+several operators with different settings in one process.
+
+- create / resume / spec update: validate (invalid → phase Failed, condition SpecInvalid), make
+  the JetStream stream, consumers and KV bucket, apply the children. An update that only
+  changes generator.replicas applies only the Deployment; one that changes suspend applies
+  only the learner Job and the Deployment.
+- timer: read the children and the KV bucket, restart a failed learner (up to
+  learner.backoffLimit), write `.status`, post an Event on every phase change, apply the
+  generators' scale-down when finished, delete the job after ttlSecondsAfterFinished.
+- delete (finalizer): delete the stream and KV bucket, and the PVC unless retained.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+import kopf
+
+from asyncrlhf import api
+from asyncrlhf.bus import JobBus
+
+from . import plan
+from .jetstream import Buses, Credentials, job_bus, read_credentials
+from .kube import Kube
+from .metrics import instrumented, record_phase
+from .status import TERMINAL, Observed, compute_status, learner_action, status_patch, ttl_expired
+from .validation import validate
+
+RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
+PREFIX = api.GROUP
+FINALIZER = f"{PREFIX}/cleanup"
+REPLICAS = ("generator", "replicas")
+SUSPEND = ("suspend",)
+TTL = ("ttlSecondsAfterFinished",)
+
+
+@dataclass(frozen=True)
+class OperatorConfig:
+    nats_url: str = "nats://nats:4222"
+    status_interval: float = 5.0
+    namespaced: bool = False  # one namespace: no cluster-wide namespace/CRD scanning (and RBAC)
+
+
+@dataclass
+class Context:
+    """What the handlers share, kept in kopf's memo."""
+
+    config: OperatorConfig
+    kube: Kube = dataclasses.field(default_factory=Kube)
+    buses: Buses = dataclasses.field(default_factory=Buses)
+
+
+def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
+    registry = kopf.OperatorRegistry()
+
+    @kopf.on.startup(registry=registry)
+    async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+        configure(settings, config)
+        memo.ctx = Context(config)
+
+    kopf.on.login(registry=registry)(login)
+    kopf.on.cleanup(registry=registry)(cleanup)
+    kopf.on.resume(*RESOURCE, registry=registry)(reconcile)
+    kopf.on.create(*RESOURCE, registry=registry)(reconcile)
+    kopf.on.update(*RESOURCE, field="spec", registry=registry)(spec_changed)
+    kopf.on.delete(*RESOURCE, registry=registry, retries=6)(finalize)
+    kopf.timer(*RESOURCE, interval=config.status_interval, backoff=2 * config.status_interval,
+               registry=registry)(observe)
+    return registry
+
+
+def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
+    settings.peering.standalone = True
+    settings.scanning.disabled = config.namespaced
+    settings.persistence.finalizer = FINALIZER
+    # Handler progress in annotations: `.status` has a strict schema and is the users' view.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=PREFIX, key="last-handled-configuration")
+    settings.watching.server_timeout = 600
+
+
+# ---------------------------------------------------------------------------------------------
+# Activities
+
+
+async def login(memo: kopf.Memo, **kwargs: Any) -> Optional[kopf.ConnectionInfo]:
+    """In-cluster service account or kubeconfig; the same credentials for kopf and `kube`."""
+    info = kopf.login_via_client(**kwargs) or kopf.login_with_service_account(**kwargs) \
+        or kopf.login_with_kubeconfig(**kwargs)
+    if info is not None:
+        memo.ctx.kube.use(info)
+    return info
+
+
+async def cleanup(memo: kopf.Memo, **_: Any) -> None:
+    await memo.ctx.kube.close()
+    await memo.ctx.buses.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def owner_of(body: Mapping[str, Any]) -> plan.Owner:
+    meta = body["metadata"]
+    return plan.Owner(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""))
+
+
+def previous_status(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(body.get("status") or {}).items() if k in api.JobStatus.model_fields
+            or k in {f.alias for f in api.JobStatus.model_fields.values()}}
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def bus_access(ctx: Context, namespace: str, nats: Mapping[str, Any]) -> tuple[str, Credentials]:
+    url = nats.get("url") or ctx.config.nats_url
+    return url, await read_credentials(ctx.kube, namespace, nats.get("credentialsSecret", ""))
+
+
+async def reject(body, patch, error: str, generation: int) -> None:
+    previous = previous_status(body)
+    new = compute_status(Observed(now=now(), generation=generation, spec_error=error,
+                                  restarts=previous.get("restarts", 0)), previous)
+    patch.status.update(status_patch(previous, new))
+    if previous.get("phase") != "Failed":
+        kopf.warn(body, reason="SpecInvalid", message=error)
+
+
+async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Optional[set[str]] = None,
+                         finished: bool = False) -> None:
+    owner = owner_of(body)
+    for child in plan.desired_children(job, owner, ctx.config.nats_url, finished=finished):
+        if kinds is not None and child["kind"] not in kinds:
+            continue
+        if child["kind"] == "Job":
+            await reconcile_learner(ctx, body, job, child, finished=finished)
+        else:
+            await ctx.kube.apply(child)
+
+
+async def reconcile_learner(ctx: Context, body, job, desired: dict[str, Any], *, finished: bool) -> None:
+    """Create the learner Job, or update the mutable part; recreate it when its config changed."""
+    meta = desired["metadata"]
+    existing = await ctx.kube.get("batch/v1", "Job", meta["namespace"], meta["name"])
+    if existing is None:
+        if not finished:
+            await ctx.kube.apply(desired)
+        return
+    if finished or (existing.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    annotations = ((existing.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations", {})
+    if annotations.get(plan.CONFIG_HASH) != plan.config_hash(job):
+        # A Job's pod template is immutable: replace the Job; the learner resumes from its
+        # checkpoint with the new config (the timer recreates it once the old one is gone).
+        await ctx.kube.delete("batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground")
+        kopf.info(body, reason="LearnerReplaced", message="the config changed: restarting the learner "
+                  "from its checkpoint with the new config")
+        return
+    await ctx.kube.apply(desired)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource handlers
+
+
+@instrumented("reconcile")
+async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    ctx: Context = memo.ctx
+    job, error = validate(body)
+    if job is None:
+        await reject(body, patch, error, body["metadata"].get("generation", 0))
+        return
+    url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
+    await ctx.buses.ensure(job, url, credentials)
+    finished = (body.get("status") or {}).get("phase") in TERMINAL
+    await apply_children(ctx, body, job, finished=finished)
+    logger.info("applied the children and the bus of %s", job.metadata.name)
+
+
+def changed_paths(diff) -> set[tuple[str, ...]]:
+    """Paths under spec that a kopf diff touches (relative to spec)."""
+    paths = set()
+    for _op, field, _old, _new in diff:
+        path = tuple(field)
+        paths.add(path[1:] if path[:1] == ("spec",) else path)
+    return paths
+
+
+def kinds_for(paths: set[tuple[str, ...]]) -> Optional[set[str]]:
+    """Which children a spec change touches: None means all of them (and the bus)."""
+    if not paths or paths <= {TTL}:
+        return set()
+    if paths <= {REPLICAS, TTL}:
+        return {"Deployment"}
+    if paths <= {REPLICAS, SUSPEND, TTL}:
+        return {"Job", "Deployment"}
+    return None
+
+
+@instrumented("update")
+async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logger, **kwargs: Any) -> None:
+    kinds = kinds_for(changed_paths(diff))
+    if kinds is None:
+        await reconcile(body=body, patch=patch, memo=memo, logger=logger, **kwargs)
+        return
+    job, error = validate(body)
+    if job is None:
+        await reject(body, patch, error, body["metadata"].get("generation", 0))
+        return
+    finished = (body.get("status") or {}).get("phase") in TERMINAL
+    await apply_children(memo.ctx, body, job, kinds=kinds, finished=finished)
+    logger.info("applied %s for a change of %s", sorted(kinds), sorted(changed_paths(diff)))
+
+
+@instrumented("delete")
+async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    ctx: Context = memo.ctx
+    owner = owner_of(body)
+    spec = body.get("spec") or {}
+    url, credentials = await bus_access(ctx, owner.namespace, spec.get("nats") or {})
+    await ctx.buses.delete(JobBus(owner.namespace, owner.name), url, credentials)
+    sync = spec.get("weightSync") or {}
+    retain = sync.get("retainVolume", api.WeightSyncSpec().retain_volume)
+    if not sync.get("volumeClaim") and not retain:
+        await ctx.kube.delete("v1", "PersistentVolumeClaim", owner.namespace, plan.Names(owner.name).snapshots)
+    record_phase(owner.namespace, owner.name, None)
+    logger.info("deleted the stream and KV bucket of %s", owner.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Status
+
+
+async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observed:
+    owner, names = owner_of(body), plan.Names(job.metadata.name)
+    learner = await ctx.kube.get("batch/v1", "Job", owner.namespace, names.learner)
+    deployment = await ctx.kube.get("apps/v1", "Deployment", owner.namespace, names.generator)
+    url, credentials = await bus_access(ctx, owner.namespace, body["spec"].get("nats") or {})
+    try:
+        progress, reports = await ctx.buses.progress(job_bus(job), url, credentials)
+    except kopf.TemporaryError:
+        progress, reports = None, ()  # the bus is away: keep the last known progress
+    return Observed(
+        now=now(), generation=body["metadata"].get("generation", 0), spec=job.spec, learner=learner,
+        generators=(deployment or {}).get("status") or {}, progress=progress, reports=reports,
+        restarts=previous_status(body).get("restarts", 0),
+    )
+
+
+async def restart_learner(ctx: Context, body, o: Observed) -> Observed:
+    owner = owner_of(body)
+    await ctx.kube.delete("batch/v1", "Job", owner.namespace, plan.Names(owner.name).learner,
+                          propagation="Foreground")
+    kopf.warn(body, reason="LearnerRestarting",
+              message=f"the learner failed; restarting it from its checkpoint "
+              f"(restart {o.restarts + 1} of {o.spec.learner.backoff_limit})")
+    return dataclasses.replace(o, restarts=o.restarts + 1, learner=None)
+
+
+def post_transition(body, before: str, after: dict[str, Any]) -> None:
+    phase = after["phase"]
+    if phase == before:
+        return
+    condition = next((c for c in after["conditions"] if c["type"] == "Progressing"), {})
+    if phase == "Failed":
+        failed = next((c for c in after["conditions"] if c["type"] == "Failed"), {})
+        kopf.warn(body, reason=failed.get("reason", "Failed"), message=failed.get("message", ""))
+    else:
+        kopf.info(body, reason=phase, message=condition.get("message") or f"phase {phase}")
+
+
+@instrumented("status")
+async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    ctx: Context = memo.ctx
+    if FINALIZER not in (body["metadata"].get("finalizers") or []):
+        return  # kopf is still taking the job in; writing status now would only race with it
+    previous = previous_status(body)
+    job, error = validate(body)
+    if job is None:
+        await reject(body, patch, error, body["metadata"].get("generation", 0))
+        owner = owner_of(body)
+        record_phase(owner.namespace, owner.name, "Failed")
+        return
+    if previous.get("phase") in TERMINAL:
+        await wind_down(ctx, body, job, previous)
+        return
+    o = await observe_children(ctx, body, job)
+    if learner_action(o, previous.get("phase", "")) == "restart":
+        o = await restart_learner(ctx, body, o)
+    new = compute_status(o, previous)
+    patch.status.update(status_patch(previous, new))
+    post_transition(body, previous.get("phase", ""), new)
+    record_phase(job.metadata.namespace, job.metadata.name, new["phase"])
+    if new["phase"] not in TERMINAL and o.learner is None:  # restarted, replaced or deleted by hand
+        await apply_children(ctx, body, job, kinds={"Job"})
+
+
+async def wind_down(ctx: Context, body, job: api.AsyncRLHFJob, status: dict[str, Any]) -> None:
+    """A finished job: stop the generators once, delete the job when its TTL has passed."""
+    record_phase(job.metadata.namespace, job.metadata.name, status["phase"])
+    owner = owner_of(body)
+    deployment = await ctx.kube.get("apps/v1", "Deployment", owner.namespace, plan.Names(owner.name).generator)
+    if deployment is not None and (deployment.get("spec") or {}).get("replicas", 0):
+        await apply_children(ctx, body, job, kinds={"Deployment"}, finished=True)
+    if ttl_expired(job.spec, status, now()):
+        kopf.info(body, reason="Expired", message=f"deleting the job {job.spec.ttl_seconds_after_finished}s "
+                  "after it finished (ttlSecondsAfterFinished)")
+        await ctx.kube.delete(api.API_VERSION, api.KIND, owner.namespace, owner.name)

@@ -1,0 +1,49 @@
+"""Entry point of the operator (`asyncrlhf operator`): kopf, a liveness probe and metrics.
+
+Standalone (no kopf peering: run one replica; the Deployment's Recreate strategy keeps it so),
+serving one namespace (`--namespace`, a Role is enough) or all (`--all-namespaces`, a
+ClusterRole that can also list namespaces and CRDs).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from typing import Optional
+
+import kopf
+import prometheus_client
+
+from .handlers import OperatorConfig, build_registry
+
+DEFAULT_NATS_URL = os.environ.get("ASYNCRLHF_NATS_URL", "nats://nats:4222")
+
+
+def run(
+    namespace: Optional[str] = None,
+    all_namespaces: bool = False,
+    nats_url: str = DEFAULT_NATS_URL,
+    health_port: int = 8080,
+    metrics_port: int = 9090,
+    status_interval: float = 5.0,
+) -> None:
+    """Run the operator until SIGINT/SIGTERM.
+
+    `namespace` or `all_namespaces` picks what is watched (exactly one of them);
+    `nats_url` is the bus for jobs whose spec.nats.url is empty (the chart's NATS);
+    liveness at http://0.0.0.0:<health_port>/healthz, Prometheus at :<metrics_port>/metrics.
+    """
+    if bool(namespace) == bool(all_namespaces):
+        raise ValueError("pass exactly one of --namespace NS or --all-namespaces")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = OperatorConfig(nats_url=nats_url, status_interval=status_interval, namespaced=bool(namespace))
+    if metrics_port:
+        prometheus_client.start_http_server(metrics_port)
+    asyncio.run(kopf.operator(
+        registry=build_registry(config),
+        standalone=True,
+        clusterwide=all_namespaces,
+        namespaces=[namespace] if namespace else (),
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
+    ))

@@ -1,0 +1,40 @@
+"""Validate a job object with the pydantic models and say which field is wrong.
+
+The CRD schema and its CEL rules reject most invalid specs at admission; this is the second
+line (an old CRD installed, a rule CEL cannot express): the job then fails with a condition
+naming the field, e.g. `spec.async.maxStaleness: ...`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Optional
+
+import pydantic
+
+from asyncrlhf import api
+
+
+def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
+    """(the job, "") or (None, "<field path>: <what is wrong>")."""
+    meta = body.get("metadata") or {}
+    manifest = {
+        "apiVersion": body.get("apiVersion", api.API_VERSION),
+        "kind": body.get("kind", api.KIND),
+        "metadata": {"name": meta.get("name"), "namespace": meta.get("namespace") or "default"},
+        "spec": dict(body.get("spec") or {}),
+    }
+    try:
+        return api.AsyncRLHFJob.model_validate(manifest), ""
+    except pydantic.ValidationError as err:
+        return None, describe(err)
+
+
+def describe(err: pydantic.ValidationError) -> str:
+    """The first error as `<path>: <message>`; cross-field errors name their own field."""
+    first = err.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    message = first["msg"].removeprefix("Value error, ")
+    for rule in api.CROSS_FIELD_RULES:
+        if message.startswith(f"{rule.path}: "):
+            return f"spec.{rule.path}: {message[len(rule.path) + 2:]}"
+    return f"{where}: {message}" if where else message

@@ -1,0 +1,372 @@
+"""The real operator (kopf, in-process) against kmock and a real nats-server.
+
+kmock emulates the API server (objects, watch, patch, finalizers) but assigns no uid,
+resourceVersion or generation and has no controllers: the emulator below stamps those, and
+the tests play the controllers' part (mark the learner Job ready, failed, complete) through
+the API, as kubectl would. kmock runs in its own thread and loop, kopf in KopfRunner's, and
+the tests talk HTTP to kmock; nothing shares an event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+import uuid
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+import kmock
+import nats
+import pytest
+from kopf.testing import KopfRunner
+
+from asyncrlhf import api
+from asyncrlhf.bus import EmbeddedNats, JobBus
+from asyncrlhf.messages import GeneratorStatus, LearnerProgress
+from asyncrlhf_operator.handlers import OperatorConfig, build_registry
+
+NS = "default"
+CR = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{NS}/{api.PLURAL}"
+VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
+RESOURCES = {
+    f"{api.GROUP}/{api.VERSION}/{api.PLURAL}": dict(kind=api.KIND, subresources=["status"]),
+    "v1/configmaps": dict(kind="ConfigMap"),
+    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim"),
+    "v1/services": dict(kind="Service"),
+    "v1/serviceaccounts": dict(kind="ServiceAccount"),
+    "v1/secrets": dict(kind="Secret"),
+    "v1/events": dict(kind="Event"),
+    "batch/v1/jobs": dict(kind="Job"),
+    "apps/v1/deployments": dict(kind="Deployment"),
+    "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy"),
+    "v1/namespaces": dict(kind="Namespace", namespaced=False),
+}
+CHILDREN = {
+    "ServiceAccount": "/api/v1/namespaces/default/serviceaccounts/{}-workload",
+    "ConfigMap": "/api/v1/namespaces/default/configmaps/{}-config",
+    "PersistentVolumeClaim": "/api/v1/namespaces/default/persistentvolumeclaims/{}-snapshots",
+    "Service": "/api/v1/namespaces/default/services/{}-learner",
+    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/{}-workload",
+    "Job": "/apis/batch/v1/namespaces/default/jobs/{}-learner",
+    "Deployment": "/apis/apps/v1/namespaces/default/deployments/{}-generator",
+}
+
+
+class Emulator(kmock.KubernetesEmulator):
+    """kmock plus what kopf and owner references need: uid, resourceVersion, generation."""
+
+    _versions = itertools.count(1)
+
+    async def _handle(self, request):
+        data = request.data
+        if request.resource is not None and isinstance(data, dict):
+            meta = data.setdefault("metadata", {})
+            if request.action == kmock.action.CREATE:
+                if not meta.get("name") and meta.get("generateName"):
+                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
+                meta.setdefault("uid", str(uuid.uuid4()))
+                meta.setdefault("generation", 1)
+                meta.setdefault("creationTimestamp", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
+            elif request.action == kmock.action.UPDATE and "spec" in data and request.subresource != "status":
+                current = self._current(request)
+                if current is not None:
+                    meta["generation"] = current.get("metadata", {}).get("generation", 1) + 1
+            if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
+                meta["resourceVersion"] = str(next(self._versions))
+        elif request.resource is not None and isinstance(data, list):  # JSON patch
+            current = self._current(request) or {}
+            for op in data:
+                if op.get("op") == "test" and _pointer(current, op["path"]) != op.get("value"):
+                    # What a real apiserver answers; kopf then retries with a fresh object.
+                    raise kmock.KubernetesError(status=422, reason="Invalid", message="test failed")
+            data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(next(self._versions))})
+        return await super()._handle(request)
+
+    def _current(self, request) -> Optional[dict[str, Any]]:
+        try:
+            obj = self.objects[request.resource, request.namespace, request.name]
+        except KeyError:
+            return None
+        return None if obj.deleted else obj.raw
+
+
+def _pointer(obj: Any, pointer: str) -> Any:
+    for part in pointer.strip("/").split("/"):
+        obj = obj.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(obj, dict) else None
+    return obj
+
+
+class ApiThread:
+    """kmock served from a thread of its own."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        self._ready = threading.Event()
+        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
+
+    def __enter__(self) -> "ApiThread":
+        self._thread.start()
+        assert self._ready.wait(30), "kmock did not start"
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._loop.call_soon_threadsafe(self._stop.set)
+        self._thread.join(10)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        async with Emulator() as emulator, kmock.Server(emulator) as server:
+            for key, info in RESOURCES.items():
+                emulator.resources[key] = kmock.ResourceInfo(
+                    verbs=VERBS, namespaced=info.get("namespaced", True), kind=info["kind"],
+                    subresources=info.get("subresources", []))
+            emulator.objects["v1/namespaces", None, NS] = {
+                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+            self.url = str(server.url).rstrip("/")
+            self._ready.set()
+            await self._stop.wait()
+
+    def call(self, method: str, path: str, body: Any = None) -> Optional[dict[str, Any]]:
+        content = "application/merge-patch+json" if method == "PATCH" else "application/json"
+        request = urllib.request.Request(self.url + path, method=method,
+                                         data=None if body is None else json.dumps(body).encode(),
+                                         headers={"Content-Type": content})
+        try:
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+
+    def get(self, path: str) -> Optional[dict[str, Any]]:
+        return self.call("GET", path)
+
+
+def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.1)
+
+
+def run_async(coro):
+    return asyncio.run(coro)
+
+
+async def _js_call(url: str, fn):
+    nc = await nats.connect(url)
+    try:
+        return await fn(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def stream_exists(url: str, job: str) -> bool:
+    async def check(js):
+        try:
+            await js.stream_info(JobBus(NS, job).stream)
+            return True
+        except nats.js.errors.NotFoundError:
+            return False
+    return run_async(_js_call(url, check))
+
+
+def put_kv(url: str, job: str, key: str, value: bytes) -> None:
+    async def put(js):
+        kv = await js.key_value(JobBus(NS, job).bucket)
+        await kv.put(key, value)
+    run_async(_js_call(url, put))
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """kmock + nats-server + the operator; yields (api, nats_url)."""
+    with EmbeddedNats() as bus, ApiThread() as kube:
+        kubeconfig = tmp_path_factory.mktemp("kube") / "config"
+        kubeconfig.write_text(json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
+            "clusters": [{"name": "kmock", "cluster": {"server": kube.url}}],
+            "users": [{"name": "kmock", "user": {}}],
+            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
+        }))
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KUBECONFIG", str(kubeconfig))
+            # The client library reads $KUBECONFIG once, when first imported.
+            mp.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+            mp.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+            registry = build_registry(OperatorConfig(nats_url=bus.url, status_interval=1.0))
+            with KopfRunner(["run", "-A", "--standalone"], registry=registry, timeout=30) as runner:
+                yield kube, bus.url
+        assert runner.exception is None, runner.output
+
+
+def create_job(kube: ApiThread, name: str, **spec: Any) -> dict[str, Any]:
+    body = {"apiVersion": api.API_VERSION, "kind": api.KIND,
+            "metadata": {"name": name, "namespace": NS}, "spec": spec}
+    return kube.call("POST", CR, body)
+
+
+def job_status(kube: ApiThread, name: str) -> dict[str, Any]:
+    return (kube.get(f"{CR}/{name}") or {}).get("status") or {}
+
+
+def children_of(kube: ApiThread, name: str) -> dict[str, Optional[dict]]:
+    return {kind: kube.get(path.format(name)) for kind, path in CHILDREN.items()}
+
+
+def mark_learner(kube: ApiThread, name: str, status: dict[str, Any]) -> None:
+    kube.call("PATCH", CHILDREN["Job"].format(name) + "/status", {"status": status})
+
+
+def strip_versions(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
+    return {**obj, "metadata": meta}
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def test_create_makes_children_and_stream(cluster):
+    kube, url = cluster
+    created = create_job(kube, "alpha", generator={"replicas": 2})
+    found = eventually(lambda: all(children_of(kube, "alpha").values()) and children_of(kube, "alpha"),
+                       what="all children")
+    for kind, child in found.items():
+        owners = child["metadata"].get("ownerReferences", [])
+        if kind == "PersistentVolumeClaim":  # retained by default: no owner
+            assert owners == []
+        else:
+            assert owners[0]["uid"] == created["metadata"]["uid"] and owners[0]["kind"] == api.KIND
+    assert found["Deployment"]["spec"]["replicas"] == 2
+    assert found["Job"]["spec"]["completionMode"] == "Indexed"
+    assert stream_exists(url, "alpha")
+    assert eventually(lambda: job_status(kube, "alpha").get("phase") == "Pending", what="Pending")
+
+
+def test_progress_on_the_bus_reaches_status(cluster):
+    kube, url = cluster
+    create_job(kube, "beta")
+    eventually(lambda: kube.get(CHILDREN["Job"].format("beta")), what="learner Job")
+    mark_learner(kube, "beta", {"active": 1, "ready": 1})
+    put_kv(url, "beta", "learner", LearnerProgress(
+        step=7, total_steps=100, policy_version=7, rollouts_consumed=112, staleness_mean=0.5,
+        staleness_max=1, reward_mean=0.75).encode())
+    put_kv(url, "beta", "generator.beta-generator-x", GeneratorStatus(
+        generator_id="beta-generator-x", policy_version=6, rollouts=40, tokens_per_second=123.0).encode())
+    status = eventually(lambda: job_status(kube, "beta").get("step") == 7 and job_status(kube, "beta"),
+                        what="step 7 in status")
+    assert status["phase"] == "Running" and status["policyVersion"] == 7
+    assert status["rewardMean"] == 0.75 and status["generatorVersions"] == {"beta-generator-x": 6}
+    assert status["rolloutsProduced"] == 40 and status["tokensPerSecond"] == 123.0
+    assert {c["type"] for c in status["conditions"]} >= {"Ready", "Progressing", "Suspended"}
+    events = kube.get("/api/v1/namespaces/default/events") or {"items": []}
+    reasons = {e.get("reason") for e in events["items"]
+               if (e.get("involvedObject") or {}).get("name") == "beta"}
+    assert "Running" in reasons
+
+
+def test_replicas_change_touches_only_the_deployment(cluster):
+    kube, _ = cluster
+    create_job(kube, "gamma", generator={"replicas": 1})
+    eventually(lambda: all(children_of(kube, "gamma").values()), what="children")
+    time.sleep(1.0)  # let the first reconcile settle
+    before = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
+    kube.call("PATCH", f"{CR}/gamma", {"spec": {"generator": {"replicas": 4}}})
+    eventually(lambda: kube.get(CHILDREN["Deployment"].format("gamma"))["spec"]["replicas"] == 4,
+               what="4 replicas")
+    time.sleep(1.0)
+    after = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
+    changed = {kind for kind in before if before[kind] != after[kind]}
+    assert changed == {"Deployment"}
+
+
+def test_suspend_scales_to_zero_and_keeps_the_stream(cluster):
+    kube, url = cluster
+    create_job(kube, "delta", generator={"replicas": 3})
+    eventually(lambda: kube.get(CHILDREN["Deployment"].format("delta")), what="Deployment")
+    kube.call("PATCH", f"{CR}/delta", {"spec": {"suspend": True}})
+    eventually(lambda: kube.get(CHILDREN["Deployment"].format("delta"))["spec"]["replicas"] == 0,
+               what="0 replicas")
+    assert kube.get(CHILDREN["Job"].format("delta"))["spec"]["suspend"] is True
+    assert eventually(lambda: job_status(kube, "delta").get("phase") == "Suspended", what="Suspended")
+    assert stream_exists(url, "delta") and kube.get(CHILDREN["PersistentVolumeClaim"].format("delta"))
+    kube.call("PATCH", f"{CR}/delta", {"spec": {"suspend": False}})
+    eventually(lambda: kube.get(CHILDREN["Deployment"].format("delta"))["spec"]["replicas"] == 3,
+               what="3 replicas again")
+    assert kube.get(CHILDREN["Job"].format("delta"))["spec"]["suspend"] is False
+
+
+def test_failed_learner_is_restarted_then_the_job_fails(cluster):
+    kube, _ = cluster
+    create_job(kube, "epsilon", learner={"backoffLimit": 1})
+    job_path = CHILDREN["Job"].format("epsilon")
+    first = eventually(lambda: kube.get(job_path), what="learner Job")
+    failed = {"failed": 1, "conditions": [{"type": "Failed", "status": "True", "reason": "PodFailed",
+                                           "message": "learner exited with code 1"}]}
+    mark_learner(kube, "epsilon", failed)
+    second = eventually(lambda: (j := kube.get(job_path)) and j["metadata"]["uid"] != first["metadata"]["uid"]
+                        and j, what="a recreated learner Job")
+    assert "status" not in second or not second["status"].get("conditions")
+    assert eventually(lambda: job_status(kube, "epsilon").get("restarts") == 1, what="1 restart")
+    mark_learner(kube, "epsilon", failed)
+    status = eventually(lambda: job_status(kube, "epsilon").get("phase") == "Failed" and
+                        job_status(kube, "epsilon"), what="Failed")
+    reason = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert reason["reason"] == "BackoffLimitExceeded" and "exited with code 1" in reason["message"]
+    time.sleep(1.0)
+    assert kube.get(job_path)["metadata"]["uid"] == second["metadata"]["uid"]  # no third learner
+
+
+def test_invalid_spec_fails_naming_the_field(cluster):
+    kube, url = cluster
+    # kmock does not run the CRD's CEL rules, so this reaches the operator (as with an old CRD).
+    create_job(kube, "zeta", algorithm={"samplesPerPrompt": 1})
+    status = eventually(lambda: job_status(kube, "zeta").get("phase") == "Failed" and job_status(kube, "zeta"),
+                        what="Failed")
+    invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
+    assert invalid["status"] == "True" and invalid["message"].startswith("spec.algorithm.samplesPerPrompt:")
+    assert kube.get(CHILDREN["Deployment"].format("zeta")) is None and not stream_exists(url, "zeta")
+
+
+def test_delete_removes_the_stream(cluster):
+    kube, url = cluster
+    create_job(kube, "eta", weightSync={"retainVolume": False})
+    eventually(lambda: stream_exists(url, "eta") and kube.get(CHILDREN["PersistentVolumeClaim"].format("eta")),
+               what="stream and PVC")
+    eventually(lambda: f"{api.GROUP}/cleanup" in kube.get(f"{CR}/eta")["metadata"].get("finalizers", []),
+               what="finalizer")
+    kube.call("DELETE", f"{CR}/eta")
+    eventually(lambda: kube.get(f"{CR}/eta") is None, what="the job gone")
+    assert not stream_exists(url, "eta")
+    assert kube.get(CHILDREN["PersistentVolumeClaim"].format("eta")) is None
+
+
+def test_finished_job_stops_generators_and_expires(cluster):
+    kube, url = cluster
+    create_job(kube, "theta", generator={"replicas": 2}, ttlSecondsAfterFinished=2)
+    eventually(lambda: kube.get(CHILDREN["Job"].format("theta")), what="learner Job")
+    mark_learner(kube, "theta", {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": ""}]})
+    eventually(lambda: job_status(kube, "theta").get("phase") == "Succeeded", what="Succeeded")
+    eventually(lambda: kube.get(CHILDREN["Deployment"].format("theta"))["spec"]["replicas"] == 0,
+               what="generators stopped")
+    eventually(lambda: kube.get(f"{CR}/theta") is None, what="the job deleted after its TTL")
+    assert not stream_exists(url, "theta")
+
+
+def test_metrics_count_reconciles_and_phases(cluster):
+    from prometheus_client import REGISTRY
+
+    assert REGISTRY.get_sample_value("asyncrlhf_operator_reconciles_total", {"handler": "reconcile"}) >= 1
+    assert REGISTRY.get_sample_value("asyncrlhf_operator_reconciles_total", {"handler": "status"}) >= 1
+    assert REGISTRY.get_sample_value("asyncrlhf_operator_jobs", {"phase": "Failed"}) >= 1
