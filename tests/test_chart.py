@@ -758,3 +758,54 @@ def test_rbac_is_exactly_what_the_operator_code_calls() -> None:
     extra = {(g, r, v) for g, r, v in granted - needed if v != "get"}
     assert extra == set(), "the chart grants these but no operator code calls them"
     assert {(g, r) for g, r, _ in granted} == {(g, r) for g, r, _ in needed}
+
+
+# --------------------------------------------------------------------------- the install guide
+
+
+INSTALL_GUIDE = REPO / "docs" / "install.md"
+
+
+def _code_blocks(language: str) -> list[str]:
+    text = INSTALL_GUIDE.read_text()
+    return re.findall(rf"^```{language}\n(.*?)^```", text, flags=re.M | re.S)
+
+
+def test_install_guide_helm_settings_render() -> None:
+    """Every `--set` the guide shows is a real value the schema accepts (one helm run per row)."""
+    text = INSTALL_GUIDE.read_text()
+    rows = [re.findall(r"--set ([\w.\-]+=\S+?)(?=`| |$)", line) for line in text.splitlines()]
+    rows = [row for row in rows if row]
+    assert len(rows) >= 5, rows
+    for settings in rows:
+        args = [arg for setting in settings for arg in ("--set", setting)]
+        result = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, *args, check=False)
+        assert result.returncode == 0, (settings, result.stderr)
+
+
+def test_install_guide_kustomize_overlay_yields_a_valid_job(tmp_path: Path) -> None:
+    """The overlay of step 4, run through the real `kubectl kustomize` on the real example."""
+    from asyncrlhf import api
+    from helm_tools import kubectl_binary
+
+    script = next(block for block in _code_blocks("bash") if "kustomization.yaml" in block)
+    overlay = re.search(r"<<'EOF'\n(.*?)^EOF", script, flags=re.M | re.S).group(1)
+    example = re.search(r"cp (examples/\S+) my-job/", script).group(1)
+    (tmp_path / "my-job").mkdir()
+    (tmp_path / "my-job" / "kustomization.yaml").write_text(overlay)
+    shutil.copy(REPO / example, tmp_path / "my-job")
+    result = subprocess.run([str(kubectl_binary()), "kustomize", str(tmp_path / "my-job")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    (manifest,) = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    job = api.AsyncRLHFJob.model_validate(manifest)
+    assert job.metadata.namespace == "rlhf"
+    assert job.spec.image.endswith("-cpu") and job.spec.nats.credentials_secret == "nats-credentials"
+
+
+def test_install_guide_manifests_pass_the_official_schema() -> None:
+    manifests = [yaml.safe_load(block) for block in _code_blocks("yaml")]
+    assert manifests
+    for manifest in manifests:
+        assert not schema_errors(manifest, KUBE_VERSIONS[-1])
+        assert manifest["spec"]["securityContext"]["runAsNonRoot"] is True  # works under PSA restricted
