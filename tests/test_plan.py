@@ -470,3 +470,61 @@ PATCHES = [
 @pytest.mark.parametrize("case,old,new,patch", PATCHES, ids=[p[0] for p in PATCHES])
 def test_status_patch(case, old, new, patch):
     assert status_patch(old, new) == patch
+
+
+# ---------------------------------------------------------------------------------------------
+# Handler helpers that are pure: what a spec change touches, how a bad spec is reported
+
+from asyncrlhf_operator.handlers import changed_paths, kinds_for  # noqa: E402
+from asyncrlhf_operator.validation import validate  # noqa: E402
+
+CHANGES = [
+    ("replicas", [("change", ("generator", "replicas"), 1, 3)], {"Deployment"}),
+    ("replicas with a spec prefix", [("change", ("spec", "generator", "replicas"), 1, 3)], {"Deployment"}),
+    ("suspend", [("change", ("suspend",), False, True)], {"Job", "Deployment"}),
+    ("suspend and replicas", [("change", ("suspend",), False, True),
+                              ("change", ("generator", "replicas"), 1, 2)], {"Job", "Deployment"}),
+    ("ttl only", [("add", ("ttlSecondsAfterFinished",), None, 60)], set()),
+    ("temperature", [("change", ("generator", "sampling", "temperature"), 0.7, 0.3)], None),
+    ("whole generator", [("add", ("generator",), None, {"replicas": 2})], None),
+    ("replicas and image", [("change", ("generator", "replicas"), 1, 3), ("change", ("image",), "a", "b")],
+     None),
+]
+
+
+@pytest.mark.parametrize("case,diff,kinds", CHANGES, ids=[c[0] for c in CHANGES])
+def test_what_a_spec_change_touches(case, diff, kinds):
+    assert kinds_for(changed_paths(diff)) == kinds
+
+
+INVALID = [
+    ("bound", {"generator": {"replicas": -1}}, "spec.generator.replicas: "),
+    ("enum", {"algorithm": {"loss": "sft"}}, "spec.algorithm.loss: "),
+    ("typo", {"generator": {"replica": 2}}, "spec.generator.replica: Extra inputs"),
+    ("cross-field", {"algorithm": {"samplesPerPrompt": 1}}, "spec.algorithm.samplesPerPrompt: this loss"),
+    ("cross-field staleness", {"weightSync": {"everySteps": 5}}, "spec.async.maxStaleness: the staleness"),
+]
+
+
+@pytest.mark.parametrize("case,spec,prefix", INVALID, ids=[i[0] for i in INVALID])
+def test_invalid_spec_names_the_field(case, spec, prefix):
+    job, error = validate({"metadata": {"name": "demo", "namespace": "team"}, "spec": spec})
+    assert job is None and error.startswith(prefix), error
+
+
+def test_valid_body_with_server_metadata():
+    body = {"apiVersion": api.API_VERSION, "kind": api.KIND, "status": {"phase": "Running"},
+            "metadata": {"name": "demo", "namespace": "team", "uid": "u", "resourceVersion": "9",
+                         "finalizers": ["asyncrlhf.dev/cleanup"]}, "spec": {"generator": {"replicas": 2}}}
+    job, error = validate(body)
+    assert error == "" and job.spec.generator.replicas == 2 and job.metadata.namespace == "team"
+
+
+def test_operator_needs_a_scope(monkeypatch):
+    from asyncrlhf_operator import main
+
+    monkeypatch.setattr(main, "IN_CLUSTER_NAMESPACE", "/nonexistent")
+    with pytest.raises(ValueError, match="--namespace"):
+        main.run()
+    with pytest.raises(ValueError, match="not both"):
+        main.run(namespace="a", all_namespaces=True)

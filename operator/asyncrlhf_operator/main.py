@@ -17,25 +17,41 @@ import prometheus_client
 
 from .handlers import OperatorConfig, build_registry
 
-DEFAULT_NATS_URL = os.environ.get("ASYNCRLHF_NATS_URL", "nats://nats:4222")
+DEFAULT_NATS_URL = "nats://nats:4222"
+IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def own_namespace() -> Optional[str]:
+    """The namespace this pod runs in, when it runs in a pod."""
+    try:
+        with open(IN_CLUSTER_NAMESPACE) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
 
 
 def run(
     namespace: Optional[str] = None,
     all_namespaces: bool = False,
-    nats_url: str = DEFAULT_NATS_URL,
+    nats_url: str = "",
     health_port: int = 8080,
     metrics_port: int = 9090,
     status_interval: float = 5.0,
 ) -> None:
     """Run the operator until SIGINT/SIGTERM.
 
-    `namespace` or `all_namespaces` picks what is watched (exactly one of them);
-    `nats_url` is the bus for jobs whose spec.nats.url is empty (the chart's NATS);
-    liveness at http://0.0.0.0:<health_port>/healthz, Prometheus at :<metrics_port>/metrics.
+    `namespace` or `all_namespaces` picks what is watched (neither: the pod's own namespace);
+    `nats_url` is the bus for jobs whose spec.nats.url is empty (the chart's NATS; empty:
+    $ASYNCRLHF_NATS_URL, else nats://nats:4222); liveness at
+    http://0.0.0.0:<health_port>/healthz, Prometheus at :<metrics_port>/metrics.
     """
-    if bool(namespace) == bool(all_namespaces):
-        raise ValueError("pass exactly one of --namespace NS or --all-namespaces")
+    if namespace and all_namespaces:
+        raise ValueError("pass --namespace NS or --all-namespaces, not both")
+    if not namespace and not all_namespaces:
+        namespace = own_namespace()
+        if namespace is None:
+            raise ValueError("outside a pod, pass --namespace NS or --all-namespaces")
+    nats_url = nats_url or os.environ.get("ASYNCRLHF_NATS_URL") or DEFAULT_NATS_URL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(nats_url=nats_url, status_interval=status_interval, namespaced=bool(namespace))
     if metrics_port:

@@ -13,7 +13,14 @@ RECONCILES = Counter("asyncrlhf_operator_reconciles_total", "Handler invocations
 ERRORS = Counter("asyncrlhf_operator_errors_total", "Handler invocations that raised.", ["handler"])
 JOBS = Gauge("asyncrlhf_operator_jobs", "AsyncRLHFJobs seen by this operator, by phase.", ["phase"])
 
+HANDLERS = ("reconcile", "update", "delete", "status")
 _phases: dict[tuple[str, str], str] = {}
+
+for _handler in HANDLERS:  # export every series from the start, so rate() and alerts see zeros
+    RECONCILES.labels(_handler)
+    ERRORS.labels(_handler)
+for _phase in PHASES:
+    JOBS.labels(_phase).set(0)
 
 
 def instrumented(handler: str) -> Callable:
