@@ -55,6 +55,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "crds-not-kept": {"crds": {"keep": False}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "no-network-policy": {"networkPolicy": {"enabled": False}},
+    "nats-without-auth": {"nats": {"auth": {"enabled": False}}},
 }
 
 # The operator's API calls, kopf's and its own (asyncrlhf_operator/kube.py): (apiGroup, resource)
@@ -356,7 +357,10 @@ def chart_app_version() -> str:
 
 
 def test_chart_app_version_is_the_package_version() -> None:
-    import tomllib
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
 
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
     assert chart_app_version() == project["version"]
@@ -387,6 +391,14 @@ def test_nats_runs_jetstream_on_a_persistent_volume_with_auth() -> None:
     password = base64.b64decode(secret["data"]["password"]).decode()
     assert re.fullmatch(r"[A-Za-z][A-Za-z0-9]{39}", password)  # a bare token in nats.conf
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz?js-enabled-only=true"
+
+
+def test_nats_without_auth_hands_out_no_credentials() -> None:
+    objects = render("nats-without-auth")
+    assert not by_kind(objects, "Secret")
+    config = next(o for o in by_kind(objects, "ConfigMap") if "nats.conf" in o["data"])["data"]["nats.conf"]
+    assert "authorization" not in config and "jetstream" in config
+    assert not any("NATS_" in e["name"] for e in operator_container(objects)["env"])
 
 
 def test_the_operator_gets_the_nats_credentials_by_secret_reference() -> None:
