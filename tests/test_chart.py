@@ -64,7 +64,7 @@ SCENARIOS: dict[str, dict[str, Any]] = {
 APPLIED = {"get", "create", "patch"}
 NAMESPACED_RULES = {
     ("asyncrlhf.dev", "asyncrlhfjobs"): {"get", "list", "watch", "patch", "delete"},
-    ("asyncrlhf.dev", "asyncrlhfjobs/status"): {"patch"},
+    ("asyncrlhf.dev", "asyncrlhfjobs/status"): {"get", "patch"},
     ("asyncrlhf.dev", "asyncrlhfjobs/finalizers"): {"update"},
     ("", "configmaps"): APPLIED,
     ("", "persistentvolumeclaims"): APPLIED | {"delete"},
@@ -276,14 +276,33 @@ def test_rbac_has_no_wildcards_and_cannot_enumerate_secrets(scenario: str) -> No
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
 
 
-def test_rbac_matches_the_operators_documented_api_calls() -> None:
-    """docs/operator.md lists the operator's permissions; the chart grants exactly those."""
+# Where the chart knowingly differs from docs/operator.md's RBAC list, and why.
+DOC_ONLY = {
+    # kopf lists namespaces only to resolve namespace *patterns* (kopf/_core/reactor/observation.py,
+    # namespace_observer: `if not settings.scanning.disabled and not clusterwide`); the operator
+    # runs with --all-namespaces or one exact --namespace, so it never does.
+    ("", "namespaces", "list"), ("", "namespaces", "watch"),
+}
+CHART_ONLY = {
+    # blockOwnerDeletion on the children's ownerReferences needs it where the
+    # OwnerReferencesPermissionEnforcement admission plugin is on (OpenShift, hardened clusters).
+    ("asyncrlhf.dev", "asyncrlhfjobs/finalizers", "update"),
+}
+
+
+def test_rbac_matches_the_operators_documented_rules() -> None:
+    """docs/operator.md lists the operator's RBAC; the chart grants the same (cluster scope)."""
     doc = REPO / "docs" / "operator.md"
     if not doc.is_file():
         pytest.skip("docs/operator.md is not written yet")
-    text = doc.read_text().lower()
-    for (group, resource), verbs in {**NAMESPACED_RULES, **CRD_READ_RULES}.items():
-        assert resource.split("/")[0] in text, f"docs/operator.md does not mention {resource}"
+    section = doc.read_text().split("## RBAC", 1)[1]
+    block = re.search(r"```yaml\n(.*?)```", section, flags=re.S).group(1)
+    documented = {(g, r, v) for rule in yaml.safe_load(block)["rules"]
+                  for g in rule["apiGroups"] for r in rule["resources"] for v in rule["verbs"]}
+    granted = {(g, r, v) for (g, r), verbs in rbac_rules(one(render("default"), "ClusterRole")).items()
+               for v in verbs}
+    assert documented - granted <= DOC_ONLY, sorted(documented - granted - DOC_ONLY)
+    assert granted - documented <= CHART_ONLY, sorted(granted - documented - CHART_ONLY)
 
 
 def assert_binds_operator(objects: list[dict], binding: dict) -> None:
