@@ -127,3 +127,34 @@ def test_sync_mode_with_the_hf_engine_is_on_policy(tmp_path):
     assert result.summary["rollouts_produced"] == result.summary["rollouts_consumed"] == 16
     for name in ("summary.json", "metrics.jsonl", "reward.png"):
         assert (result.run_dir / name).stat().st_size > 0
+
+
+def _hf_job(name: str, **overrides) -> AsyncRLHFJob:
+    overrides.setdefault("generator", {})["engine"] = "hf"
+    overrides.setdefault("learner", {}).update(totalSteps=3, promptsPerStep=4)
+    return tiny_job(name, **overrides)
+
+
+def test_async_with_staleness_0_is_the_sync_step(tmp_path):
+    """mode: sync and mode: async with maxStaleness 0 are the same computation, step for step."""
+    rows = {}
+    for name, section in (("eq-sync", {"mode": "sync"}), ("eq-async0", {"mode": "async", "maxStaleness": 0})):
+        result = asyncio.run(LocalRun(_hf_job(name, **{"async": section}), tmp_path / name, quiet=True).run())
+        assert result.ok
+        rows[name] = read_metrics(result.run_dir)
+    assert len(rows["eq-sync"]) == len(rows["eq-async0"]) == 3
+    for a, b in zip(rows["eq-sync"], rows["eq-async0"]):
+        assert a["policy_versions"] == b["policy_versions"] == [a["step"] - 1]
+        for key in ("reward_mean", "loss", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+
+
+def test_trajectory_balance_trains_from_the_replay_buffer(tmp_path):
+    job = _hf_job("tb-replay", algorithm={"loss": "tb", "beta": 0.05},
+                  **{"async": {"maxStaleness": 1, "replayBuffer": {"recencyProbability": 0.5}}})
+    result = asyncio.run(LocalRun(job, tmp_path / "tb", quiet=True).run())
+    rows = read_metrics(result.run_dir)
+    assert result.ok and len(rows) == 3
+    assert [r["replay_items"] > 0 for r in rows] == [True] * 3
+    assert rows[-1]["replay_items"] >= rows[0]["replay_items"]
+    assert "logZ_mean" in rows[0] or any(k.lower().startswith("logz") for k in rows[0])

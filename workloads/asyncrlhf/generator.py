@@ -95,7 +95,9 @@ class Generator:
     def _make_groups(self, prompts: list[Prompt]) -> tuple[list[RolloutGroup], int]:
         started = time.monotonic()
         token_prompts = [encode_prompt(self.tokenizer, p.text) for p in prompts]
-        seeds = [zlib.crc32(f"{self.spec.learner.seed}:{p.id}".encode()) for p in prompts]
+        # the seed depends on the job's seed and the prompt's place, not on who generates it or when:
+        # the same job gives the same samples for the same weights (sync == async with N=0)
+        seeds = [zlib.crc32(f"{self.spec.learner.seed}:{p.batch}:{p.index}:{p.attempt}".encode()) for p in prompts]
         samples = self.engine.generate(token_prompts, prompts[0].samples, seeds)
         elapsed = time.monotonic() - started
         groups, tokens = [], 0

@@ -22,6 +22,7 @@ import itertools
 import json
 import logging
 import os
+import random
 import shutil
 import signal
 import time
@@ -33,7 +34,8 @@ import nats
 
 from .api import JobSpec
 from .bus import LEARNER_CONSUMER, PROMPTS, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources, publish
-from .messages import GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
+from .messages import Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
+from .replay import ReplayBuffer, ReplayItem, replay_enabled
 from .models import resolve_model
 from .snapshots import prune_snapshots, write_snapshot
 from .tasks import PromptRecord, prompt_stream
@@ -58,6 +60,8 @@ class LearnerState:
     staleness_max: int = 0
     last_snapshot: str = ""
     elapsed: float = 0.0  # training wall-clock before this process (restarts add up)
+    replay: Optional[dict] = None  # the replay buffer's state (JSON), when it is used
+    replay_rng: Optional[list] = None
 
 
 class Learner:
@@ -77,6 +81,9 @@ class Learner:
         self.held: list = []  # msgs consumed since the last checkpoint: acked after it
         self.consumed_set: set[str] = set()
         self.stopping = asyncio.Event()
+        buffer_spec = spec.async_.replay_buffer
+        self.replay = ReplayBuffer.from_spec(buffer_spec) if replay_enabled(buffer_spec, spec.algorithm.loss) else None
+        self._replay_rng = random.Random(spec.learner.seed)
         self._records: list[PromptRecord] = []
         self._stream = prompt_stream(spec.task.prompts, spec.learner.seed)
         # The training clock starts when the first batch is complete (engine start-up is not
@@ -98,13 +105,14 @@ class Learner:
         for b in release_range(st.published_version, self.n, st.released_through, self.spec.learner.total_steps):
             # all prompts of a batch at once, so a generator gets them in one fetch (one engine call)
             await asyncio.gather(*(
-                self._publish_prompt(js, b, i, rec, f"p{b}-{i}", max(0, b - self.n))
+                self._publish_prompt(js, b, i, rec, max(0, b - self.n))
                 for i, rec in enumerate(self.batch_records(b))
             ))
             self.state.released_through = b
 
-    async def _publish_prompt(self, js, b, i, rec, pid, min_version) -> None:
-        msg = Prompt(id=f"{self.bus.job}-{pid}", batch=b, index=i, text=rec.text, answer=rec.answer,
+    async def _publish_prompt(self, js, b, i, rec, min_version, attempt=0) -> None:
+        pid = f"{self.bus.job}-p{b}-{i}" + (f"-r{attempt}" if attempt else "")
+        msg = Prompt(id=pid, batch=b, index=i, text=rec.text, answer=rec.answer, attempt=attempt,
                      samples=self.spec.algorithm.samples_per_prompt, min_version=min_version)
         await publish(js, self.bus.subject(PROMPTS), msg.encode(), msg_id=msg.id)
 
@@ -150,8 +158,32 @@ class Learner:
         self.state.rereleased[key] = attempt
         rec = self.batch_records(group.batch)[group.index]
         log.warning("dropped rollout %s (v%d, too stale); releasing its prompt again", group.id, group.policy_version)
-        await self._publish_prompt(js, group.batch, group.index, rec, f"p{group.batch}-{group.index}-r{attempt}",
-                                   self.state.published_version)
+        await self._publish_prompt(js, group.batch, group.index, rec, self.state.published_version, attempt)
+
+    def replay_sample(self, groups: list[RolloutGroup], step: int) -> list[RolloutGroup]:
+        """TBA: store the new completions, then train on K per prompt drawn from the buffer
+        (within a prompt: from the items added since the last sync with probability m, see replay.py)."""
+        for g in groups:
+            for c in g.completions:
+                self.replay.add(ReplayItem(
+                    prompt_id=g.prompt_text, tokens=c.token_ids, score=c.score, policy_version=g.policy_version,
+                    payload={"prompt_token_ids": g.prompt_token_ids, "completion": c.model_dump()},
+                ))
+        # training prompts: each slot keeps this step's prompt with probability m, else takes a
+        # prompt drawn uniformly from everything stored (old prompts get replayed)
+        rng, m = self._replay_rng, self.replay.recency_probability
+        stored = self.replay.prompts()
+        chosen = [g.prompt_text if rng.random() < m else rng.choice(stored) for g in groups]
+        drawn = self.replay.sample(prompt_ids=chosen, k=self.spec.algorithm.samples_per_prompt, rng=rng)
+        return [
+            RolloutGroup(
+                id=f"replay-{step}-{i}", prompt_id=str(items[0].prompt_id), batch=step, index=i,
+                prompt_text=str(items[0].prompt_id), prompt_token_ids=items[0].payload["prompt_token_ids"],
+                completions=[Completion(**item.payload["completion"]) for item in items],
+                policy_version=min(item.policy_version for item in items), generator_id="replay",
+            )
+            for i, items in enumerate(drawn)
+        ]
 
     async def _keep_alive(self) -> None:
         for slots in self.pending.values():
@@ -172,6 +204,9 @@ class Learner:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.backend.save_state(tmp)
+        if self.replay is not None:
+            self.state.replay = self.replay.state_dict()
+            self.state.replay_rng = list(self._replay_rng.getstate())
         state = asdict(self.state) | {"weights": info.path, "checksum": info.checksum}
         (tmp / "state.json").write_text(json.dumps(state))
         for f in tmp.iterdir():
@@ -195,6 +230,10 @@ class Learner:
         saved.pop("checksum")
         self.state = LearnerState(**saved)
         self.consumed_set = set(self.state.consumed)
+        if self.replay is not None and self.state.replay is not None:
+            self.replay.load_state_dict(self.state.replay)
+            version, internal, gauss = self.state.replay_rng
+            self._replay_rng.setstate((version, tuple(internal), gauss))
         self.backend.load_weights(Path(weights))
         self.backend.load_state(directory)
         self._truncate_metrics(self.state.step)
@@ -222,6 +261,8 @@ class Learner:
         for msg in self.held:
             await msg.ack()
         self.held.clear()
+        if self.replay is not None:
+            self.replay.mark_sync()
         ann = WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum)
         await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{version}-{info.checksum[:16]}")
         await self._prune(kv)
@@ -290,7 +331,11 @@ class Learner:
                 if self._started is None:
                     self._started = time.monotonic()
                 started = time.monotonic()
-                metrics = await asyncio.to_thread(self.backend.train_step, to_batch(groups, self.backend.pad_id), step)
+                train_on = self.replay_sample(groups, step) if self.replay is not None else groups
+                metrics = await asyncio.to_thread(self.backend.train_step, to_batch(train_on, self.backend.pad_id), step)
+                if self.replay is not None:
+                    metrics["replay_items"] = float(len(self.replay))
+                    metrics["replay_version_mean"] = sum(g.policy_version for g in train_on) / len(train_on)
                 self.state.step = step + 1
                 self.state.consumed.extend(g.id for g in groups)
                 self.consumed_set.update(g.id for g in groups)

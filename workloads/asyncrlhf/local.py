@@ -99,6 +99,7 @@ class LocalRun:
             [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
             env=self._env(extra), stdout=log, stderr=subprocess.STDOUT,
             preexec_fn=lambda: os.sched_setaffinity(0, cores),
+            start_new_session=True,  # its own process group: engine subprocesses are stopped with it
         )
         child = Child(role, index, proc, attempt)
         self.children.append(child)
@@ -203,16 +204,24 @@ class LocalRun:
                 f"samples/s {p.samples_per_second:.1f}  dropped {p.rollouts_dropped}")
 
     def stop_children(self, timeout: float = 30.0) -> None:
-        live = [c for c in self.children if c.proc.poll() is None]
-        for c in live:
-            c.proc.send_signal(signal.SIGTERM)
+        """SIGTERM each child's process group, SIGKILL what is left after `timeout`."""
+        for c in self.children:
+            _signal_group(c.proc, signal.SIGTERM)
         deadline = time.monotonic() + timeout
-        for c in live:
+        for c in self.children:
             try:
                 c.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                c.proc.kill()
-                c.proc.wait()
+                pass
+            _signal_group(c.proc, signal.SIGKILL)  # leftovers of the group (e.g. vLLM's engine core)
+            c.proc.wait()
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 async def read_progress(kv) -> Optional[LearnerProgress]:

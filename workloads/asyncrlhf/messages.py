@@ -52,6 +52,7 @@ class Prompt(Message):
     answer: str = ""
     samples: int = Field(ge=1, description="Completions to generate (K).")
     min_version: int = Field(ge=0, description="Generate with policy version >= this (staleness bound).")
+    attempt: int = Field(0, ge=0, description="0, or how many times this prompt was released again.")
 
 
 class Completion(BaseModel):

@@ -1,0 +1,43 @@
+"""Learner checkpoints without a bus: the replay buffer and its sampler survive a restart."""
+
+from __future__ import annotations
+
+from asyncrlhf.api import JobSpec
+from asyncrlhf.bus import JobBus
+from asyncrlhf.learner import Learner
+from asyncrlhf.messages import Completion, RolloutGroup
+from asyncrlhf.snapshots import write_snapshot
+
+
+def groups(batch: int, n: int = 4, k: int = 3) -> list[RolloutGroup]:
+    return [
+        RolloutGroup(
+            id=f"r-{batch}-{i}", prompt_id=f"p-{batch}-{i}", batch=batch, index=i, prompt_text=f"{batch} {i} =",
+            prompt_token_ids=[1, 4 + batch % 10, 4 + i, 14],
+            completions=[Completion(text="", token_ids=[4 + j, 4 + i, 2], logprobs=[-0.5, -0.4, -0.1], eos=True,
+                                    score=j / k) for j in range(k)],
+            policy_version=batch, generator_id="g",
+        )
+        for i in range(n)
+    ]
+
+
+def test_replay_state_survives_a_restart(tmp_path):
+    spec = JobSpec.model_validate({
+        "algorithm": {"loss": "tb", "samplesPerPrompt": 3},
+        "learner": {"promptsPerStep": 4},
+        "async": {"replayBuffer": {"recencyProbability": 0.5, "sampling": "reward"}},
+    })
+    bus = JobBus("default", "state")
+    first = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    for b in range(3):
+        first.replay_sample(groups(b), b)
+        first.replay.mark_sync()
+    first.state.step = 3
+    info = write_snapshot(first.root, 3, first.backend.save_weights)
+    first.save_checkpoint(info)
+    expected = [g.model_dump(exclude={"created"}) for g in first.replay_sample(groups(3), 3)]
+
+    second = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    assert second.state.step == 3 and len(second.replay) == 3 * 4 * 3
+    assert [g.model_dump(exclude={"created"}) for g in second.replay_sample(groups(3), 3)] == expected
