@@ -204,13 +204,26 @@ def cluster(tmp_path_factory):
             # The client library reads $KUBECONFIG once, when first imported.
             mp.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
             mp.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-            registry = build_registry(OperatorConfig(nats_url=bus.url, status_interval=1.0))
+            registry = build_registry(OperatorConfig(nats_url=bus.url, status_interval=0.5))
             with KopfRunner(["run", "-A", "--standalone"], registry=registry, timeout=30) as runner:
                 yield kube, bus.url
         assert runner.exception is None, runner.output
 
 
+_created: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def delete_jobs_afterwards(cluster):
+    """Each test's jobs go away after it, so their timers do not slow the next tests down."""
+    yield
+    kube, _ = cluster
+    while _created:
+        kube.call("DELETE", f"{CR}/{_created.pop()}")
+
+
 def create_job(kube: ApiThread, name: str, **spec: Any) -> dict[str, Any]:
+    _created.append(name)
     body = {"apiVersion": api.API_VERSION, "kind": api.KIND,
             "metadata": {"name": name, "namespace": NS}, "spec": spec}
     return kube.call("POST", CR, body)
@@ -226,6 +239,11 @@ def children_of(kube: ApiThread, name: str) -> dict[str, Optional[dict]]:
 
 def mark_learner(kube: ApiThread, name: str, status: dict[str, Any]) -> None:
     kube.call("PATCH", CHILDREN["Job"].format(name) + "/status", {"status": status})
+
+
+def replicas(kube: ApiThread, name: str) -> Optional[int]:
+    deployment = kube.get(CHILDREN["Deployment"].format(name))
+    return deployment["spec"]["replicas"] if deployment else None
 
 
 def strip_versions(obj: dict[str, Any]) -> dict[str, Any]:
@@ -282,7 +300,7 @@ def test_replicas_change_touches_only_the_deployment(cluster):
     time.sleep(1.0)  # let the first reconcile settle
     before = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
     kube.call("PATCH", f"{CR}/gamma", {"spec": {"generator": {"replicas": 4}}})
-    eventually(lambda: kube.get(CHILDREN["Deployment"].format("gamma"))["spec"]["replicas"] == 4,
+    eventually(lambda: replicas(kube, "gamma") == 4,
                what="4 replicas")
     time.sleep(1.0)
     after = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
@@ -295,13 +313,13 @@ def test_suspend_scales_to_zero_and_keeps_the_stream(cluster):
     create_job(kube, "delta", generator={"replicas": 3})
     eventually(lambda: kube.get(CHILDREN["Deployment"].format("delta")), what="Deployment")
     kube.call("PATCH", f"{CR}/delta", {"spec": {"suspend": True}})
-    eventually(lambda: kube.get(CHILDREN["Deployment"].format("delta"))["spec"]["replicas"] == 0,
+    eventually(lambda: replicas(kube, "delta") == 0,
                what="0 replicas")
     assert kube.get(CHILDREN["Job"].format("delta"))["spec"]["suspend"] is True
     assert eventually(lambda: job_status(kube, "delta").get("phase") == "Suspended", what="Suspended")
     assert stream_exists(url, "delta") and kube.get(CHILDREN["PersistentVolumeClaim"].format("delta"))
     kube.call("PATCH", f"{CR}/delta", {"spec": {"suspend": False}})
-    eventually(lambda: kube.get(CHILDREN["Deployment"].format("delta"))["spec"]["replicas"] == 3,
+    eventually(lambda: replicas(kube, "delta") == 3,
                what="3 replicas again")
     assert kube.get(CHILDREN["Job"].format("delta"))["spec"]["suspend"] is False
 
@@ -358,7 +376,7 @@ def test_finished_job_stops_generators_and_expires(cluster):
     mark_learner(kube, "theta", {"succeeded": 1, "conditions": [
         {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": ""}]})
     eventually(lambda: job_status(kube, "theta").get("phase") == "Succeeded", what="Succeeded")
-    eventually(lambda: kube.get(CHILDREN["Deployment"].format("theta"))["spec"]["replicas"] == 0,
+    eventually(lambda: replicas(kube, "theta") == 0,
                what="generators stopped")
     eventually(lambda: kube.get(f"{CR}/theta") is None, what="the job deleted after its TTL")
     assert not stream_exists(url, "theta")
@@ -369,4 +387,6 @@ def test_metrics_count_reconciles_and_phases(cluster):
 
     assert REGISTRY.get_sample_value("asyncrlhf_operator_reconciles_total", {"handler": "reconcile"}) >= 1
     assert REGISTRY.get_sample_value("asyncrlhf_operator_reconciles_total", {"handler": "status"}) >= 1
-    assert REGISTRY.get_sample_value("asyncrlhf_operator_jobs", {"phase": "Failed"}) >= 1
+    assert REGISTRY.get_sample_value("asyncrlhf_operator_reconciles_total", {"handler": "delete"}) >= 1
+    assert REGISTRY.get_sample_value("asyncrlhf_operator_errors_total", {"handler": "status"}) is not None
+    assert REGISTRY.get_sample_value("asyncrlhf_operator_jobs", {"phase": "Failed"}) is not None

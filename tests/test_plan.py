@@ -69,8 +69,10 @@ def env_of(child: dict[str, Any]) -> dict[str, Any]:
 # Children: official schemas and invariants
 
 
-@pytest.mark.parametrize("name,j", VARIANTS, ids=[n for n, _ in VARIANTS])
-@pytest.mark.parametrize("finished", [False, True])
+STRICT = [(n, j, False) for n, j in VARIANTS] + [("finished", job(), True)]
+
+
+@pytest.mark.parametrize("name,j,finished", STRICT, ids=[n for n, _, _ in STRICT])
 def test_every_child_validates_strictly(name, j, finished):
     for child in plan.desired_children(j, OWNER, NATS, finished=finished):
         kubernetes_validate.validate(child, K8S_VERSION, strict=True)

@@ -146,8 +146,23 @@ async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Op
             continue
         if child["kind"] == "Job":
             await reconcile_learner(ctx, body, job, child, finished=finished)
+        elif child["kind"] == "PersistentVolumeClaim":
+            await reconcile_volume(ctx, child)
         else:
             await ctx.kube.apply(child)
+
+
+async def reconcile_volume(ctx: Context, desired: dict[str, Any]) -> None:
+    """Create the PVC once (its spec is immutable); later only its owner follows retainVolume."""
+    meta = desired["metadata"]
+    existing = await ctx.kube.get("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"])
+    if existing is None:
+        await ctx.kube.apply(desired)
+        return
+    owners = meta.get("ownerReferences", [])
+    if (existing.get("metadata") or {}).get("ownerReferences", []) != owners:
+        await ctx.kube.merge_patch("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"],
+                                   {"metadata": {"ownerReferences": owners or None}})
 
 
 async def reconcile_learner(ctx: Context, body, job, desired: dict[str, Any], *, finished: bool) -> None:

@@ -87,6 +87,11 @@ class Kube:
             content_type="application/apply-patch+yaml",
         )
 
+    async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str,
+                          patch: dict[str, Any]) -> dict[str, Any]:
+        return await self._request("PATCH", path(api_version, kind, namespace, name), body=patch,
+                                   content_type="application/merge-patch+json")
+
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Optional[dict[str, Any]]:
         try:
             return await self._request("GET", path(api_version, kind, namespace, name))
