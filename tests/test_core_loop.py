@@ -158,3 +158,35 @@ def test_trajectory_balance_trains_from_the_replay_buffer(tmp_path):
     assert [r["replay_items"] > 0 for r in rows] == [True] * 3
     assert rows[-1]["replay_items"] >= rows[0]["replay_items"]
     assert "logZ_mean" in rows[0] or any(k.lower().startswith("logz") for k in rows[0])
+
+
+async def _run_with_preferences(run: LocalRun, prefs) -> object:
+    from asyncrlhf.bus import PREFERENCES, connect, publish
+
+    task = asyncio.create_task(run.run())
+    while not (run.run_dir / "learner-0.log").exists():  # the stream exists once children start
+        await asyncio.sleep(0.1)
+    nc = await connect(run.url)
+    js = nc.jetstream()
+    for p in prefs:
+        await publish(js, run.bus.subject(PREFERENCES), p.encode(), msg_id=p.id)
+    await nc.close()
+    return await task
+
+
+def test_onepass_head_learns_from_the_bus_and_generators_score_with_it(tmp_path):
+    from safetensors.numpy import load_file
+
+    from test_rewards import labelled_pairs
+
+    job = _hf_job("onepass", learner={"totalSteps": 4},
+                  task={"reward": {"kind": "onepass", "onepass": {"bound": 20.0}}})
+    run = LocalRun(job, tmp_path / "onepass", quiet=True)
+    prefs = labelled_pairs(120, seed=7)
+    result = asyncio.run(_run_with_preferences(run, prefs))
+    assert result.ok
+    checkpoints = run.run_dir / "volume" / "checkpoints"
+    head = load_file(str(checkpoints / (checkpoints / "LATEST").read_text() / "reward_head.safetensors"))
+    assert int(head["counts"][0]) == 120  # every label learned once, and checkpointed
+    rows = read_metrics(run.run_dir)
+    assert rows[-1]["reward_mean"] != 0.0  # generators score with the learned θ (θ = 0 scores 0)

@@ -14,7 +14,7 @@ import signal
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Optional
 
 import nats
 
@@ -24,7 +24,7 @@ from .engines import Engine, make_engine
 from .messages import Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
 from .models import encode_prompt, load_tokenizer, resolve_model
 from .snapshots import SnapshotError, verify_snapshot
-from .tasks import rule_reward
+from .rewards import HEAD_KEY, OnePassScorer, make_scorer
 
 log = logging.getLogger("asyncrlhf.generator")
 
@@ -38,14 +38,6 @@ class GeneratorState:
     refused: set[str] = field(default_factory=set)  # checksums of snapshots that failed verification
 
 
-def make_scorer(spec: JobSpec) -> Callable[[str, str, str], float]:
-    if spec.task.reward.kind == "rule":
-        return rule_reward(spec.task.reward)
-    raise NotImplementedError(
-        f"spec.task.reward.kind: {spec.task.reward.kind!r} scoring is not available in this build; use 'rule'"
-    )
-
-
 class Generator:
     def __init__(self, spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str,
                  engine: Optional[Engine] = None, fetch_size: Optional[int] = None) -> None:
@@ -53,7 +45,7 @@ class Generator:
         self.model_path = resolve_model(spec.model.policy)
         self.tokenizer = load_tokenizer(spec.model.tokenizer or self.model_path)
         self.engine = engine or make_engine(spec, self.model_path)
-        self.score = make_scorer(spec)
+        self.scorer = make_scorer(spec)
         self.fetch_size = fetch_size or spec.learner.prompts_per_step
         self.state = GeneratorState()
         self.stopping = asyncio.Event()
@@ -100,16 +92,16 @@ class Generator:
         seeds = [zlib.crc32(f"{self.spec.learner.seed}:{p.batch}:{p.index}:{p.attempt}".encode()) for p in prompts]
         samples = self.engine.generate(token_prompts, prompts[0].samples, seeds)
         elapsed = time.monotonic() - started
+        texts = [[self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group] for group in samples]
+        flat = [(p.text, t, p.answer) for p, ts in zip(prompts, texts) for t in ts]
+        scores = iter(self.scorer.score(*map(list, zip(*flat))))
         groups, tokens = [], 0
-        for prompt, ids, group in zip(prompts, token_prompts, samples):
-            completions = []
-            for s in group:
-                text = self.tokenizer.decode(s.token_ids, skip_special_tokens=True)
-                completions.append(Completion(
-                    text=text, token_ids=s.token_ids, logprobs=s.logprobs, eos=s.eos,
-                    score=self.score(prompt.text, text, prompt.answer),
-                ))
-                tokens += len(s.token_ids)
+        for prompt, ids, group, group_texts in zip(prompts, token_prompts, samples, texts):
+            completions = [
+                Completion(text=text, token_ids=s.token_ids, logprobs=s.logprobs, eos=s.eos, score=next(scores))
+                for s, text in zip(group, group_texts)
+            ]
+            tokens += sum(len(s.token_ids) for s in group)
             groups.append(RolloutGroup(
                 id=f"r-{prompt.id}", prompt_id=prompt.id, batch=prompt.batch, index=prompt.index,
                 prompt_text=prompt.text, prompt_token_ids=ids, completions=completions,
@@ -129,6 +121,14 @@ class Generator:
         except (nats.errors.Error, asyncio.TimeoutError) as err:
             log.warning("could not report status: %s", err)
 
+    async def refresh_head(self, js) -> None:
+        """The one-pass reward head's latest θ (the learner process learns it from preferences)."""
+        kv = await js.key_value(self.bus.bucket)
+        try:
+            self.scorer.set_head((await kv.get(HEAD_KEY)).value)
+        except nats.js.errors.KeyNotFoundError:
+            pass  # no preference seen yet: θ = 0 scores every answer 0
+
     async def learner_done(self, kv) -> bool:
         try:
             entry = await kv.get("learner")
@@ -145,6 +145,8 @@ class Generator:
             for m in msgs:
                 await m.nak()
             return
+        if isinstance(self.scorer, OnePassScorer):
+            await self.refresh_head(js)
         by_k: dict[int, list[int]] = {}
         for i, p in enumerate(prompts):
             by_k.setdefault(p.samples, []).append(i)

@@ -31,11 +31,14 @@ from pathlib import Path
 from typing import Optional
 
 import nats
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from .api import JobSpec
-from .bus import LEARNER_CONSUMER, PROMPTS, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources, publish
-from .messages import Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
+from .bus import LEARNER_CONSUMER, PROMPTS, REWARD_CONSUMER, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources, publish
+from .messages import Completion, GeneratorStatus, LearnerProgress, Preference, Prompt, RolloutGroup, WeightsAnnouncement
 from .replay import ReplayBuffer, ReplayItem, replay_enabled
+from .rewards import HEAD_KEY, HeadLearner
 from .models import resolve_model
 from .snapshots import prune_snapshots, write_snapshot
 from .tasks import PromptRecord, prompt_stream
@@ -84,6 +87,9 @@ class Learner:
         buffer_spec = spec.async_.replay_buffer
         self.replay = ReplayBuffer.from_spec(buffer_spec) if replay_enabled(buffer_spec, spec.algorithm.loss) else None
         self._replay_rng = random.Random(spec.learner.seed)
+        self.head = HeadLearner(spec) if spec.task.reward.kind == "onepass" else None
+        self._pref_sub = None
+        self._kv = None
         self._records: list[PromptRecord] = []
         self._stream = prompt_stream(spec.task.prompts, spec.learner.seed)
         # The training clock starts when the first batch is complete (engine start-up is not
@@ -130,6 +136,7 @@ class Learner:
                 msgs = []
             for msg in msgs:
                 await self.accept(js, msg, step)
+            await self.learn_preferences()
             if time.monotonic() - last_touch > self.spec.nats.ack_wait_seconds / 3:
                 await self._keep_alive()
                 last_touch = time.monotonic()
@@ -159,6 +166,18 @@ class Learner:
         rec = self.batch_records(group.batch)[group.index]
         log.warning("dropped rollout %s (v%d, too stale); releasing its prompt again", group.id, group.policy_version)
         await self._publish_prompt(js, group.batch, group.index, rec, self.state.published_version, attempt)
+
+    async def learn_preferences(self) -> None:
+        """One-pass reward head: learn from the labels that arrived, publish θ (acked at checkpoint)."""
+        if self._pref_sub is None:
+            return
+        try:
+            msgs = await self._pref_sub.fetch(256, timeout=0.05)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            return
+        await asyncio.to_thread(self.head.learn, [Preference.decode(m.data) for m in msgs])
+        self.held.extend(msgs)
+        await self._kv.put(HEAD_KEY, self.head.head_message())
 
     def replay_sample(self, groups: list[RolloutGroup], step: int) -> list[RolloutGroup]:
         """TBA: store the new completions, then train on K per prompt drawn from the buffer
@@ -204,6 +223,8 @@ class Learner:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         self.backend.save_state(tmp)
+        if self.head is not None:
+            save_numpy(self.head.head.state_dict(), str(tmp / "reward_head.safetensors"))
         if self.replay is not None:
             self.state.replay = self.replay.state_dict()
             self.state.replay_rng = list(self._replay_rng.getstate())
@@ -234,6 +255,8 @@ class Learner:
             self.replay.load_state_dict(self.state.replay)
             version, internal, gauss = self.state.replay_rng
             self._replay_rng.setstate((version, tuple(internal), gauss))
+        if self.head is not None:
+            self.head.head.load_state_dict(load_numpy(str(directory / "reward_head.safetensors")))
         self.backend.load_weights(Path(weights))
         self.backend.load_state(directory)
         self._truncate_metrics(self.state.step)
@@ -321,6 +344,10 @@ class Learner:
         await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
         kv = await js.key_value(self.bus.bucket)
         sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, self.bus.stream)
+        if self.head is not None:
+            self._kv = kv
+            self._pref_sub = await js.pull_subscribe_bind(REWARD_CONSUMER, self.bus.stream)
+            await kv.put(HEAD_KEY, self.head.head_message())
         total = self.spec.learner.total_steps
         row = None
         try:

@@ -1,0 +1,152 @@
+"""Scoring completions: rule verifiers, reward models, and the one-pass online reward head.
+
+Every scorer scores a batch: `score(prompts, responses, answers) -> list[float]`.
+
+The one-pass head (Li et al. 2025; onepass.py) is linear over frozen features φ(x, a): the last
+layer's hidden state at the last token of prompt+answer, L2-normalised (the head's λ and bound
+assume unit-scale features). It is learned where preferences arrive — the learner process, the
+one process per job — from the job's `preferences` subject, O(d²) per label; θ (d numbers) is put
+into the job's KV bucket after each batch of labels and generators score with the latest θ.
+Preference messages are acked only after the checkpoint holding the head's state is written,
+like rollouts, so a learner restart loses no label.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Callable, Optional, Protocol
+
+import numpy as np
+import torch
+
+from .api import JobSpec
+from .logprobs import pack
+from .messages import Preference
+from .models import encode_prompt, load_tokenizer, resolve_model
+from .onepass import OnePassRewardHead
+from .tasks import rule_reward
+
+HEAD_KEY = "reward-head"
+
+
+class Scorer(Protocol):
+    def score(self, prompts: list[str], responses: list[str], answers: list[str]) -> list[float]: ...
+
+
+class RuleScorer:
+    def __init__(self, rule: Callable[[str, str, str], float]) -> None:
+        self.rule = rule
+
+    def score(self, prompts, responses, answers) -> list[float]:
+        return [self.rule(p, r, a) for p, r, a in zip(prompts, responses, answers)]
+
+
+class ModelScorer:
+    """A sequence-classification reward model (hub id or path): the first logit is the score."""
+
+    def __init__(self, path: str, dtype: str) -> None:
+        from transformers import AutoModelForSequenceClassification
+
+        self.tokenizer = load_tokenizer(path)
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=getattr(torch, dtype)
+        ).eval()
+
+    @torch.no_grad()
+    def score(self, prompts, responses, answers) -> list[float]:
+        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt",
+                               padding=True, truncation=True)
+        return self.model(**batch).logits[:, 0].float().tolist()
+
+
+class FeatureModel:
+    """φ(x, a): a frozen causal LM's last hidden state at the last token, L2-normalised."""
+
+    def __init__(self, path: str, dtype: str = "float32") -> None:
+        from .models import load_causal_lm
+
+        self.tokenizer = load_tokenizer(path)
+        self.model = load_causal_lm(path, dtype).eval().requires_grad_(False)
+        self.dim = self.model.config.hidden_size
+        self.pad_id = self.model.config.pad_token_id or 0
+
+    @torch.no_grad()
+    def features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
+        p_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
+        r_ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
+        ids, attn, _ = pack(p_ids, r_ids, self.pad_id)
+        hidden = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
+        last = hidden[torch.arange(len(ids)), attn.sum(1) - 1].double()
+        return torch.nn.functional.normalize(last, dim=-1).numpy()
+
+
+def feature_model_path(spec: JobSpec) -> str:
+    return resolve_model(spec.task.reward.onepass.feature_model or spec.model.policy)
+
+
+class OnePassScorer:
+    """Scores with θᵀφ(x, a), θ refreshed from the KV bucket by the generator before each batch."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.features = FeatureModel(feature_model_path(spec), spec.model.dtype)
+        self.theta = np.zeros(self.features.dim)
+        self.updates = 0
+
+    def set_head(self, data: bytes) -> None:
+        head = json.loads(data)
+        self.theta, self.updates = np.asarray(head["theta"]), head["updates"]
+
+    def score(self, prompts, responses, answers) -> list[float]:
+        return (self.features.features(prompts, responses) @ self.theta).tolist()
+
+
+def make_scorer(spec: JobSpec) -> Scorer:
+    reward = spec.task.reward
+    if reward.kind == "rule":
+        return RuleScorer(rule_reward(reward))
+    if reward.kind == "model":
+        return ModelScorer(resolve_model(reward.model), spec.model.dtype)
+    return OnePassScorer(spec)
+
+
+class HeadLearner:
+    """The learning side of the one-pass head: preferences in, θ out."""
+
+    def __init__(self, spec: JobSpec, features: Optional[FeatureModel] = None) -> None:
+        self.features = features or FeatureModel(feature_model_path(spec), spec.model.dtype)
+        self.head = OnePassRewardHead.from_spec(spec.task.reward.onepass, self.features.dim)
+
+    def learn(self, prefs: list[Preference]) -> None:
+        if not prefs:
+            return
+        chosen = self.features.features([p.prompt for p in prefs], [p.chosen for p in prefs])
+        rejected = self.features.features([p.prompt for p in prefs], [p.rejected for p in prefs])
+        for z in chosen - rejected:
+            self.head.update(z, 1.0)
+
+    def head_message(self) -> bytes:
+        return json.dumps({"theta": self.head.theta.tolist(), "updates": self.head.updates}).encode()
+
+
+class DeploymentAdapter:
+    """Deployment-time adaptation: serve the head's best answer plus the most informative other
+    one (the pair the head is most uncertain about, ‖φ(a)−φ(a')‖ in the H⁻¹ norm), and learn from
+    which of the two the user preferred."""
+
+    def __init__(self, learner: HeadLearner) -> None:
+        self.learner = learner
+
+    def choose(self, prompt: str, candidates: list[str]) -> tuple[int, int]:
+        if len(candidates) < 2:
+            raise ValueError("deployment-time adaptation needs at least two candidate answers")
+        phi = self.learner.features.features([prompt] * len(candidates), candidates)
+        best = int(np.argmax(phi @ self.learner.head.theta))
+        others = [i for i in range(len(candidates)) if i != best]
+        explore = others[self.learner.head.select(phi[best] - phi[others])]
+        return best, explore
+
+    def feedback(self, prompt: str, preferred: str, other: str) -> Preference:
+        pref = Preference(id=f"pref-{self.learner.head.updates}", prompt=prompt, chosen=preferred,
+                          rejected=other, source="deployment")
+        self.learner.learn([pref])
+        return pref
