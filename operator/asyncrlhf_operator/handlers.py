@@ -129,7 +129,7 @@ async def bus_access(ctx: Context, namespace: str, nats: Mapping[str, Any]) -> t
     return url, await read_credentials(ctx.kube, namespace, nats.get("credentialsSecret", ""))
 
 
-async def reject(body, patch, error: str, generation: int) -> None:
+def reject(body, patch, error: str, generation: int) -> None:
     previous = previous_status(body)
     new = compute_status(Observed(now=now(), generation=generation, spec_error=error,
                                   restarts=previous.get("restarts", 0)), previous)
@@ -195,7 +195,7 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
     ctx: Context = memo.ctx
     job, error = validate(body)
     if job is None:
-        await reject(body, patch, error, body["metadata"].get("generation", 0))
+        reject(body, patch, error, body["metadata"].get("generation", 0))
         return
     url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
     await ctx.buses.ensure(job, url, credentials)
@@ -232,7 +232,7 @@ async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logge
         return
     job, error = validate(body)
     if job is None:
-        await reject(body, patch, error, body["metadata"].get("generation", 0))
+        reject(body, patch, error, body["metadata"].get("generation", 0))
         return
     finished = (body.get("status") or {}).get("phase") in TERMINAL
     await apply_children(memo.ctx, body, job, kinds=kinds, finished=finished)
@@ -304,7 +304,7 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     previous = previous_status(body)
     job, error = validate(body)
     if job is None:
-        await reject(body, patch, error, body["metadata"].get("generation", 0))
+        reject(body, patch, error, body["metadata"].get("generation", 0))
         owner = owner_of(body)
         record_phase(owner.namespace, owner.name, "Failed")
         return
