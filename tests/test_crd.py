@@ -256,6 +256,7 @@ BAD_VALUES = [
     ("string steps", manifest(learner={"totalSteps": "many"}), "spec.learner.totalSteps"),
     ("upper-case name", manifest("Demo"), "metadata.name"),
     ("long name", manifest("x" * 41), "metadata.name"),
+    ("name starting with a digit", manifest("1abc"), "metadata.name"),  # Services need DNS-1035 labels
 ]
 
 
@@ -279,7 +280,7 @@ CROSS_FIELD = [
     ("file without path", manifest(task={"prompts": {"source": "file"}}), ".task.prompts.path"),
     ("file with path", manifest(task={"prompts": {"source": "file", "path": "/data/p.jsonl"}}), None),
     ("reward model unnamed", manifest(task={"reward": {"kind": "model"}}), ".task.reward.model"),
-    ("offload on torch", manifest(learner={"offload": True}), ".learner.zeroStage"),
+    ("offload on torch", manifest(learner={"offload": True}), ".learner.offload"),
     ("offload on deepspeed", manifest(learner={"offload": True, "backend": "deepspeed"}), None),
 ]
 

@@ -216,6 +216,11 @@ def default_path() -> Path:
     return Path(__file__).resolve().parents[2] / "crds" / FILENAME
 
 
+def chart_path() -> Path:
+    """The Helm chart's copy, which must stay byte-identical to crds/."""
+    return Path(__file__).resolve().parents[2] / "charts" / "asyncrlhf" / "files" / "crd.yaml"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="asyncrlhf crd", description="Generate the AsyncRLHFJob CRD from the pydantic models."
@@ -228,18 +233,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date")
     args = parser.parse_args(argv)
     text = render()
-    target = args.output or (str(default_path()) if default_path().parent.is_dir() else "-")
-    if args.check:
-        current = sys.stdin.read() if target == "-" else Path(target).read_text() if Path(target).exists() else ""
-        if current != text:
-            print(f"{target} is out of date: run `asyncrlhf crd` and commit the result", file=sys.stderr)
-            return 1
-        return 0
-    if target == "-":
-        sys.stdout.write(text)
+    if args.output:
+        targets = [args.output]
+    elif default_path().parent.is_dir():  # a source checkout: crds/ and the chart's copy
+        targets = [str(p) for p in (default_path(), chart_path()) if p.parent.is_dir()]
     else:
-        Path(target).write_text(text)
-        print(f"wrote {target}", file=sys.stderr)
+        targets = ["-"]
+    if args.check:
+        stale = [t for t in targets if (sys.stdin.read() if t == "-" else
+                                        Path(t).read_text() if Path(t).exists() else "") != text]
+        for t in stale:
+            print(f"{t} is out of date: run `asyncrlhf crd` and commit the result", file=sys.stderr)
+        return 1 if stale else 0
+    for target in targets:
+        if target == "-":
+            sys.stdout.write(text)
+        else:
+            Path(target).write_text(text)
+            print(f"wrote {target}", file=sys.stderr)
     return 0
 
 

@@ -40,9 +40,15 @@ class Credentials:
     password: str = ""
 
 
+def operator_credentials() -> Credentials:
+    """The operator's own NATS credentials (the chart's NATS, from its Secret via env)."""
+    return Credentials(user=os.environ.get("ASYNCRLHF_NATS_USER", ""),
+                       password=os.environ.get("ASYNCRLHF_NATS_PASSWORD", ""))
+
+
 async def read_credentials(kube: Kube, namespace: str, secret: str) -> Credentials:
     if not secret:
-        return Credentials()
+        return operator_credentials()
     obj = await kube.get("v1", "Secret", namespace, secret)
     if obj is None:
         raise kopf.TemporaryError(f"spec.nats.credentialsSecret: Secret {namespace}/{secret} not found",

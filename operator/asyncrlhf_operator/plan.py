@@ -331,7 +331,7 @@ def _template(job, owner, component: str, pod_spec: dict) -> dict[str, Any]:
 
 def learner_gpus(job: api.AsyncRLHFJob) -> int:
     learner = job.spec.learner
-    return learner.gpus_per_node or learner.resources.gpus
+    return learner.gpus_per_node
 
 
 def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[str, Any]:

@@ -176,11 +176,16 @@ class SamplingSpec(_Model):
     max_tokens: int = Field(16, ge=1, le=32768, description="Max response tokens.")
 
 
-class Resources(_Model):
-    """Container resources. `gpus` becomes a `nvidia.com/gpu` limit."""
+class PodResources(_Model):
+    """CPU and memory of a pod (a learner pod's GPUs are `learner.gpusPerNode`)."""
 
     cpu: str = Field("1", description="CPU request.")
     memory: str = Field("4Gi", description="Memory request and limit.")
+
+
+class Resources(PodResources):
+    """Container resources of a generator pod. `gpus` becomes a `nvidia.com/gpu` limit."""
+
     gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod.")
 
 
@@ -236,7 +241,7 @@ class LearnerSpec(_Model):
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Learner restarts before the job fails."
     )
-    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+    resources: PodResources = Field(default_factory=PodResources, description="Per-pod CPU and memory.")
 
 
 class WeightSyncSpec(_Model):
@@ -347,7 +352,7 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: s.task.reward.kind != "model" or s.task.reward.model != "",
     ),
     CrossFieldRule(
-        "learner.zeroStage",
+        "learner.offload",
         "self.learner.backend == 'deepspeed' || !self.learner.offload",
         "offload needs backend 'deepspeed'",
         lambda s: s.learner.backend == "deepspeed" or not s.learner.offload,
@@ -360,8 +365,9 @@ class ObjectMeta(_Model):
 
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
     name: str = Field(
-        ..., min_length=1, max_length=40, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
-        description="Job name (DNS label, at most 40 characters so child names fit).",
+        ..., min_length=1, max_length=40, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
+        description="Job name: lower-case letters, digits and '-', starting with a letter (a DNS-1035 "
+        "label, as Service names need), at most 40 characters so child names fit.",
     )
     namespace: str = Field("default", description="Namespace.")
     labels: dict[str, str] = Field(default_factory=dict)
@@ -371,33 +377,37 @@ class ObjectMeta(_Model):
 class Condition(_Model):
     """A standard Kubernetes condition."""
 
-    type: str
-    status: Literal["True", "False", "Unknown"]
-    reason: str = ""
-    message: str = ""
-    last_transition_time: str = Field("")
+    type: str = Field(description="Ready, Progressing, Suspended, Succeeded, Failed or SpecInvalid.")
+    status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
+    reason: str = Field("", description="CamelCase reason for the last transition.")
+    message: str = Field("", description="What happened, for people.")
+    last_transition_time: str = Field("", description="When the status last changed (RFC 3339).")
 
 
 class JobStatus(_Model):
     """Observed state, written by the operator (cluster) or the local runner."""
 
-    phase: Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"] = "Pending"
-    conditions: list[Condition] = Field(default_factory=list)
-    observed_generation: int = Field(0)
-    step: int = 0
-    policy_version: int = Field(0)
-    generator_versions: dict[str, int] = Field(default_factory=dict)
-    staleness_mean: float = Field(0.0)
-    staleness_max: int = Field(0)
-    rollouts_produced: int = Field(0)
-    rollouts_consumed: int = Field(0)
-    rollouts_dropped: int = Field(0)
-    reward_mean: Optional[float] = Field(None)
-    tokens_per_second: float = Field(0.0)
-    restarts: int = 0
-    start_time: str = Field("")
-    completion_time: str = Field("")
-    last_snapshot: str = Field("")
+    phase: Literal["Pending", "Running", "Suspended", "Succeeded", "Failed"] = Field(
+        "Pending", description="Where the job is in its life."
+    )
+    conditions: list[Condition] = Field(default_factory=list, description="Standard conditions.")
+    observed_generation: int = Field(0, description="The spec generation this status describes.")
+    step: int = Field(0, description="Learner optimizer steps done.")
+    policy_version: int = Field(0, description="Version of the newest announced weights snapshot.")
+    generator_versions: dict[str, int] = Field(
+        default_factory=dict, description="Policy version each live generator has loaded."
+    )
+    staleness_mean: float = Field(0.0, description="Mean policy versions a used rollout lagged the learner.")
+    staleness_max: int = Field(0, description="Largest lag seen.")
+    rollouts_produced: int = Field(0, description="Rollout groups the generators published.")
+    rollouts_consumed: int = Field(0, description="Rollout groups the learner trained on.")
+    rollouts_dropped: int = Field(0, description="Rollout groups dropped as too stale (their prompts redone).")
+    reward_mean: Optional[float] = Field(None, description="Mean reward of the last step's rollouts.")
+    tokens_per_second: float = Field(0.0, description="Generated tokens per second, all generators.")
+    restarts: int = Field(0, description="Learner restarts from checkpoint so far.")
+    start_time: str = Field("", description="When the job started running (RFC 3339).")
+    completion_time: str = Field("", description="When the job finished (RFC 3339).")
+    last_snapshot: str = Field("", description="Path of the newest snapshot on the volume.")
 
 
 class AsyncRLHFJob(_Model):
