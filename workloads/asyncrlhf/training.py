@@ -3,6 +3,9 @@
 `TorchBackend` trains in one process. The loss is a pure function from losses.py; this module
 turns rollout groups into tensors, computes π_θ / π_ref log-probs (and values for PPO), runs the
 micro-batches of whole groups, and keeps optimizer state serialisable without pickle.
+`deepspeed_backend.DeepSpeedBackend` subclasses it: it overrides where the step's rows come from
+(its share of the groups), how a micro-batch is back-propagated and how the optimizer steps, and
+inherits everything else (the full-batch `prepare`, the normaliser, the loss calls, the metrics).
 """
 
 from __future__ import annotations
@@ -34,6 +37,26 @@ class Batch:
     eos: torch.Tensor
     group_size: int
 
+    @property
+    def groups(self) -> int:
+        return len(self.prompts) // self.group_size
+
+    def to(self, device: torch.device) -> "Batch":
+        return Batch(self.prompts, self.responses, self.old_logprobs.to(device), self.mask.to(device),
+                     self.raw_scores.to(device), self.eos.to(device), self.group_size)
+
+
+@dataclass
+class StepInputs:
+    """What every micro-batch of a step needs, computed once over the FULL batch (no grad)."""
+
+    scores: torch.Tensor  # [N] after the no-EOS penalty
+    ref: torch.Tensor  # [N, T] reference token log-probs
+    old_values: Optional[torch.Tensor]  # [N, T] value head before the update (ppo)
+    prepared: dict[str, torch.Tensor]  # loss.prepare(full batch)
+    norm: Normalizer  # counts of the full batch
+    params: LossParams
+
 
 def to_batch(groups: list[RolloutGroup], pad_id: int) -> Batch:
     k = len(groups[0].completions)
@@ -63,37 +86,55 @@ def lr_at(spec: JobSpec, step: int) -> float:
 class TorchBackend:
     """Single-process training with AdamW."""
 
+    device = torch.device("cpu")
+
     def __init__(self, spec: JobSpec, policy_path: str, reference_path: str) -> None:
+        self._load_models(spec, policy_path, reference_path)
+        params = list(self.model.parameters())
+        if self.value_head is not None:
+            params += list(self.value_head.parameters())
+        opt = spec.learner.optimizer
+        self.optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+
+    def _load_models(self, spec: JobSpec, policy_path: str, reference_path: str) -> None:
         self.spec = spec
         dtype = spec.model.dtype
         self.model = load_causal_lm(policy_path, dtype).train()
         self.ref = load_causal_lm(reference_path, dtype).eval().requires_grad_(False)
         self.loss = get_loss(spec.algorithm.loss)
         self.value_head: Optional[torch.nn.Linear] = None
-        params = list(self.model.parameters())
         if self.loss.needs_value_head:
             torch.manual_seed(spec.learner.seed)
             self.value_head = torch.nn.Linear(self.model.config.hidden_size, 1)
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
-            params += list(self.value_head.parameters())
-        opt = spec.learner.optimizer
-        self.optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
         self.pad_id = self.model.config.pad_token_id or 0
         self.temperature = spec.generator.sampling.temperature
 
     # --- the step ------------------------------------------------------------------------
 
+    def _outputs(self, ids: torch.Tensor, attn: torch.Tensor, with_values: bool):
+        """(logits, value-head outputs or None) of the trained model; DeepSpeed runs its engine here."""
+        out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=with_values)
+        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1) if with_values else None
+        return out.logits, values
+
     def _forward(self, batch: Batch, rows: slice, with_values: bool):
-        prompts, responses = batch.prompts[rows], batch.responses[rows]
-        if not with_values:
-            return response_logprobs(self.model, prompts, responses, self.temperature, self.pad_id)[0], None
-        ids, attn, mask = pack(prompts, responses, self.pad_id)
-        out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=True)
-        logits = out.logits[:, :-1].float() / self.temperature
+        """Token log-probs (and values) of `rows`, padded to the full batch's width."""
+        ids, attn, mask = pack(batch.prompts[rows], batch.responses[rows], self.pad_id)
+        ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
+        logits, values = self._outputs(ids, attn, with_values)
+        logits = logits[:, :-1].float() / self.temperature
         logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask
-        values = self.value_head(out.hidden_states[-1][:, :-1].float()).squeeze(-1) * mask
-        return logp, values
+        width = batch.mask.shape[1]
+        if values is not None:
+            values = _pad_to(values[:, :-1] * mask, width)
+        return _pad_to(logp, width), values
+
+    def _reference(self, batch: Batch, rows: slice) -> torch.Tensor:
+        ref = response_logprobs(self.ref, batch.prompts[rows], batch.responses[rows], self.temperature,
+                                self.pad_id)[0]
+        return _pad_to(ref, batch.mask.shape[1])
 
     def _loss_batch(self, batch: Batch, rows: slice, logprobs, values, ref, old_values, scores) -> LossBatch:
         return LossBatch(
@@ -102,40 +143,61 @@ class TorchBackend:
             values=values, old_values=None if old_values is None else old_values[rows],
         )
 
-    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
-        spec, k = self.spec, batch.group_size
-        n = len(batch.prompts)
-        everything = slice(0, n)
-        scores = apply_no_eos_penalty(batch.raw_scores, batch.eos, spec.task.reward.no_eos_penalty)
-        with torch.no_grad():
-            ref = response_logprobs(self.ref, batch.prompts, batch.responses, self.temperature, self.pad_id)[0]
-            old_values = self._forward(batch, everything, True)[1] if self.value_head else None
-        params = LossParams.from_spec(spec.algorithm, step)
-        full = self._loss_batch(batch, everything, None, None, ref, old_values, scores)
-        prepared = self.loss.prepare(full, params)
-        norm = Normalizer.of(full)
-        groups_per_micro = max(1, (spec.learner.micro_batch_size or n) // k)
+    @torch.no_grad()
+    def _reference_outputs(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Reference log-probs and old values of every row (DeepSpeed: its share, then gathered)."""
+        everything = slice(0, len(batch.prompts))
+        ref = self._reference(batch, everything)
+        old_values = self._forward(batch, everything, True)[1] if self.value_head is not None else None
+        return ref, old_values
+
+    def _step_inputs(self, batch: Batch, step: int) -> StepInputs:
+        scores = apply_no_eos_penalty(batch.raw_scores, batch.eos, self.spec.task.reward.no_eos_penalty)
+        ref, old_values = self._reference_outputs(batch)
+        params = LossParams.from_spec(self.spec.algorithm, step)
+        full = self._loss_batch(batch, slice(0, len(batch.prompts)), None, None, ref, old_values, scores)
+        return StepInputs(scores, ref, old_values, self.loss.prepare(full, params), Normalizer.of(full), params)
+
+    def _micro_loss(self, batch: Batch, rows: slice, inputs: StepInputs):
+        logp, values = self._forward(batch, rows, self.value_head is not None)
+        micro = self._loss_batch(batch, rows, logp, values, inputs.ref, inputs.old_values, inputs.scores)
+        return self.loss(micro, slice_prepared(inputs.prepared, rows), inputs.params, inputs.norm)
+
+    def micro_batches(self, batch: Batch) -> list[slice]:
+        """Row slices of whole groups, `learner.microBatchSize` rows at most (one group at least)."""
+        n, k = len(batch.prompts), batch.group_size
+        groups_per_micro = max(1, (self.spec.learner.micro_batch_size or n) // k)
+        return [slice(start, min(n, start + groups_per_micro * k)) for start in range(0, n, groups_per_micro * k)]
+
+    def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(spec, step)
+            group["lr"] = lr
+
+    def _update(self, batch: Batch, inputs: StepInputs) -> dict[str, float]:
+        """One optimizer step over the whole batch: accumulate the micro-batches, clip, step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        parts = []
+        for rows in self.micro_batches(batch):
+            loss, m = self._micro_loss(batch, rows, inputs)
+            loss.backward()
+            parts.append(m)
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in self.optimizer.param_groups for p in g["params"]], self.spec.learner.optimizer.max_grad_norm
+        )
+        self.optimizer.step()
+        metrics = merge_metrics(parts)
+        metrics["grad_norm"] = float(grad_norm)
+        return metrics
+
+    def train_step(self, batch: Batch, step: int) -> dict[str, float]:
+        batch = batch.to(self.device)
+        inputs = self._step_inputs(batch, step)
+        self._set_lr(lr_at(self.spec, step))
         metrics: dict[str, float] = {}
-        for _ in range(spec.algorithm.updates_per_batch):
-            self.optimizer.zero_grad(set_to_none=True)
-            parts = []
-            for start in range(0, n, groups_per_micro * k):
-                rows = slice(start, min(n, start + groups_per_micro * k))
-                logp, values = self._forward(batch, rows, self.value_head is not None)
-                micro = self._loss_batch(batch, rows, logp, values, ref, old_values, scores)
-                loss, m = self.loss(micro, slice_prepared(prepared, rows), params, norm)
-                loss.backward()
-                parts.append(m)
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                [p for g in self.optimizer.param_groups for p in g["params"]], spec.learner.optimizer.max_grad_norm
-            )
-            self.optimizer.step()
-            metrics = merge_metrics(parts)
-            metrics["grad_norm"] = float(grad_norm)
-        metrics["lr"] = lr_at(spec, step)
-        metrics["beta"] = params.beta
+        for _ in range(self.spec.algorithm.updates_per_batch):
+            metrics = self._update(batch, inputs)
+        metrics["lr"] = lr_at(self.spec, step)
+        metrics["beta"] = inputs.params.beta
         return metrics
 
     # --- state ---------------------------------------------------------------------------
@@ -159,9 +221,18 @@ class TorchBackend:
             self.value_head.load_state_dict(load_file(str(directory / "value_head.safetensors")))
 
 
+def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
+    """Right-pad [rows, t] with zeros to [rows, width]: a micro-batch's rows can be shorter than the batch."""
+    return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
+
+
 def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Optimizer state as safetensors (tensors) + JSON (structure): no pickle."""
-    state = optimizer.state_dict()
+    save_optimizer_state(optimizer.state_dict(), directory)
+
+
+def save_optimizer_state(state: dict, directory: Path) -> None:
+    """A torch optimizer `state_dict()` (or one built like it) as optimizer.safetensors + optimizer.json."""
     tensors, layout = {}, {}
     for pid, entries in state["state"].items():
         layout[str(pid)] = {}
@@ -176,6 +247,11 @@ def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
 
 
 def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
+    optimizer.load_state_dict(read_optimizer_state(directory))
+
+
+def read_optimizer_state(directory: Path) -> dict:
+    """The `state_dict()` that save_optimizer_state wrote."""
     meta = json.loads((directory / "optimizer.json").read_text())
     tensors = load_file(str(directory / "optimizer.safetensors"))
     state = {
@@ -185,13 +261,19 @@ def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
         }
         for pid, entries in meta["state"].items()
     }
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    return {"state": state, "param_groups": meta["param_groups"]}
 
 
 def make_backend(spec: JobSpec, policy_path: str, reference_path: str):
-    """The training backend named by `spec.learner.backend`."""
+    """The training backend named by `spec.learner.backend`; on rank 0 of a learner of several
+    processes it comes wrapped in distributed.Leader, which sends every call to the other ranks."""
+    from .distributed import lead, world_size_from_env
+
     if spec.learner.backend == "deepspeed":
         from .deepspeed_backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(spec, policy_path, reference_path)
+        return lead(DeepSpeedBackend(spec, policy_path, reference_path))
+    if world_size_from_env() > 1:
+        raise ValueError(f"learner.backend 'torch' trains in one process, but this learner has "
+                         f"{world_size_from_env()}: set learner.backend to 'deepspeed' (or one node and one process)")
     return TorchBackend(spec, policy_path, reference_path)
