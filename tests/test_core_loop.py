@@ -130,8 +130,8 @@ def test_sync_mode_with_the_hf_engine_is_on_policy(tmp_path):
 
 
 def _hf_job(name: str, **overrides) -> AsyncRLHFJob:
-    overrides.setdefault("generator", {})["engine"] = "hf"
-    overrides.setdefault("learner", {}).update(totalSteps=3, promptsPerStep=4)
+    overrides["generator"] = {"engine": "hf"} | overrides.get("generator", {})
+    overrides["learner"] = {"totalSteps": 3, "promptsPerStep": 4} | overrides.get("learner", {})
     return tiny_job(name, **overrides)
 
 
@@ -190,3 +190,27 @@ def test_onepass_head_learns_from_the_bus_and_generators_score_with_it(tmp_path)
     assert int(head["counts"][0]) == 120  # every label learned once, and checkpointed
     rows = read_metrics(run.run_dir)
     assert rows[-1]["reward_mean"] != 0.0  # generators score with the learned θ (θ = 0 scores 0)
+
+
+async def _run_and_restart_bus(run: LocalRun, after_step: int, outage: float) -> object:
+    task = asyncio.create_task(run.run())
+    restarted = False
+    while not task.done():
+        await asyncio.sleep(0.2)
+        if not restarted and len(read_metrics(run.run_dir)) >= after_step:
+            run.nats.stop()  # the same store and port come back: JetStream state is on disk
+            await asyncio.sleep(outage)
+            run.nats.start()
+            restarted = True
+    result = await task
+    assert restarted, "the run ended before the bus could be restarted"
+    return result
+
+
+def test_job_survives_a_bus_restart(tmp_path):
+    job = _hf_job("bus-restart", learner={"totalSteps": 8})
+    run = LocalRun(job, tmp_path / "bus", quiet=True)
+    result = asyncio.run(_run_and_restart_bus(run, after_step=3, outage=2.0))
+    assert result.ok and result.summary["steps"] == 8
+    consumed = final_state(run.run_dir)["consumed"]
+    assert sorted(consumed) == sorted(f"r-bus-restart-p{b}-{i}" for b in range(8) for i in range(4))

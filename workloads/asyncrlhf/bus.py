@@ -13,6 +13,7 @@ bucket `arj-<ns>-<job>` (keys `learner`, `generator.<id>`).
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shutil
 import socket
@@ -43,6 +44,7 @@ GENERATORS_CONSUMER = "generators"
 LEARNER_CONSUMER = "learner"
 REWARD_CONSUMER = "reward"
 DEDUP_WINDOW_SECONDS = 3600.0
+log = logging.getLogger("asyncrlhf.bus")
 
 
 @dataclass(frozen=True)
@@ -106,9 +108,22 @@ def credentials_from_env() -> dict:
     return {"user": user, "password": password} if user and password else {}
 
 
+async def _log_error(err: Exception) -> None:
+    log.warning("NATS: %s", err or type(err).__name__)  # one line: reconnect attempts are expected
+
+
+async def _log_disconnected() -> None:
+    log.warning("NATS: disconnected; reconnecting")
+
+
+async def _log_reconnected() -> None:
+    log.info("NATS: reconnected")
+
+
 async def connect(url: str, **options) -> nats.NATS:
     """Connect with reconnects on (a bus restart is survived, not fatal)."""
-    options = credentials_from_env() | options
+    options = {"error_cb": _log_error, "disconnected_cb": _log_disconnected,
+               "reconnected_cb": _log_reconnected} | credentials_from_env() | options
     return await nats.connect(
         url, max_reconnect_attempts=-1, reconnect_time_wait=0.5, connect_timeout=5, **options
     )

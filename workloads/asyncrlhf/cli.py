@@ -82,15 +82,23 @@ def _workload_context(args):
 
 
 def cmd_learner(args) -> int:
+    from .distributed import Rendezvous, follower_main, node_process_envs, release_followers, run_node
     from .learner import main_async
 
     job, bus, url = _workload_context(args)
+    if envs := node_process_envs(os.environ):  # an operator pod with NPROC_PER_NODE > 1 starts its ranks
+        return run_node(envs, ["learner", "--config", args.config])
     root = _env("ASYNCRLHF_SNAPSHOT_DIR")
     run_dir = os.environ.get("ASYNCRLHF_RUN_DIR", os.path.join(root, "report"))
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
-    asyncio.run(main_async(job.spec, bus, url, root, run_dir))
+    if Rendezvous.from_env().rank > 0:  # only rank 0 talks to the bus; the others follow it
+        return follower_main(job.spec)
+    try:
+        asyncio.run(main_async(job.spec, bus, url, root, run_dir))
+    finally:
+        release_followers()
     return 0
 
 
@@ -167,6 +175,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    if args.command in ("learner", "generator", "run", "compare"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # per-file progress bars flood the logs of long runs
     return args.func(args)
 
 
