@@ -20,22 +20,26 @@ from pathlib import Path
 import pytest
 import torch
 
+import nats
+
 from asyncrlhf.api import JobSpec
-from asyncrlhf.bus import free_port
+from asyncrlhf.bus import GENERATORS_CONSUMER, PROMPTS, ROLLOUTS, connect, free_port
 from asyncrlhf.deepspeed_backend import accumulation_steps, shard_groups
 from asyncrlhf.distributed import Command, Rendezvous, decode_command, encode_command, node_process_envs
-from asyncrlhf.messages import Completion, RolloutGroup
+from asyncrlhf.local import LocalRun
+from asyncrlhf.messages import Completion, Prompt, RolloutGroup
 from asyncrlhf.models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model
+from asyncrlhf.report import read_metrics
 from asyncrlhf.snapshots import load_snapshot_state
 from asyncrlhf.tasks import sort_digits_prompt
-from asyncrlhf.training import Batch, TorchBackend, to_batch
+from asyncrlhf.training import TorchBackend, to_batch
 
 # float32 on both sides, but the sums over ranks and micro-batches run in another order: losses
 # agree to ~1e-6 relative; weights mostly to ~1e-7, but Adam divides by sqrt(v), so a coordinate
 # whose gradient is nearly zero turns a rounding difference into a visible step. With lr 3e-3 the
 # weights move by ~1e-2 over these steps; 1e-4 is 1% of that (measured worst: 3e-5, ZeRO-3 + PPO).
 TOLERANCE = {"loss_rtol": 1e-4, "loss_atol": 1e-6, "weight_atol": 1e-4}
-STEPS, PROMPTS, K = 3, 5, 4  # 5 groups on 2 ranks: shares of 3 and 2 (uneven on purpose)
+STEPS, GROUPS, K = 3, 5, 4  # 5 groups on 2 ranks: shares of 3 and 2 (uneven on purpose)
 
 
 # --- fixed rollouts and specs ------------------------------------------------------------
@@ -51,7 +55,7 @@ def fixed_rollouts(model_path: str, batches: int, seed: int = 0) -> list[list[Ro
     out = []
     for b in range(batches):
         groups = []
-        for i in range(PROMPTS):
+        for i in range(GROUPS):
             rec = sort_digits_prompt(rng)
             ids = encode_prompt(tokenizer, rec.text)
             answers = [[rng.randrange(4, 14) for _ in range(rng.randint(2, 7))] + [2] for _ in range(K)]
@@ -68,7 +72,7 @@ def fixed_rollouts(model_path: str, batches: int, seed: int = 0) -> list[list[Ro
 def train_spec(loss: str, stage: int, backend: str = "deepspeed") -> JobSpec:
     return JobSpec.model_validate({
         "algorithm": {"loss": loss, "samplesPerPrompt": K},
-        "learner": {"backend": backend, "zeroStage": stage, "promptsPerStep": PROMPTS, "microBatchSize": K,
+        "learner": {"backend": backend, "zeroStage": stage, "promptsPerStep": GROUPS, "microBatchSize": K,
                     "optimizer": {"lr": 3e-3, "maxGradNorm": 1.0}},
     })
 
@@ -136,23 +140,27 @@ def test_commands_round_trip_without_pickle():
 
 # --- DeepSpeed on 2 processes against one torch process ----------------------------------
 
+RUNS = (("grpo", 2), ("ppo", 3))  # ZeRO-2 and ZeRO-3, one launch (process start-up is the cost)
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory) -> dict[int, dict]:
+    """Train with DeepSpeed on 2 processes (torchrun running this file), once for the module."""
+    out = tmp_path_factory.mktemp("deepspeed")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    runs = [x for loss, stage in RUNS for x in (loss, str(stage))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(out), *runs]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    return {stage: json.loads((out / f"zero{stage}" / "result.json").read_text()) | {"dir": out / f"zero{stage}"}
+            for _, stage in RUNS}
+
 
 def torch_reference(spec: JobSpec, path: str, batches: list[list[RolloutGroup]]):
-    torch.manual_seed(0)
     backend = TorchBackend(spec, path, path)
     metrics = [backend.train_step(to_batch(groups, backend.pad_id), step) for step, groups in enumerate(batches)]
     return backend, metrics
-
-
-def run_workers(tmp_path: Path, loss: str, stage: int) -> dict:
-    out = tmp_path / f"zero{stage}"
-    out.mkdir()
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(out), loss, str(stage)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return json.loads((out / "result.json").read_text()) | {"dir": str(out)}
 
 
 def assert_close_weights(actual: dict, expected: dict, atol: float) -> None:
@@ -161,34 +169,147 @@ def assert_close_weights(actual: dict, expected: dict, atol: float) -> None:
     assert worst <= atol, f"weights differ by {worst:.3g} (> {atol})"
 
 
-
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,stage", [("grpo", 2), ("ppo", 3)])
-def test_deepspeed_on_two_processes_matches_one_torch_process(tmp_path, loss, stage):
+@pytest.mark.parametrize("loss,stage", RUNS)
+def test_deepspeed_on_two_processes_matches_one_torch_process(deepspeed_runs, loss, stage):
+    result, out = deepspeed_runs[stage], deepspeed_runs[stage]["dir"]
     path = resolve_model("builtin:tiny-sort")
     batches = fixed_rollouts(path, STEPS + 1)
-    result = run_workers(tmp_path, loss, stage)
     backend, expected = torch_reference(train_spec(loss, stage, "torch"), path, batches)
 
-    for got, want in zip(result["metrics"], expected):
+    for got, want in zip(result["metrics"], expected, strict=True):
         for name in ("loss", "kl", "grad_norm"):
             assert got[name] == pytest.approx(want[name], rel=TOLERANCE["loss_rtol"], abs=TOLERANCE["loss_atol"]), name
-    after = load_snapshot_state(Path(result["dir"]) / "snapshots" / f"v{STEPS + 1}")
+    after = load_snapshot_state(out / "snapshots" / f"v{STEPS + 1}")
     assert_close_weights(after, backend.model.state_dict(), TOLERANCE["weight_atol"])
 
-    # resume: the rank-0 checkpoint after STEPS steps, loaded back, redoes the last step identically ...
+    # resume: a fresh engine loads the checkpoint written after STEPS steps and redoes the last step ...
     assert result["resumed_metrics"] == pytest.approx(result["metrics"][-1], rel=1e-6, abs=1e-9)
-    resumed = load_snapshot_state(Path(result["dir"]) / "snapshots" / f"v{STEPS + 2}")
-    assert_close_weights(resumed, after, 1e-7)
+    assert_close_weights(load_snapshot_state(out / "snapshots" / f"v{STEPS + 2}"), after, 1e-7)
     # ... and the same files resume the single-process torch backend (no pickle, any number of ranks)
     other = TorchBackend(train_spec(loss, stage, "torch"), path, path)
-    snapshot, checkpoint = Path(result["dir"]) / "snapshots" / f"v{STEPS}", Path(result["dir"]) / "checkpoint"
-    other.load_weights(snapshot)
-    other.load_state(checkpoint)
+    other.load_weights(out / "snapshots" / f"v{STEPS}")
+    other.load_state(out / "checkpoint")
     last = other.train_step(to_batch(batches[STEPS], other.pad_id), STEPS)
     assert last["loss"] == pytest.approx(expected[STEPS]["loss"], rel=TOLERANCE["loss_rtol"])
     assert_close_weights(other.model.state_dict(), backend.model.state_dict(), TOLERANCE["weight_atol"])
-    assert not list(Path(result["dir"]).rglob("*.pt")) and not list(Path(result["dir"]).rglob("*.bin"))
+    assert {f.suffix for f in out.rglob("*") if f.is_file()} <= {".json", ".safetensors"}
+
+
+@pytest.mark.slow
+def test_zero3_snapshot_loads_into_vllm_with_the_gathered_models_greedy_output(deepspeed_runs):
+    from asyncrlhf.engines.vllm_engine import VLLMEngine
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    snapshot = deepspeed_runs[3]["dir"] / "snapshots" / f"v{STEPS + 1}"
+    tiny = resolve_model("builtin:tiny-sort")
+    tokenizer = load_tokenizer(tiny)
+    prompts = [encode_prompt(tokenizer, t) for t in ("3 1 2 =", "9 0 9 5 =", "7 7 1 =", "4 2 8 6 1 =")]
+    gathered = load_causal_lm(str(snapshot))
+    assert any(not torch.equal(a, b) for a, b in zip(gathered.state_dict().values(),
+                                                     load_causal_lm(tiny).state_dict().values()))
+    expected = []
+    for p in prompts:
+        ids = torch.tensor([p])
+        out = gathered.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                                eos_token_id=2, pad_token_id=0)[0, len(p):].tolist()
+        expected.append(out[: out.index(2) + 1] if 2 in out else out)
+
+    engine = VLLMEngine(JobSpec.model_validate({"generator": {"kvCacheGiB": 0.25}}), tiny)
+    try:
+        engine.reload(str(snapshot))
+        outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                                   SamplingParams(temperature=0.0, max_tokens=8), use_tqdm=False)
+    finally:
+        engine.close()
+    assert [list(o.outputs[0].token_ids) for o in outs] == expected
+
+
+# --- a local run: 2 generators, a 2-process learner, a generator killed --------------------
+
+
+class GeneratorsNotReplaced(LocalRun):
+    """A generator that dies stays gone (a replica scaled away), so the other must redo its work."""
+
+    def _restart_dead_generators(self) -> None:
+        pass
+
+
+async def _kill_a_busy_generator_then_a_learner_rank(run: LocalRun, after_step: int, ack_wait: float):
+    """Freeze gen-1; once anything it held has gone back to the queue, only gen-0 holds prompts:
+    SIGKILL gen-0 while it holds some, thaw gen-1. Two steps later SIGKILL learner rank 1.
+    Returns (result, prompts gen-0 held, (prompt id, generator id) of every rollout published)."""
+    task = asyncio.create_task(run.run())
+    while not run.url or len(read_metrics(run.run_dir)) < after_step:
+        assert not task.done(), "the run ended before the generator could be killed"
+        await asyncio.sleep(0.2)
+    nc = await connect(run.url)
+    js, seen = nc.jetstream(), []
+
+    async def record(msg):
+        group = RolloutGroup.decode(msg.data)
+        seen.append((group.prompt_id, group.generator_id))
+
+    await nc.subscribe(run.bus.subject(ROLLOUTS), cb=record)
+    gen0, gen1 = (next(c for c in run.children if c.role == "generator" and c.index == i) for i in (0, 1))
+    os.kill(gen1.proc.pid, signal.SIGSTOP)
+    await asyncio.sleep(ack_wait + 1.0)
+    held: set[str] = set()
+    while not held:
+        assert not task.done(), "the run ended before gen-0 was caught holding prompts"
+        held = await unacked_prompts(js, run.bus)
+        await asyncio.sleep(0.02)
+    os.kill(gen0.proc.pid, signal.SIGKILL)
+    os.kill(gen1.proc.pid, signal.SIGCONT)
+    step = len(read_metrics(run.run_dir))
+    while len(read_metrics(run.run_dir)) < step + 2:
+        assert not task.done(), "the run ended before a learner rank could be killed"
+        await asyncio.sleep(0.05)
+    os.kill(run.learner_group()[1].proc.pid, signal.SIGKILL)
+    result = await task
+    await nc.close()
+    return result, held, seen
+
+
+async def unacked_prompts(js, bus) -> set[str]:
+    """Ids of the prompts delivered to a generator and not acked yet (a work queue keeps only those)."""
+    info = await js.consumer_info(bus.stream, GENERATORS_CONSUMER)
+    ids = set()
+    for seq in range(info.ack_floor.stream_seq + 1, info.delivered.stream_seq + 1):
+        try:
+            msg = await js.get_msg(bus.stream, seq)
+        except nats.js.errors.NotFoundError:
+            continue  # acked and gone
+        if msg.subject == bus.subject(PROMPTS):
+            ids.add(Prompt.decode(msg.data).id)
+    return ids
+
+
+@pytest.mark.slow
+def test_two_generators_and_a_two_process_learner_survive_a_generator_and_a_learner_rank_killed(tmp_path):
+    from test_core_loop import final_state, tiny_job
+
+    steps, prompts = 24, 4  # steps take ~0.3 s: enough of them to still be running after the freeze
+    job = tiny_job("scaleout", generator={"engine": "hf", "replicas": 2}, nats={"ackWaitSeconds": 2},
+                   learner={"totalSteps": steps, "promptsPerStep": prompts, "backend": "deepspeed",
+                            "zeroStage": 2, "processesPerNode": 2})
+    run = GeneratorsNotReplaced(job, tmp_path / "scaleout", quiet=True)
+    result, held, seen = asyncio.run(_kill_a_busy_generator_then_a_learner_rank(run, after_step=2, ack_wait=2.0))
+
+    summary = result.summary
+    # the generator's death restarted nothing; rank 1's restarted the learner group once
+    assert result.ok and summary["steps"] == steps and summary["learner_restarts"] == 1
+    consumed = final_state(run.run_dir)["consumed"]
+    assert sorted(consumed) == sorted(f"r-scaleout-p{b}-{i}" for b in range(steps) for i in range(prompts))
+    assert summary["staleness_max"] <= 1
+    # what gen-0 held when it died was generated again, by gen-1
+    redone = {prompt for prompt, generator in seen if generator == "gen-1-0"}
+    assert held and held <= redone, (held, seen)
+    learners = [(c.index, c.attempt, c.proc.returncode) for c in run.children if c.role == "learner"]
+    assert learners == [(0, 0, -signal.SIGKILL), (1, 0, -signal.SIGKILL), (0, 1, 0), (1, 1, 0)]
+    assert "released by rank 0" in (run.run_dir / "learner-1.log").read_text()
+    assert "resumed from" in (run.run_dir / "learner-0.log").read_text()
 
 
 # --- the worker (torchrun runs this file) ------------------------------------------------
@@ -201,12 +322,12 @@ def worker(out: Path, loss: str, stage: int) -> None:
     from asyncrlhf.snapshots import write_snapshot
     from asyncrlhf.training import make_backend
 
-    torch.set_num_threads(1)
     spec = train_spec(loss, stage)
     if int(os.environ["RANK"]) > 0:
         follower_main(spec)
         follower_main(spec)
         return
+    out.mkdir(parents=True)
     path = resolve_model("builtin:tiny-sort")
     batches = fixed_rollouts(path, STEPS + 1)
     last = to_batch(batches[STEPS], 0)
@@ -232,4 +353,7 @@ def worker(out: Path, loss: str, stage: int) -> None:
 
 
 if __name__ == "__main__":
-    worker(Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]))
+    torch.set_num_threads(1)
+    root, runs = Path(sys.argv[1]), sys.argv[2:]
+    for loss, stage in zip(runs[::2], runs[1::2]):
+        worker(root / f"zero{stage}", loss, int(stage))

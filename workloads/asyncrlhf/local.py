@@ -2,9 +2,11 @@
 
 The same manifest, the same generator and learner programs a cluster runs, as local processes:
 an embedded nats-server (unless spec.nats.url is set), `generator.replicas` generator processes,
-one learner, and a shared snapshot directory under `runs/<job>/volume`. The runner restarts a
-learner that dies (it resumes from its checkpoint) up to `learner.backoffLimit`, and a generator
-that dies (generators are stateless). It prints live progress and ends with a report.
+a learner of `learner.nodes * learner.processesPerNode` processes (ranks on 127.0.0.1, as torchrun
+would start them), and a shared snapshot directory under `runs/<job>/volume`. The runner restarts
+the learner when any of its processes dies — all its processes, since the others are stuck in
+collectives with the dead one; it resumes from its checkpoint — up to `learner.backoffLimit`, and
+a generator that dies (generators are stateless). It prints live progress and ends with a report.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import nats
 import psutil
 
 from .api import AsyncRLHFJob
-from .bus import WEIGHTS, EmbeddedNats, JobBus, connect, ensure_job_resources
+from .bus import WEIGHTS, EmbeddedNats, JobBus, connect, ensure_job_resources, free_port
 from .learner import generator_statuses
 from .manifest import dump_manifest
 from .messages import LearnerProgress
@@ -86,13 +88,13 @@ class LocalRun:
         env.update(extra)
         return env
 
-    def spawn(self, role: str, index: int, attempt: int = 0) -> Child:
+    def spawn(self, role: str, index: int, attempt: int = 0, env: Optional[dict[str, str]] = None) -> Child:
         log = open(self.run_dir / f"{role}-{index}.log", "ab")
         if role == "learner":
             cores = self.learner_cores
-            extra = {"OMP_NUM_THREADS": str(len(cores))}
+            extra = {"OMP_NUM_THREADS": str(len(cores))} | (env or {})
         else:
-            cores = self.generator_cores[index]
+            cores = self.generator_cores[index % len(self.generator_cores)]  # index past the plan: added mid-run
             extra = {"GENERATOR_ID": f"gen-{index}-{attempt}", "OMP_NUM_THREADS": str(len(cores)),
                      "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
         proc = subprocess.Popen(
@@ -105,8 +107,29 @@ class LocalRun:
         self.children.append(child)
         return child
 
+    def spawn_learners(self, attempt: int = 0) -> None:
+        """The learner: one process, or a group of ranks that rendezvous on a fresh local port."""
+        n = self.spec.learner.nodes * self.spec.learner.processes_per_node
+        if n == 1:
+            self.spawn("learner", 0, attempt)
+            return
+        port = str(free_port())
+        for rank in range(n):
+            self.spawn("learner", rank, attempt, {
+                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+            })
+
+    def learner_group(self) -> list[Child]:
+        """The processes of the current learner attempt, rank 0 first."""
+        attempt = max(c.attempt for c in self.children if c.role == "learner")
+        return sorted((c for c in self.children if c.role == "learner" and c.attempt == attempt),
+                      key=lambda c: c.index)
+
     def learner(self) -> Child:
-        return [c for c in self.children if c.role == "learner"][-1]
+        """Rank 0 of the current learner: the process that talks to the bus."""
+        return self.learner_group()[0]
 
     def _sample_memory(self) -> None:
         total = 0
@@ -140,7 +163,7 @@ class LocalRun:
             kv = await js.key_value(self.bus.bucket)
             for i in range(self.spec.generator.replicas):
                 self.spawn("generator", i)
-            self.spawn("learner", 0)
+            self.spawn_learners()
             ok = await self.supervise(kv)
             produced = sum(s.rollouts for s in await generator_statuses(kv))
             info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))
@@ -169,20 +192,30 @@ class LocalRun:
             if line != last_line and not self.quiet:
                 print(line, flush=True)
                 last_line = line
-            learner = self.learner()
-            code = learner.proc.poll()
-            if code is not None:
-                if code == 0 and progress and progress.done:
-                    return True
+            group = self.learner_group()
+            codes = [c.proc.poll() for c in group]
+            if codes[0] == 0 and progress and progress.done:
+                return True
+            failed = [(c.index, code) for c, code in zip(group, codes) if code not in (None, 0)]
+            if failed or codes[0] is not None:
+                rank, code = failed[0] if failed else (0, codes[0])
                 if self.restarts >= self.spec.learner.backoff_limit:
-                    print(f"learner failed (exit {code}) after {self.restarts} restarts; see "
-                          f"{self.run_dir / 'learner-0.log'}", file=sys.stderr)
+                    print(f"learner failed (rank {rank} exit {code}) after {self.restarts} restarts; see "
+                          f"{self.run_dir / f'learner-{rank}.log'}", file=sys.stderr)
                     return False
                 self.restarts += 1
-                print(f"learner exited with {code}; restarting from its checkpoint "
+                print(f"learner rank {rank} exited with {code}; restarting the learner from its checkpoint "
                       f"({self.restarts}/{self.spec.learner.backoff_limit})", file=sys.stderr)
-                self.spawn("learner", 0, learner.attempt + 1)
+                self._kill(group)
+                self.spawn_learners(group[0].attempt + 1)
             self._restart_dead_generators()
+
+    @staticmethod
+    def _kill(children: list[Child]) -> None:
+        for c in children:
+            if c.proc.poll() is None:
+                c.proc.kill()
+            c.proc.wait()
 
     def _restart_dead_generators(self) -> None:
         latest: dict[int, Child] = {}
