@@ -21,9 +21,10 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Iterable, Optional
 
 import nats
 from nats.js.api import (
@@ -179,6 +180,27 @@ async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: in
             if attempt == attempts - 1:
                 raise
             await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
+
+
+@asynccontextmanager
+async def keep_alive(messages: Callable[[], Iterable], ack_wait: float):
+    """While the block runs (a long training step, a long generation), tell the server every
+    ack_wait/3 seconds that the messages are still being worked on, so they are not redelivered."""
+
+    async def beat() -> None:
+        while True:
+            await asyncio.sleep(ack_wait / 3)
+            for msg in list(messages()):
+                try:
+                    await msg.in_progress()
+                except nats.errors.Error as err:  # a bus outage: redelivery is safe, just slower
+                    log.warning("could not extend a message's ack deadline: %s", err)
+
+    task = asyncio.create_task(beat())
+    try:
+        yield
+    finally:
+        task.cancel()
 
 
 def free_port() -> int:

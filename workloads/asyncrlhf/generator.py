@@ -19,7 +19,7 @@ from typing import Optional
 import nats
 
 from .api import JobSpec
-from .bus import GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, latest_weights, publish
+from .bus import GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, keep_alive, latest_weights, publish
 from .engines import Engine, make_engine
 from .messages import Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
 from .models import encode_prompt, load_tokenizer, resolve_model
@@ -67,19 +67,14 @@ class Generator:
         log.info("generator %s loaded policy v%d", self.id, ann.version)
         return True
 
-    async def sync_weights(self, js, need: int, held: list) -> None:
-        """Load the newest snapshot; wait (keeping held prompts alive) until version >= need."""
-        last_progress = time.monotonic()
+    async def sync_weights(self, js, need: int) -> None:
+        """Load the newest snapshot; wait until version >= need."""
         while True:
             ann = await latest_weights(js, self.bus)
             if ann is not None and ann.version > self.state.version:
                 await asyncio.to_thread(self.try_reload, ann)
             if self.state.version >= need or self.stopping.is_set():
                 return
-            if time.monotonic() - last_progress > 5.0:
-                for msg in held:
-                    await msg.in_progress()
-                last_progress = time.monotonic()
             await asyncio.sleep(0.05)
 
     # --- work ----------------------------------------------------------------------------
@@ -138,16 +133,20 @@ class Generator:
         return progress.done or bool(progress.failed)
 
     async def handle(self, js, msgs: list) -> None:
+        # held prompts stay ours while we wait for weights and generate (however long that takes)
+        async with keep_alive(lambda: msgs, self.spec.nats.ack_wait_seconds):
+            await self._handle(js, msgs)
+
+    async def _handle(self, js, msgs: list) -> None:
         prompts = [Prompt.decode(m.data) for m in msgs]
-        # one engine call per K: prompts of a fetch share K in practice; group defensively
-        await self.sync_weights(js, max(p.min_version for p in prompts), msgs)
+        await self.sync_weights(js, max(p.min_version for p in prompts))
         if self.stopping.is_set():
             for m in msgs:
                 await m.nak()
             return
         if isinstance(self.scorer, OnePassScorer):
             await self.refresh_head(js)
-        by_k: dict[int, list[int]] = {}
+        by_k: dict[int, list[int]] = {}  # one engine call per K (a fetch shares K in practice)
         for i, p in enumerate(prompts):
             by_k.setdefault(p.samples, []).append(i)
         for idx in by_k.values():

@@ -35,7 +35,10 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from .api import JobSpec
-from .bus import LEARNER_CONSUMER, PROMPTS, REWARD_CONSUMER, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources, publish
+from .bus import (
+    LEARNER_CONSUMER, PROMPTS, REWARD_CONSUMER, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources,
+    keep_alive, publish,
+)
 from .messages import Completion, GeneratorStatus, LearnerProgress, Preference, Prompt, RolloutGroup, WeightsAnnouncement
 from .replay import ReplayBuffer, ReplayItem, replay_enabled
 from .rewards import HEAD_KEY, HeadLearner
@@ -126,7 +129,6 @@ class Learner:
 
     async def collect(self, js, sub, step: int) -> list[RolloutGroup]:
         """Pull until every group of batch `step` is here; keep later batches pending."""
-        last_touch = time.monotonic()
         while len(self.pending.get(step, {})) < self.prompts_per_step:
             if self.stopping.is_set():
                 raise asyncio.CancelledError
@@ -137,9 +139,6 @@ class Learner:
             for msg in msgs:
                 await self.accept(js, msg, step)
             await self.learn_preferences()
-            if time.monotonic() - last_touch > self.spec.nats.ack_wait_seconds / 3:
-                await self._keep_alive()
-                last_touch = time.monotonic()
         slots = self.pending.pop(step)
         groups = [slots[i][0] for i in range(self.prompts_per_step)]
         self.held.extend(slots[i][1] for i in range(self.prompts_per_step))
@@ -204,12 +203,9 @@ class Learner:
             for i, items in enumerate(drawn)
         ]
 
-    async def _keep_alive(self) -> None:
-        for slots in self.pending.values():
-            for _, msg in slots.values():
-                await msg.in_progress()
-        for msg in self.held:
-            await msg.in_progress()
+    def unacked(self) -> list:
+        """Every message this learner holds: pending for a later step, or used but not checkpointed."""
+        return [msg for slots in self.pending.values() for _, msg in slots.values()] + self.held
 
     # --- snapshots and checkpoints -------------------------------------------------------
 
@@ -348,35 +344,39 @@ class Learner:
             self._kv = kv
             self._pref_sub = await js.pull_subscribe_bind(REWARD_CONSUMER, self.bus.stream)
             await kv.put(HEAD_KEY, self.head.head_message())
-        total = self.spec.learner.total_steps
-        row = None
         try:
-            while self.state.step < total and not self.stopping.is_set():
-                await self.release_prompts(js)
-                step = self.state.step
-                groups = await self.collect(js, sub, step)
-                if self._started is None:
-                    self._started = time.monotonic()
-                started = time.monotonic()
-                train_on = self.replay_sample(groups, step) if self.replay is not None else groups
-                metrics = await asyncio.to_thread(self.backend.train_step, to_batch(train_on, self.backend.pad_id), step)
-                if self.replay is not None:
-                    metrics["replay_items"] = float(len(self.replay))
-                    metrics["replay_version_mean"] = sum(g.policy_version for g in train_on) / len(train_on)
-                self.state.step = step + 1
-                self.state.consumed.extend(g.id for g in groups)
-                self.consumed_set.update(g.id for g in groups)
-                row = self.record(step, groups, metrics, time.monotonic() - started)
-                if self.state.step % self.k == 0 or self.state.step == total:
-                    await self.publish_weights(js, kv)
-                await kv.put("learner", self.progress(row).encode())
-            if self.state.step >= total:
-                await kv.put("learner", self.progress(row, done=True).encode())
+            async with keep_alive(self.unacked, self.spec.nats.ack_wait_seconds):
+                await self.loop(js, sub, kv)
         except asyncio.CancelledError:
             log.info("learner stopping at step %d (unacked rollouts will be redelivered)", self.state.step)
         finally:
             await close_quietly(nc)
         return self.state
+
+    async def loop(self, js, sub, kv) -> None:
+        total = self.spec.learner.total_steps
+        row = None
+        while self.state.step < total and not self.stopping.is_set():
+            await self.release_prompts(js)
+            step = self.state.step
+            groups = await self.collect(js, sub, step)
+            if self._started is None:
+                self._started = time.monotonic()
+            started = time.monotonic()
+            train_on = self.replay_sample(groups, step) if self.replay is not None else groups
+            metrics = await asyncio.to_thread(self.backend.train_step, to_batch(train_on, self.backend.pad_id), step)
+            if self.replay is not None:
+                metrics["replay_items"] = float(len(self.replay))
+                metrics["replay_version_mean"] = sum(g.policy_version for g in train_on) / len(train_on)
+            self.state.step = step + 1
+            self.state.consumed.extend(g.id for g in groups)
+            self.consumed_set.update(g.id for g in groups)
+            row = self.record(step, groups, metrics, time.monotonic() - started)
+            if self.state.step % self.k == 0 or self.state.step == total:
+                await self.publish_weights(js, kv)
+            await kv.put("learner", self.progress(row).encode())
+        if self.state.step >= total:
+            await kv.put("learner", self.progress(row, done=True).encode())
 
 
 def release_range(published_version: int, max_staleness: int, released_through: int, total_steps: int) -> range:
