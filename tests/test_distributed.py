@@ -25,7 +25,8 @@ import nats
 from asyncrlhf.api import JobSpec
 from asyncrlhf.bus import GENERATORS_CONSUMER, PROMPTS, ROLLOUTS, connect, free_port
 from asyncrlhf.deepspeed_backend import accumulation_steps, shard_groups
-from asyncrlhf.distributed import Command, Rendezvous, decode_command, encode_command, node_process_envs
+from asyncrlhf.distributed import (Command, Rendezvous, decode_command, encode_command, node_process_envs,
+                                   run_node)
 from asyncrlhf.local import LocalRun
 from asyncrlhf.messages import Completion, Prompt, RolloutGroup
 from asyncrlhf.models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model
@@ -123,6 +124,18 @@ def test_an_operator_pod_with_several_processes_starts_them_with_global_ranks():
     with pytest.raises(RuntimeError, match="NPROC_PER_NODE"):
         Rendezvous.from_env(env)
     assert node_process_envs({"LOCAL_RANK": "0", **env}) == []
+
+
+def test_a_pods_processes_succeed_together_and_fail_with_the_first_failure(tmp_path):
+    from test_core_loop import tiny_job
+
+    from asyncrlhf.manifest import dump_manifest
+
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(dump_manifest(tiny_job("node")))
+    envs = node_process_envs({"NNODES": "1", "NPROC_PER_NODE": "2"})
+    assert run_node(envs, ["validate", str(manifest)]) == 0
+    assert run_node(envs, ["validate", str(tmp_path / "missing.yaml")]) == 2  # EXIT_BAD_INPUT
 
 
 def test_commands_round_trip_without_pickle():
@@ -237,8 +250,9 @@ class GeneratorsNotReplaced(LocalRun):
 
 
 async def _kill_a_busy_generator_then_a_learner_rank(run: LocalRun, after_step: int, ack_wait: float):
-    """Freeze gen-1; once anything it held has gone back to the queue, only gen-0 holds prompts:
-    SIGKILL gen-0 while it holds some, thaw gen-1. Two steps later SIGKILL learner rank 1.
+    """Freeze gen-1; once anything it held has gone back to the queue, only gen-0 takes prompts.
+    Freeze gen-0 too and read what it holds (frozen, it cannot ack meanwhile); if anything, SIGKILL
+    it, else let it run on and look again. Thaw gen-1. Two steps later SIGKILL learner rank 1.
     Returns (result, prompts gen-0 held, (prompt id, generator id) of every rollout published)."""
     task = asyncio.create_task(run.run())
     while not run.url or len(read_metrics(run.run_dir)) < after_step:
@@ -258,9 +272,11 @@ async def _kill_a_busy_generator_then_a_learner_rank(run: LocalRun, after_step: 
     held: set[str] = set()
     while not held:
         assert not task.done(), "the run ended before gen-0 was caught holding prompts"
-        held = await unacked_prompts(js, run.bus)
+        if await unacked_prompts(js, run.bus):
+            os.kill(gen0.proc.pid, signal.SIGSTOP)
+            held = await unacked_prompts(js, run.bus)
+            os.kill(gen0.proc.pid, signal.SIGKILL if held else signal.SIGCONT)
         await asyncio.sleep(0.02)
-    os.kill(gen0.proc.pid, signal.SIGKILL)
     os.kill(gen1.proc.pid, signal.SIGCONT)
     step = len(read_metrics(run.run_dir))
     while len(read_metrics(run.run_dir)) < step + 2:
@@ -307,7 +323,9 @@ def test_two_generators_and_a_two_process_learner_survive_a_generator_and_a_lear
     redone = {prompt for prompt, generator in seen if generator == "gen-1-0"}
     assert held and held <= redone, (held, seen)
     learners = [(c.index, c.attempt, c.proc.returncode) for c in run.children if c.role == "learner"]
-    assert learners == [(0, 0, -signal.SIGKILL), (1, 0, -signal.SIGKILL), (0, 1, 0), (1, 1, 0)]
+    assert [(rank, attempt) for rank, attempt, _ in learners] == [(0, 0), (1, 0), (0, 1), (1, 1)]
+    # attempt 0: rank 1 SIGKILLed, rank 0 killed by the runner or failed on its own; attempt 1 finished
+    assert learners[1][2] == -signal.SIGKILL and learners[0][2] != 0 and learners[2][2] == learners[3][2] == 0
     assert "released by rank 0" in (run.run_dir / "learner-1.log").read_text()
     assert "resumed from" in (run.run_dir / "learner-0.log").read_text()
 

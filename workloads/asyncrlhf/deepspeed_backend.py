@@ -25,7 +25,6 @@ What is inherited (training.TorchBackend): the batch layout, the full-batch `pre
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Optional
@@ -38,7 +37,6 @@ from .api import JobSpec
 from .distributed import device_of, init_process_group
 from .training import Batch, StepInputs, TorchBackend, merge_metrics, read_optimizer_state, save_optimizer_state
 
-log = logging.getLogger("asyncrlhf.deepspeed")
 MASTER_WEIGHTS = "master.safetensors"  # fp32 master weights, when training in bf16/fp16
 
 
@@ -255,8 +253,8 @@ class DeepSpeedBackend(TorchBackend):
             else:
                 utils.safe_set_full_optimizer_state(param, value, key)
             return
-        # ZeRO-3's safe_set_full_* miscounts the padding of a parameter smaller than the world
-        # (a 1-element bias on 2 ranks), so cut the padded partition here and set it locally
+        # ZeRO-3's safe_set_full_* slices past the end when the size is not a multiple of the
+        # world (the last partition is padded: a 1-element bias on 2 ranks); cut it here instead
         part = param.ds_tensor.numel()
         flat = torch.zeros(part * self.world, dtype=torch.float32, device=value.device)
         flat[: value.numel()] = value.flatten()

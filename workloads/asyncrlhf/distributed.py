@@ -121,20 +121,27 @@ def run_node(envs: list[dict[str, str]], argv: list[str]) -> int:
     """
     procs = [subprocess.Popen([sys.executable, "-m", "asyncrlhf.cli", *argv], env=dict(os.environ) | e)
              for e in envs]
-    forward = lambda signum, _frame: [p.send_signal(signum) for p in procs if p.poll() is None]
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
-    while True:
-        codes = [p.poll() for p in procs]
-        failed = [c for c in codes if c not in (None, 0)]
-        if failed or all(c == 0 for c in codes):
-            break
-        time.sleep(0.5)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait()
-    return failed[0] if failed else 0
+
+    def forward(signum, _frame) -> None:  # the pod is being stopped: stop the ranks the same way
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            codes = [p.poll() for p in procs]
+            failed = [c for c in codes if c not in (None, 0)]
+            if failed or all(c == 0 for c in codes):
+                return failed[0] if failed else 0
+            time.sleep(0.2)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
 
 
 _COMMAND_GROUP = None
