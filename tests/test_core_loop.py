@@ -214,3 +214,21 @@ def test_job_survives_a_bus_restart(tmp_path):
     assert result.ok and result.summary["steps"] == 8
     consumed = final_state(run.run_dir)["consumed"]
     assert sorted(consumed) == sorted(f"r-bus-restart-p{b}-{i}" for b in range(8) for i in range(4))
+
+
+def test_the_local_example_runs_as_shipped(tmp_path):
+    """examples/local-tiny.yaml, unchanged but for its length, through `asyncrlhf run`."""
+    import subprocess
+    import sys
+
+    example = Path(__file__).resolve().parents[1] / "examples" / "local-tiny.yaml"
+    proc = subprocess.run(
+        [sys.executable, "-m", "asyncrlhf.cli", "run", str(example), "--steps", "6", "--runs-dir", str(tmp_path),
+         "--quiet"], capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "tiny-sort" / "summary.json").read_text())
+    assert summary["ok"] and summary["steps"] == 6 and summary["engine"] == "vllm"
+    assert summary["rollouts_produced"] == summary["rollouts_consumed"] == 6 * 32
+    assert summary["peak_memory_gib"] < 8
+    assert (tmp_path / "tiny-sort" / "reward.png").stat().st_size > 0
