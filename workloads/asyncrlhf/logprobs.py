@@ -26,12 +26,17 @@ def pack(prompts: list[list[int]], responses: list[list[int]], pad_id: int):
     return ids, attn, resp_mask
 
 
+def token_logprobs(logits, ids, mask, temperature: float):
+    """Log-probs of the next tokens `ids[:, 1:]` under `logits[:, :-1] / T`, zero off the mask."""
+    scaled = logits[:, :-1].float() / temperature
+    return torch.log_softmax(scaled, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask
+
+
 def response_logprobs(model, prompts, responses, temperature: float, pad_id: int):
     """(token log-probs [N, L-1], response mask [N, L-1]) — differentiable when grad is on."""
     ids, attn, mask = pack(prompts, responses, pad_id)
-    logits = model(input_ids=ids, attention_mask=attn).logits[:, :-1].float() / temperature
-    logp = torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return logp * mask, mask
+    logits = model(input_ids=ids, attention_mask=attn).logits
+    return token_logprobs(logits, ids, mask, temperature), mask
 
 
 @torch.no_grad()
@@ -40,8 +45,3 @@ def sequence_token_logprobs(model, prompts, responses, temperature: float, pad_i
     logp, mask = response_logprobs(model, prompts, responses, temperature, pad_id)
     return [row[m.bool()].tolist() for row, m in zip(logp, mask)]
 
-
-def response_values(model_values, prompts, responses, pad_id: int):
-    """Gather a value head's per-position outputs [N, L] onto the response-token mask layout."""
-    _, _, mask = pack(prompts, responses, pad_id)
-    return model_values[:, :-1] * mask

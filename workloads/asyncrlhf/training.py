@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .api import JobSpec
-from .logprobs import pack, response_logprobs
+from .logprobs import pack, response_logprobs, token_logprobs
 from .losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
 from .messages import RolloutGroup
 from .models import load_causal_lm
@@ -124,8 +124,7 @@ class TorchBackend:
         ids, attn, mask = pack(batch.prompts[rows], batch.responses[rows], self.pad_id)
         ids, attn, mask = ids.to(self.device), attn.to(self.device), mask.to(self.device)
         logits, values = self._outputs(ids, attn, with_values)
-        logits = logits[:, :-1].float() / self.temperature
-        logp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1) * mask
+        logp = token_logprobs(logits, ids, mask, self.temperature)
         width = batch.mask.shape[1]
         if values is not None:
             values = _pad_to(values[:, :-1] * mask, width)
