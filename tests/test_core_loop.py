@@ -232,3 +232,17 @@ def test_the_local_example_runs_as_shipped(tmp_path):
     assert summary["rollouts_produced"] == summary["rollouts_consumed"] == 6 * 32
     assert summary["peak_memory_gib"] < 8
     assert (tmp_path / "tiny-sort" / "reward.png").stat().st_size > 0
+
+
+def test_a_child_that_refuses_its_manifest_is_not_restarted(tmp_path):
+    """Exit code 2 (bad input) is final: restarting cannot fix it, so the run fails at once."""
+
+    class BadConfigRun(LocalRun):
+        def prepare(self) -> None:
+            super().prepare()
+            self.config.write_text(self.config.read_text().replace("totalSteps: 3", "totalSteps: -3"))
+
+    result = asyncio.run(BadConfigRun(_hf_job("refused"), tmp_path / "refused", quiet=True).run())
+    assert not result.ok
+    assert result.summary["learner_restarts"] == 0
+    assert "totalSteps" in (tmp_path / "refused" / "learner-0.log").read_text()

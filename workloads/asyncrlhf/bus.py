@@ -114,7 +114,7 @@ async def _log_error(err: Exception) -> None:
 
 
 async def _log_disconnected() -> None:
-    log.warning("NATS: disconnected; reconnecting")
+    log.info("NATS: disconnected")  # also called on a clean close; outages show up as errors
 
 
 async def _log_reconnected() -> None:

@@ -18,9 +18,7 @@ import os
 import sys
 from pathlib import Path
 
-from .manifest import ManifestError, dump_manifest, load_manifest
-
-EXIT_BAD_INPUT = 2
+from .manifest import EXIT_BAD_INPUT, ManifestError, dump_manifest, load_manifest
 
 
 def _job(path: str):

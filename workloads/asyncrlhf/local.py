@@ -29,7 +29,7 @@ import psutil
 from .api import AsyncRLHFJob
 from .bus import WEIGHTS, EmbeddedNats, JobBus, connect, ensure_job_resources, free_port
 from .learner import generator_statuses
-from .manifest import dump_manifest
+from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
 from .models import resolve_model
 from .report import plot_rewards, read_metrics, summarize, write_json
@@ -199,6 +199,10 @@ class LocalRun:
             failed = [(c.index, code) for c, code in zip(group, codes) if code not in (None, 0)]
             if failed or codes[0] is not None:
                 rank, code = failed[0] if failed else (0, codes[0])
+                if code == EXIT_BAD_INPUT:  # a restart cannot fix a manifest or environment error
+                    print(f"learner rank {rank} refused its input (exit {code}); see "
+                          f"{self.run_dir / f'learner-{rank}.log'}", file=sys.stderr)
+                    return False
                 if self.restarts >= self.spec.learner.backoff_limit:
                     print(f"learner failed (rank {rank} exit {code}) after {self.restarts} restarts; see "
                           f"{self.run_dir / f'learner-{rank}.log'}", file=sys.stderr)
@@ -208,7 +212,8 @@ class LocalRun:
                       f"({self.restarts}/{self.spec.learner.backoff_limit})", file=sys.stderr)
                 self._kill(group)
                 self.spawn_learners(group[0].attempt + 1)
-            self._restart_dead_generators()
+            if not self._restart_dead_generators():
+                return False
 
     @staticmethod
     def _kill(children: list[Child]) -> None:
@@ -217,16 +222,22 @@ class LocalRun:
                 c.proc.kill()
             c.proc.wait()
 
-    def _restart_dead_generators(self) -> None:
+    def _restart_dead_generators(self) -> bool:
+        """Restart generators that died; False when one refused its input (a restart cannot help)."""
         latest: dict[int, Child] = {}
         for c in self.children:
             if c.role == "generator":
                 latest[c.index] = c
         for index, child in latest.items():
             code = child.proc.poll()
+            if code == EXIT_BAD_INPUT:
+                print(f"generator {index} refused its input (exit {code}); see "
+                      f"{self.run_dir / f'generator-{index}.log'}", file=sys.stderr)
+                return False
             if code is not None and code != 0:
                 print(f"generator {index} exited with {code}; starting a new one", file=sys.stderr)
                 self.spawn("generator", index, child.attempt + 1)
+        return True
 
     def progress_line(self, p: Optional[LearnerProgress]) -> str:
         if p is None:

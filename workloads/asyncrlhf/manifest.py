@@ -10,6 +10,8 @@ from pydantic import ValidationError
 
 from .api import AsyncRLHFJob
 
+EXIT_BAD_INPUT = 2  # the exit code of every command given a bad manifest or environment
+
 
 class ManifestError(ValueError):
     """A manifest that cannot be used; `problems` lists 'path: what is wrong' lines."""
