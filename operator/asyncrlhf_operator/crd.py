@@ -51,7 +51,7 @@ PRINTER_COLUMNS = [
     {"name": "Version", "type": "integer", "jsonPath": ".status.policyVersion",
      "description": "Policy version: the latest snapshot published to the generators."},
     {"name": "Staleness", "type": "number", "jsonPath": ".status.stalenessMean",
-     "description": "Mean policy-version lag of the rollouts used in the last step."},
+     "description": "Mean policy-version lag of the rollouts used so far."},
     {"name": "Reward", "type": "number", "jsonPath": ".status.rewardMean",
      "description": "Mean reward of the rollouts used in the last step."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
