@@ -281,16 +281,20 @@ def test_progress_on_the_bus_reaches_status(cluster):
         staleness_max=1, reward_mean=0.75).encode())
     put_kv(url, "beta", "generator.beta-generator-x", GeneratorStatus(
         generator_id="beta-generator-x", policy_version=6, rollouts=40, tokens_per_second=123.0).encode())
-    status = eventually(lambda: job_status(kube, "beta").get("step") == 7 and job_status(kube, "beta"),
-                        what="step 7 in status")
-    assert status["phase"] == "Running" and status["policyVersion"] == 7
+    # One status pass may have read the Job before it was marked active and the bus after the put;
+    # the next pass (every 0.5 s) sees both, so wait for the two together.
+    status = eventually(lambda: (s := job_status(kube, "beta")).get("step") == 7
+                        and s.get("phase") == "Running" and s, what="step 7 and Running in status")
+    assert status["policyVersion"] == 7
     assert status["rewardMean"] == 0.75 and status["generatorVersions"] == {"beta-generator-x": 6}
     assert status["rolloutsProduced"] == 40 and status["tokensPerSecond"] == 123.0
     assert {c["type"] for c in status["conditions"]} >= {"Ready", "Progressing", "Suspended"}
-    events = kube.get("/api/v1/namespaces/default/events") or {"items": []}
-    reasons = {e.get("reason") for e in events["items"]
-               if (e.get("involvedObject") or {}).get("name") == "beta"}
-    assert "Running" in reasons
+
+    def reasons() -> set[str]:  # kopf posts events from a queue, a moment after the status patch
+        events = kube.get("/api/v1/namespaces/default/events") or {"items": []}
+        return {e.get("reason") for e in events["items"]
+                if (e.get("involvedObject") or {}).get("name") == "beta"}
+    eventually(lambda: "Running" in reasons(), what="a Running event")
 
 
 def test_replicas_change_touches_only_the_deployment(cluster):

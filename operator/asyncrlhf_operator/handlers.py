@@ -260,13 +260,15 @@ async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> N
 
 async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observed:
     owner, names = owner_of(body), plan.Names(job.metadata.name)
-    learner = await ctx.kube.get("batch/v1", "Job", owner.namespace, names.learner)
-    deployment = await ctx.kube.get("apps/v1", "Deployment", owner.namespace, names.generator)
+    # The bus first, the pods second: progress is written by a learner that was running, so a Job
+    # read after it is at least as fresh and the two never show "step 7, learner not started yet".
     url, credentials = await bus_access(ctx, owner.namespace, body["spec"].get("nats") or {})
     try:
         progress, reports = await ctx.buses.progress(job_bus(job), url, credentials)
     except kopf.TemporaryError:
         progress, reports = None, ()  # the bus is away: keep the last known progress
+    learner = await ctx.kube.get("batch/v1", "Job", owner.namespace, names.learner)
+    deployment = await ctx.kube.get("apps/v1", "Deployment", owner.namespace, names.generator)
     return Observed(
         now=now(), generation=body["metadata"].get("generation", 0), spec=job.spec, learner=learner,
         generators=(deployment or {}).get("status") or {}, progress=progress, reports=reports,
