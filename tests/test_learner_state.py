@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+import types
+
 from asyncrlhf.api import JobSpec
 from asyncrlhf.bus import JobBus
 from asyncrlhf.learner import Learner
-from asyncrlhf.messages import Completion, RolloutGroup
-from asyncrlhf.snapshots import write_snapshot
+from asyncrlhf.messages import GENERATOR_STALE_SECONDS, Completion, GeneratorStatus, RolloutGroup
+from asyncrlhf.snapshots import list_versions, write_snapshot
 
 
 def groups(batch: int, n: int = 4, k: int = 3) -> list[RolloutGroup]:
@@ -41,3 +45,35 @@ def test_replay_state_survives_a_restart(tmp_path):
     second = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
     assert second.state.step == 3 and len(second.replay) == 3 * 4 * 3
     assert [g.model_dump(exclude={"created"}) for g in second.replay_sample(groups(3), 3)] == expected
+
+
+class FakeKV:
+    def __init__(self, entries: dict[str, bytes]) -> None:
+        self.entries = entries
+
+    async def keys(self):
+        return list(self.entries)
+
+    async def get(self, key):
+        return types.SimpleNamespace(value=self.entries[key])
+
+
+def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
+    """A generator still on v1 keeps snapshot v1; one that stopped reporting long ago does not
+    (its pod is gone for good: a stale report must not keep a 16 GB snapshot forever)."""
+    spec = JobSpec.model_validate({"weightSync": {"keepSnapshots": 2}})
+    learner = Learner(spec, JobBus("default", "prune"), "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    for version in range(6):
+        info = write_snapshot(learner.root, version, learner.backend.save_weights)
+    learner.state.step = learner.state.published_version = 5
+    learner.save_checkpoint(info)
+    now = time.time()
+    reports = {
+        "generator.live": GeneratorStatus(generator_id="live", policy_version=1, updated=now - 5),
+        "generator.gone": GeneratorStatus(generator_id="gone", policy_version=2,
+                                          updated=now - GENERATOR_STALE_SECONDS - 60),
+        "learner": b"{}",  # other keys are not generator reports
+    }
+    kv = FakeKV({k: v.encode() if isinstance(v, GeneratorStatus) else v for k, v in reports.items()})
+    asyncio.run(learner._prune(kv))
+    assert list_versions(learner.root) == [1, 4, 5]

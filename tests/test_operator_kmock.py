@@ -31,6 +31,7 @@ from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 from asyncrlhf_operator.handlers import OperatorConfig, build_registry
 
 NS = "default"
+RESYNC = 2.0  # the operator re-applies every child this often (60 s by default)
 CR = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{NS}/{api.PLURAL}"
 VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
 RESOURCES = {
@@ -74,8 +75,9 @@ class Emulator(kmock.KubernetesEmulator):
                 meta.setdefault("creationTimestamp", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
             elif request.action == kmock.action.UPDATE and "spec" in data and request.subresource != "status":
                 current = self._current(request)
-                if current is not None:
-                    meta["generation"] = current.get("metadata", {}).get("generation", 1) + 1
+                if current is not None:  # as the apiserver: a new generation only for a new spec
+                    generation = current.get("metadata", {}).get("generation", 1)
+                    meta["generation"] = generation + (data["spec"] != current.get("spec"))
             if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
                 meta["resourceVersion"] = str(next(self._versions))
         elif request.resource is not None and isinstance(data, list):  # JSON patch
@@ -204,7 +206,8 @@ def cluster(tmp_path_factory):
             # The client library reads $KUBECONFIG once, when first imported.
             mp.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
             mp.delenv("KUBERNETES_SERVICE_HOST", raising=False)
-            registry = build_registry(OperatorConfig(nats_url=bus.url, status_interval=0.5))
+            registry = build_registry(OperatorConfig(nats_url=bus.url, status_interval=0.5,
+                                                     resync_interval=RESYNC))
             with KopfRunner(["run", "-A", "--standalone"], registry=registry, timeout=30) as runner:
                 yield kube, bus.url
         assert runner.exception is None, runner.output
@@ -310,6 +313,24 @@ def test_replicas_change_touches_only_the_deployment(cluster):
     after = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
     changed = {kind for kind in before if before[kind] != after[kind]}
     assert changed == {"Deployment"}
+
+
+def test_children_deleted_or_edited_by_hand_come_back(cluster):
+    kube, url = cluster
+    create_job(kube, "iota", generator={"replicas": 2})
+    original = eventually(lambda: all(children_of(kube, "iota").values()) and children_of(kube, "iota"),
+                          what="children")
+    for kind in ("Deployment", "ConfigMap", "NetworkPolicy", "ServiceAccount"):
+        kube.call("DELETE", CHILDREN[kind].format("iota"))
+    kube.call("PATCH", CHILDREN["Service"].format("iota"), {"spec": {"clusterIP": "10.0.0.1"}})
+    run_async(_js_call(url, lambda js: js.delete_stream(JobBus(NS, "iota").stream)))
+    assert kube.get(CHILDREN["Deployment"].format("iota")) is None and not stream_exists(url, "iota")
+    restored = eventually(lambda: (c := children_of(kube, "iota")) and all(c.values())
+                          and c["Service"]["spec"].get("clusterIP") == "None" and c,
+                          timeout=4 * RESYNC + 10, what="children re-applied at the resync")
+    assert restored["Deployment"]["spec"] == original["Deployment"]["spec"]
+    assert restored["ConfigMap"]["data"] == original["ConfigMap"]["data"]
+    assert eventually(lambda: stream_exists(url, "iota"), what="the stream again")
 
 
 def test_suspend_scales_to_zero_and_keeps_the_stream(cluster):

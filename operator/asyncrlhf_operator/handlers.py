@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Mapping, Optional
@@ -46,6 +48,9 @@ TTL = ("ttlSecondsAfterFinished",)
 class OperatorConfig:
     nats_url: str = "nats://nats:4222"
     status_interval: float = 5.0
+    # every this many seconds the status timer applies all children again (server-side apply:
+    # nothing is written when nothing drifted), so a child deleted or edited by hand comes back
+    resync_interval: float = 60.0
     namespaced: bool = False  # one namespace: no cluster-wide namespace/CRD scanning (and RBAC)
 
 
@@ -56,6 +61,13 @@ class Context:
     config: OperatorConfig
     kube: Kube = dataclasses.field(default_factory=Kube)
     buses: Buses = dataclasses.field(default_factory=Buses)
+    resynced: dict[str, float] = dataclasses.field(default_factory=dict)  # job uid -> monotonic time
+
+    def resync_due(self, uid: str) -> bool:
+        return time.monotonic() - self.resynced.get(uid, -math.inf) >= self.config.resync_interval
+
+    def mark_resynced(self, uid: str) -> None:
+        self.resynced[uid] = time.monotonic()
 
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
@@ -201,6 +213,7 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
     await ctx.buses.ensure(job, url, credentials)
     finished = (body.get("status") or {}).get("phase") in TERMINAL
     await apply_children(ctx, body, job, finished=finished)
+    ctx.mark_resynced(body["metadata"].get("uid", ""))
     logger.info("applied the children and the bus of %s", job.metadata.name)
 
 
@@ -251,6 +264,7 @@ async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> N
     if not sync.get("volumeClaim") and not retain:
         await ctx.kube.delete("v1", "PersistentVolumeClaim", owner.namespace, plan.Names(owner.name).snapshots)
     record_phase(owner.namespace, owner.name, None)
+    ctx.resynced.pop(owner.uid, None)
     logger.info("deleted the stream and KV bucket of %s", owner.name)
 
 
@@ -320,7 +334,15 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     patch.status.update(status_patch(previous, new))
     post_transition(body, previous.get("phase", ""), new)
     record_phase(job.metadata.namespace, job.metadata.name, new["phase"])
-    if new["phase"] not in TERMINAL and o.learner is None:  # restarted, replaced or deleted by hand
+    if new["phase"] in TERMINAL:
+        return
+    uid = body["metadata"].get("uid", "")
+    if ctx.resync_due(uid):  # children (and the stream) deleted or edited by hand come back
+        url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
+        await ctx.buses.ensure(job, url, credentials)
+        await apply_children(ctx, body, job)
+        ctx.mark_resynced(uid)
+    elif o.learner is None:  # restarted, replaced or deleted by hand: at once, not at the next resync
         await apply_children(ctx, body, job, kinds={"Job"})
 
 

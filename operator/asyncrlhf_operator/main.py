@@ -36,7 +36,8 @@ def run(
     nats_url: str = "",
     health_port: int = 8080,
     metrics_port: int = 9090,
-    status_interval: float = 5.0,
+    status_interval: float = OperatorConfig.status_interval,
+    resync_interval: float = OperatorConfig.resync_interval,
 ) -> None:
     """Run the operator until SIGINT/SIGTERM.
 
@@ -53,7 +54,8 @@ def run(
             raise ValueError("outside a pod, pass --namespace NS or --all-namespaces")
     nats_url = nats_url or os.environ.get("ASYNCRLHF_NATS_URL") or DEFAULT_NATS_URL
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    config = OperatorConfig(nats_url=nats_url, status_interval=status_interval, namespaced=bool(namespace))
+    config = OperatorConfig(nats_url=nats_url, status_interval=status_interval,
+                            resync_interval=resync_interval, namespaced=bool(namespace))
     if metrics_port:
         prometheus_client.start_http_server(metrics_port)
     asyncio.run(kopf.operator(

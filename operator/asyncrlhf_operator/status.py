@@ -20,7 +20,6 @@ from asyncrlhf import api
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 
 # Generators that have not reported for this long are gone (scaled down, crashed, replaced).
-GENERATOR_FRESH_SECONDS = 120.0
 TERMINAL = ("Succeeded", "Failed")
 ALWAYS_SHOWN = ("Ready", "Progressing", "Suspended")
 SHOWN_ONCE_TRUE = ("Succeeded", "Failed", "SpecInvalid")
@@ -197,7 +196,7 @@ def conditions(obs: Observed, v: Verdict, previous: dict[str, Any]) -> list[dict
 
 
 def _fresh(report: GeneratorStatus, now: datetime) -> bool:
-    return now.timestamp() - report.updated <= GENERATOR_FRESH_SECONDS
+    return report.fresh(now.timestamp())
 
 
 def progress_fields(obs: Observed) -> dict[str, Any]:

@@ -119,7 +119,8 @@ def cmd_operator(args) -> int:
     from asyncrlhf_operator.main import run
 
     run(namespace=args.namespace, all_namespaces=args.all_namespaces, nats_url=args.nats_url,
-        health_port=args.health_port, metrics_port=args.metrics_port)
+        health_port=args.health_port, metrics_port=args.metrics_port,
+        **{k: v for k in ("status_interval", "resync_interval") if (v := getattr(args, k)) is not None})
     return 0
 
 
@@ -163,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
     op.add_argument("--nats-url", default=os.environ.get("ASYNCRLHF_NATS_URL", ""), help="default NATS URL")
     op.add_argument("--health-port", type=int, default=8080)
     op.add_argument("--metrics-port", type=int, default=9090)
+    op.add_argument("--status-interval", type=float,
+                    help="seconds between status passes per job (default 5)")
+    op.add_argument("--resync-interval", type=float,
+                    help="seconds between re-applying every child, to undo hand edits (default 60)")
     op.set_defaults(func=cmd_operator)
     return parser
 

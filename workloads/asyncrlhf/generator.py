@@ -21,7 +21,10 @@ import nats
 from .api import JobSpec
 from .bus import GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, keep_alive, latest_weights, publish
 from .engines import Engine, make_engine
-from .messages import Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup, WeightsAnnouncement
+from .messages import (
+    GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup,
+    WeightsAnnouncement,
+)
 from .models import encode_prompt, load_tokenizer, resolve_model
 from .snapshots import SnapshotError, verify_snapshot
 from .rewards import HEAD_KEY, OnePassScorer, make_scorer
@@ -166,6 +169,7 @@ class Generator:
         if ann is not None:
             await asyncio.to_thread(self.try_reload, ann)
         await self.report(kv)
+        heartbeat = asyncio.create_task(self._heartbeat(kv))
         try:
             while not self.stopping.is_set():
                 try:
@@ -181,9 +185,17 @@ class Generator:
                 await self.handle(js, msgs)
                 await self.report(kv)
         finally:
+            heartbeat.cancel()
             await self.report(kv)
             await close_quietly(nc)
         return self.state
+
+    async def _heartbeat(self, kv) -> None:
+        """Report while generating or loading weights too (both run in a thread), so a busy
+        generator never looks gone (GeneratorStatus.fresh)."""
+        while True:
+            await asyncio.sleep(GENERATOR_HEARTBEAT_SECONDS)
+            await self.report(kv)
 
 
 def install_signal_handlers(stopping: asyncio.Event) -> None:

@@ -288,8 +288,10 @@ class Learner:
 
     async def _prune(self, kv) -> None:
         in_use = {self.state.published_version}
+        now = time.time()
         for status in await generator_statuses(kv):
-            in_use.add(status.policy_version)
+            if status.fresh(now):  # a generator gone for good no longer holds its version's snapshot
+                in_use.add(status.policy_version)
         latest = self.root / "checkpoints" / "LATEST"
         if latest.exists():
             saved = json.loads((self.root / "checkpoints" / latest.read_text().strip() / "state.json").read_text())

@@ -102,8 +102,14 @@ class Preference(Message):
     source: str = "human"
 
 
+GENERATOR_HEARTBEAT_SECONDS = 15.0  # a generator reports at least this often, busy or idle
+GENERATOR_STALE_SECONDS = 120.0  # a report older than this is from a generator that is gone
+
+
 class GeneratorStatus(Message):
-    """What a generator reports (KV key `generator.<id>`)."""
+    """What a generator reports (KV key `generator.<id>`). Reports of generators that are gone
+    stay (their rollout counts still add up) but are not fresh: the learner no longer spares
+    their snapshot from pruning and the operator leaves them out of `generatorVersions`."""
 
     kind: ClassVar[str] = "generator-status"
     generator_id: str
@@ -112,6 +118,9 @@ class GeneratorStatus(Message):
     tokens: int = 0
     tokens_per_second: float = 0.0
     updated: float = Field(default_factory=time.time)
+
+    def fresh(self, now: float) -> bool:
+        return now - self.updated <= GENERATOR_STALE_SECONDS
 
 
 class LearnerProgress(Message):
