@@ -38,6 +38,14 @@ def tiny_job(name: str, **overrides) -> AsyncRLHFJob:
                                         "metadata": {"name": name}, "spec": spec})
 
 
+def consumed_ids(run_dir: Path) -> list[str]:
+    """Every rollout group id the learner trained on, step by step, from its ledger."""
+    lines = (run_dir / "ledger.jsonl").read_text().splitlines()
+    steps = [json.loads(line) for line in lines]
+    assert [s["step"] for s in steps] == list(range(1, len(steps) + 1))  # each step once, in order
+    return [rid for s in steps for rid, _generator, _version in s["rollouts"]]
+
+
 def final_state(run_dir: Path) -> dict:
     checkpoints = run_dir / "volume" / "checkpoints"
     return json.loads((checkpoints / (checkpoints / "LATEST").read_text() / "state.json").read_text())
@@ -107,8 +115,8 @@ def test_learner_killed_mid_run_resumes_with_nothing_lost_or_repeated(tmp_path):
     assert summary["steps"] == steps
     # every rollout produced was consumed exactly once (or counted as dropped)
     assert summary["rollouts_produced"] == summary["rollouts_consumed"] + summary["rollouts_dropped"]
-    consumed = final_state(run.run_dir)["consumed"]
-    assert len(consumed) == len(set(consumed)) == steps * prompts
+    consumed = consumed_ids(run.run_dir)
+    assert final_state(run.run_dir)["consumed"] == len(consumed) == len(set(consumed)) == steps * prompts
     assert set(consumed) == {f"r-killed-p{b}-{i}" for b in range(steps) for i in range(prompts)}
     # the report has each step once, in order, despite the restart
     assert [r["step"] for r in read_metrics(run.run_dir)] == list(range(1, steps + 1))
@@ -212,7 +220,7 @@ def test_job_survives_a_bus_restart(tmp_path):
     run = LocalRun(job, tmp_path / "bus", quiet=True)
     result = asyncio.run(_run_and_restart_bus(run, after_step=3, outage=2.0))
     assert result.ok and result.summary["steps"] == 8
-    consumed = final_state(run.run_dir)["consumed"]
+    consumed = consumed_ids(run.run_dir)
     assert sorted(consumed) == sorted(f"r-bus-restart-p{b}-{i}" for b in range(8) for i in range(4))
 
 

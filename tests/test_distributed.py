@@ -304,7 +304,7 @@ async def unacked_prompts(js, bus) -> set[str]:
 
 @pytest.mark.slow
 def test_two_generators_and_a_two_process_learner_survive_a_generator_and_a_learner_rank_killed(tmp_path):
-    from test_core_loop import final_state, tiny_job
+    from test_core_loop import consumed_ids, tiny_job
 
     steps, prompts = 24, 4  # steps take ~0.3 s: enough of them to still be running after the freeze
     job = tiny_job("scaleout", generator={"engine": "hf", "replicas": 2}, nats={"ackWaitSeconds": 2},
@@ -316,7 +316,7 @@ def test_two_generators_and_a_two_process_learner_survive_a_generator_and_a_lear
     summary = result.summary
     # the generator's death restarted nothing; rank 1's restarted the learner group once
     assert result.ok and summary["steps"] == steps and summary["learner_restarts"] == 1
-    consumed = final_state(run.run_dir)["consumed"]
+    consumed = consumed_ids(run.run_dir)
     assert sorted(consumed) == sorted(f"r-scaleout-p{b}-{i}" for b in range(steps) for i in range(prompts))
     assert summary["staleness_max"] <= 1
     # what gen-0 held when it died was generated again, by gen-1

@@ -6,6 +6,8 @@ import asyncio
 import time
 import types
 
+import pytest
+
 from asyncrlhf.api import JobSpec
 from asyncrlhf.bus import JobBus
 from asyncrlhf.learner import Learner
@@ -77,3 +79,27 @@ def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
     kv = FakeKV({k: v.encode() if isinstance(v, GeneratorStatus) else v for k, v in reports.items()})
     asyncio.run(learner._prune(kv))
     assert list_versions(learner.root) == [1, 4, 5]
+
+
+def test_prompt_records_are_forgotten_once_trained_on_and_resume_at_the_same_place(tmp_path):
+    spec = JobSpec.model_validate({"learner": {"promptsPerStep": 3}})
+    bus = JobBus("default", "records")
+    fresh = Learner(spec, bus, "", str(tmp_path / "a"), str(tmp_path / "run-a"))
+    expected = {b: [r.text for r in fresh.batch_records(b)] for b in range(8)}
+    assert len({t for texts in expected.values() for t in texts}) > 3  # distinct batches
+
+    run = Learner(spec, bus, "", str(tmp_path / "b"), str(tmp_path / "run-b"))
+    for step in range(6):
+        assert [r.text for r in run.batch_records(step)] == expected[step]
+        assert [r.text for r in run.batch_records(step + 1)] == expected[step + 1]  # released ahead
+        run.state.rereleased[f"{step}:0"] = 1
+        run.forget_before(step + 1)
+        assert len(run._records) <= 3  # only batch step+1 is kept
+        assert set(run.state.rereleased) == set()  # re-release counts of past batches go too
+    with pytest.raises(IndexError, match="batch 2 was trained on"):
+        run.batch_records(2)
+
+    resumed = Learner(spec, bus, "", str(tmp_path / "c"), str(tmp_path / "run-c"))
+    resumed.state.step = 5  # as restore() leaves it
+    assert [r.text for r in resumed.batch_records(6)] == expected[6]
+    assert [r.text for r in resumed.batch_records(5)] == expected[5]

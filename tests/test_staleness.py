@@ -26,18 +26,18 @@ def rollout(batch: int, version: int, index: int = 0, rid: str = "r") -> Rollout
                         completions=[], policy_version=version, generator_id="g")
 
 
-@pytest.mark.parametrize("group, step, n, consumed, slot, verdict", [
-    (rollout(5, 4), 5, 1, set(), {}, "keep"),           # staleness 1 <= N
-    (rollout(5, 5), 5, 0, set(), {}, "keep"),           # on-policy
-    (rollout(5, 3), 5, 1, set(), {}, "stale"),          # 2 versions old
-    (rollout(7, 6), 5, 1, set(), {}, "keep"),           # a later batch: judged at the step that uses it
-    (rollout(7, 5), 5, 1, set(), {}, "stale"),
-    (rollout(5, 4, rid="x"), 5, 1, {"x"}, {}, "duplicate"),   # trained on before a restart
-    (rollout(5, 4, index=2), 5, 1, set(), {2: None}, "duplicate"),  # slot already filled
-    (rollout(4, 4), 5, 1, set(), {}, "duplicate"),      # its step is past
+@pytest.mark.parametrize("group, step, n, slot, verdict", [
+    (rollout(5, 4), 5, 1, {}, "keep"),           # staleness 1 <= N
+    (rollout(5, 5), 5, 0, {}, "keep"),           # on-policy
+    (rollout(5, 3), 5, 1, {}, "stale"),          # 2 versions old
+    (rollout(7, 6), 5, 1, {}, "keep"),           # a later batch: judged at the step that uses it
+    (rollout(7, 5), 5, 1, {}, "stale"),
+    (rollout(5, 4), 6, 1, {}, "duplicate"),      # trained on at step 5, redelivered after a restart
+    (rollout(5, 4, index=2), 5, 1, {2: None}, "duplicate"),  # slot already filled
+    (rollout(4, 4), 5, 1, {}, "duplicate"),      # its step is past
 ])
-def test_classify(group, step, n, consumed, slot, verdict):
-    assert classify(group, step, n, consumed, slot) == verdict
+def test_classify(group, step, n, slot, verdict):
+    assert classify(group, step, n, slot) == verdict
 
 
 def test_release_plus_min_version_bounds_staleness_without_deadlock():

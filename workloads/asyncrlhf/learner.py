@@ -8,9 +8,11 @@ The loop of the Async RLHF paper, made durable:
     batch b+1 with θ_b.
   * Step b trains on exactly batch b's groups (in prompt order), so runs are reproducible and
     `mode: sync` is the same computation as `maxStaleness: 0`.
-  * Rollouts are acked only after the checkpoint that includes their step is durable. The
-    checkpoint stores the ids it consumed, so a redelivery after a crash is recognised and skipped:
-    a learner killed at any moment resumes with no rollout lost and none trained on twice.
+  * Rollouts are acked only after the checkpoint that includes their step is durable. A
+    redelivery after a crash belongs to a batch the checkpoint already trained on (batch < step)
+    and is skipped: a learner killed at any moment resumes with no rollout lost and none trained
+    on twice. The state stays O(1) in the run's length; which rollout each step used is written to
+    `ledger.jsonl` next to the metrics (an audit trail, not read back).
   * A rollout older than N versions (possible only if a generator ignores `min_version`) is
     dropped — acked, counted — and its prompt is released again.
 """
@@ -49,6 +51,7 @@ from .training import make_backend, to_batch
 
 log = logging.getLogger("asyncrlhf.learner")
 CHECKPOINTS_KEPT = 2
+LEDGER = "ledger.jsonl"
 
 
 @dataclass
@@ -58,7 +61,7 @@ class LearnerState:
     step: int = 0
     published_version: int = 0
     released_through: int = -1
-    consumed: list[str] = field(default_factory=list)  # rollout ids trained on, in order
+    consumed: int = 0  # rollout groups trained on
     dropped: int = 0
     duplicates: int = 0
     rereleased: dict[str, int] = field(default_factory=dict)  # "batch:index" -> attempts
@@ -85,7 +88,6 @@ class Learner:
         self.state = LearnerState()
         self.pending: dict[int, dict[int, tuple[RolloutGroup, object]]] = {}
         self.held: list = []  # msgs consumed since the last checkpoint: acked after it
-        self.consumed_set: set[str] = set()
         self.stopping = asyncio.Event()
         buffer_spec = spec.async_.replay_buffer
         self.replay = ReplayBuffer.from_spec(buffer_spec) if replay_enabled(buffer_spec, spec.algorithm.loss) else None
@@ -93,7 +95,8 @@ class Learner:
         self.head = HeadLearner(spec) if spec.task.reward.kind == "onepass" else None
         self._pref_sub = None
         self._kv = None
-        self._records: list[PromptRecord] = []
+        self._records: list[PromptRecord] = []  # the prompts of batches _records_base, _records_base + 1, ...
+        self._records_base = 0
         self._stream = prompt_stream(spec.task.prompts, spec.learner.seed)
         # The training clock starts when the first batch is complete (engine start-up is not
         # training time, and is the same in sync and async mode); a resumed learner's clock runs
@@ -104,10 +107,26 @@ class Learner:
     # --- prompts -------------------------------------------------------------------------
 
     def batch_records(self, b: int) -> list[PromptRecord]:
-        need = (b + 1) * self.prompts_per_step
+        """Batch b's prompts (b >= the current step: earlier batches are forgotten)."""
+        per = self.prompts_per_step
+        if b < self._records_base:
+            raise IndexError(f"batch {b} was trained on and forgotten (oldest kept: {self._records_base})")
+        if self._records_base == 0 and not self._records and self.state.step:  # resumed: skip what was used
+            self._records_base = self.state.step
+            for _ in itertools.islice(self._stream, self.state.step * per):
+                pass
+        need = (b + 1 - self._records_base) * per
         if len(self._records) < need:
             self._records.extend(itertools.islice(self._stream, need - len(self._records)))
-        return self._records[b * self.prompts_per_step : need]
+        return self._records[(b - self._records_base) * per : need]
+
+    def forget_before(self, step: int) -> None:
+        """Drop what only batches before `step` needed: memory stays flat however long the run."""
+        if step > self._records_base:
+            drop = min(len(self._records), (step - self._records_base) * self.prompts_per_step)
+            del self._records[:drop]
+            self._records_base += drop // self.prompts_per_step
+        self.state.rereleased = {k: v for k, v in self.state.rereleased.items() if int(k.split(":")[0]) >= step}
 
     async def release_prompts(self, js) -> None:
         st = self.state
@@ -147,7 +166,7 @@ class Learner:
     async def accept(self, js, msg, step: int) -> None:
         group = RolloutGroup.decode(msg.data)
         slot = self.pending.setdefault(group.batch, {})
-        verdict = classify(group, step, self.n, self.consumed_set, slot)
+        verdict = classify(group, step, self.n, slot)
         if verdict == "keep":
             slot[group.index] = (group, msg)
             return
@@ -245,8 +264,9 @@ class Learner:
         saved = json.loads((directory / "state.json").read_text())
         weights = saved.pop("weights")
         saved.pop("checksum")
+        if isinstance(saved.get("consumed"), list):  # checkpoints of 0.1.x kept every id
+            saved["consumed"] = len(saved["consumed"])
         self.state = LearnerState(**saved)
-        self.consumed_set = set(self.state.consumed)
         if self.replay is not None and self.state.replay is not None:
             self.replay.load_state_dict(self.state.replay)
             version, internal, gauss = self.state.replay_rng
@@ -256,14 +276,21 @@ class Learner:
         self.backend.load_weights(Path(weights))
         self.backend.load_state(directory)
         self._truncate_metrics(self.state.step)
+        self._truncate_ledger(self.state.step)
         self._started = time.monotonic()
         log.info("resumed from %s at step %d", directory, self.state.step)
 
     def _truncate_metrics(self, step: int) -> None:
-        path = self.run_dir / "metrics.jsonl"
-        if path.exists():
-            kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
+        truncate_jsonl(self.run_dir / "metrics.jsonl", step)
+
+    def _truncate_ledger(self, step: int) -> None:
+        truncate_jsonl(self.run_dir / LEDGER, step)
+
+    def write_ledger(self, step: int, groups: list[RolloutGroup]) -> None:
+        """Which rollout groups step `step` trained on: id, generator, policy version."""
+        line = {"step": step + 1, "rollouts": [[g.id, g.generator_id, g.policy_version] for g in groups]}
+        with open(self.run_dir / LEDGER, "a") as handle:
+            handle.write(json.dumps(line, separators=(",", ":")) + "\n")
 
     async def publish_weights(self, js, kv) -> None:
         """Snapshot → checkpoint → ack → announce: generators only ever see durable weights."""
@@ -312,7 +339,7 @@ class Learner:
             "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
             "policy_versions": sorted({g.policy_version for g in groups}),
             "samples": len(scores), "step_seconds": round(step_seconds, 4),
-            "consumed": len(self.state.consumed), "dropped": self.state.dropped,
+            "consumed": self.state.consumed, "dropped": self.state.dropped,
             **{k: round(v, 6) for k, v in metrics.items()},
         }
         with open(self.run_dir / "metrics.jsonl", "a") as handle:
@@ -324,7 +351,7 @@ class Learner:
 
     def progress(self, row: Optional[dict], done: bool = False, failed: str = "") -> LearnerProgress:
         st = self.state
-        consumed = len(st.consumed)
+        consumed = st.consumed
         elapsed = self.elapsed()
         samples = consumed * self.spec.algorithm.samples_per_prompt
         return LearnerProgress(
@@ -371,9 +398,10 @@ class Learner:
                 metrics["replay_items"] = float(len(self.replay))
                 metrics["replay_version_mean"] = sum(g.policy_version for g in train_on) / len(train_on)
             self.state.step = step + 1
-            self.state.consumed.extend(g.id for g in groups)
-            self.consumed_set.update(g.id for g in groups)
+            self.state.consumed += len(groups)
             row = self.record(step, groups, metrics, time.monotonic() - started)
+            self.write_ledger(step, groups)
+            self.forget_before(step + 1)
             if self.state.step % self.k == 0 or self.state.step == total:
                 await self.publish_weights(js, kv)
             await kv.put("learner", self.progress(row).encode())
@@ -381,15 +409,28 @@ class Learner:
             await kv.put("learner", self.progress(row, done=True).encode())
 
 
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed learner writes the later ones again)."""
+    if not path.exists():
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            if line.strip() and json.loads(line)["step"] <= step:
+                dst.write(line if line.endswith("\n") else line + "\n")
+    os.replace(tmp, path)
+
+
 def release_range(published_version: int, max_staleness: int, released_through: int, total_steps: int) -> range:
     """Batches whose prompts may be released now: b <= published + N (and not released yet)."""
     return range(released_through + 1, min(total_steps - 1, published_version + max_staleness) + 1)
 
 
-def classify(group: RolloutGroup, step: int, max_staleness: int, consumed: set[str], slot: dict) -> str:
-    """'duplicate' (already trained on or already have that slot), 'stale' (older than N
-    versions at the step that will use it) or 'keep'."""
-    if group.id in consumed or group.index in slot or group.batch < step:
+def classify(group: RolloutGroup, step: int, max_staleness: int, slot: dict) -> str:
+    """'duplicate' (its batch was trained on already, or its slot is filled), 'stale' (older than
+    N versions at the step that will use it) or 'keep'. Step b trains exactly batch b, so
+    `batch < step` recognises every redelivery of a rollout that was used, with no id list."""
+    if group.batch < step or group.index in slot:
         return "duplicate"
     if max(group.batch, step) - group.policy_version > max_staleness:
         return "stale"
