@@ -250,7 +250,13 @@ def test_a_child_that_refuses_its_manifest_is_not_restarted(tmp_path):
             super().prepare()
             self.config.write_text(self.config.read_text().replace("totalSteps: 3", "totalSteps: -3"))
 
-    result = asyncio.run(BadConfigRun(_hf_job("refused"), tmp_path / "refused", quiet=True).run())
+    run = BadConfigRun(_hf_job("refused"), tmp_path / "refused", quiet=True)
+    result = asyncio.run(run.run())
     assert not result.ok
     assert result.summary["learner_restarts"] == 0
-    assert "totalSteps" in (tmp_path / "refused" / "learner-0.log").read_text()
+    assert all(c.attempt == 0 for c in run.children)  # no generator restarted either
+    # learner and generator both refuse it; whichever exits first ends the run (the other is stopped)
+    refused = [c for c in run.children if c.proc.returncode == 2]
+    assert refused
+    for child in refused:
+        assert "totalSteps" in (tmp_path / "refused" / f"{child.role}-{child.index}.log").read_text()

@@ -375,3 +375,57 @@ if __name__ == "__main__":
     root, runs = Path(sys.argv[1]), sys.argv[2:]
     for loss, stage in zip(runs[::2], runs[1::2]):
         worker(root / f"zero{stage}", loss, int(stage))
+
+
+async def _add_a_generator_after(run: LocalRun, after_step: int) -> tuple[object, int]:
+    """Start a second generator once `after_step` steps are done. The learner is held (SIGSTOP)
+    until the newcomer has reported in, or a short run could end before its first rollout."""
+    task = asyncio.create_task(run.run())
+    while len(read_metrics(run.run_dir)) < after_step:
+        assert not task.done(), "the run ended before a generator could be added"
+        await asyncio.sleep(0.1)
+    learner = run.learner().proc
+    os.kill(learner.pid, signal.SIGSTOP)
+    run.spawn("generator", 1)  # what a new replica is: a process pointed at the same bus
+    added_at = len(read_metrics(run.run_dir))
+    nc = await connect(run.url)
+    kv = await nc.jetstream().key_value(run.bus.bucket)
+    try:
+        for _ in range(1200):
+            try:
+                await kv.get("generator.gen-1-0")
+                break
+            except nats.js.errors.KeyNotFoundError:
+                await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the added generator never reported in")
+    finally:
+        os.kill(learner.pid, signal.SIGCONT)
+        await nc.close()
+    return await task, added_at
+
+
+@pytest.mark.slow
+def test_a_generator_added_mid_run_takes_work_and_nothing_restarts(tmp_path):
+    from test_core_loop import consumed_ids, tiny_job
+
+    steps, prompts = 20, 4
+    # N=4: several batches are out at once, so the newcomer finds work while gen-0 is busy
+    job = tiny_job("added", generator={"engine": "hf", "replicas": 1}, **{"async": {"maxStaleness": 4}},
+                   learner={"totalSteps": steps, "promptsPerStep": prompts})
+    run = LocalRun(job, tmp_path / "added", quiet=True)
+    result, added_at = asyncio.run(_add_a_generator_after(run, after_step=3))
+
+    assert result.ok and result.summary["steps"] == steps and result.summary["learner_restarts"] == 0
+    assert added_at < steps - 5, "added too late to show anything"
+    # nothing was restarted: one learner process, gen-0's first attempt, the newcomer's first attempt
+    assert sorted((c.role, c.index, c.attempt) for c in run.children) == [
+        ("generator", 0, 0), ("generator", 1, 0), ("learner", 0, 0)]
+    ledger = [json.loads(line) for line in (run.run_dir / "ledger.jsonl").read_text().splitlines()]
+    by_generator = {gen for row in ledger for _id, gen, _v in row["rollouts"]}
+    assert by_generator == {"gen-0-0", "gen-1-0"}  # the newcomer's rollouts were trained on
+    first_new = min(row["step"] for row in ledger for _id, gen, _v in row["rollouts"] if gen == "gen-1-0")
+    assert first_new > added_at
+    consumed = consumed_ids(run.run_dir)
+    assert sorted(consumed) == sorted(f"r-added-p{b}-{i}" for b in range(steps) for i in range(prompts))
+    assert result.summary["staleness_max"] <= 4

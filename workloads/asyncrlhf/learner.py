@@ -195,7 +195,7 @@ class Learner:
             return
         await asyncio.to_thread(self.head.learn, [Preference.decode(m.data) for m in msgs])
         self.held.extend(msgs)
-        await self._kv.put(HEAD_KEY, self.head.head_message())
+        await put_soon(self._kv, HEAD_KEY, self.head.head_message())
 
     def replay_sample(self, groups: list[RolloutGroup], step: int) -> list[RolloutGroup]:
         """TBA: store the new completions, then train on K per prompt drawn from the buffer
@@ -305,7 +305,10 @@ class Learner:
         self._started = time.monotonic()
         await asyncio.to_thread(self.save_checkpoint, info)
         for msg in self.held:
-            await msg.ack()
+            try:
+                await msg.ack()
+            except (nats.errors.Error, asyncio.TimeoutError) as err:  # redelivered later, then skipped
+                log.warning("could not ack a rollout (it will come back and be skipped): %s", err)
         self.held.clear()
         if self.replay is not None:
             self.replay.mark_sync()
@@ -316,7 +319,12 @@ class Learner:
     async def _prune(self, kv) -> None:
         in_use = {self.state.published_version}
         now = time.time()
-        for status in await generator_statuses(kv):
+        try:
+            statuses = await generator_statuses(kv)
+        except (nats.errors.Error, asyncio.TimeoutError) as err:
+            log.warning("not pruning snapshots this time: cannot read the generators' versions: %s", err)
+            return
+        for status in statuses:
             if status.fresh(now):  # a generator gone for good no longer holds its version's snapshot
                 in_use.add(status.policy_version)
         latest = self.root / "checkpoints" / "LATEST"
@@ -404,9 +412,25 @@ class Learner:
             self.forget_before(step + 1)
             if self.state.step % self.k == 0 or self.state.step == total:
                 await self.publish_weights(js, kv)
-            await kv.put("learner", self.progress(row).encode())
+            await put_soon(kv, "learner", self.progress(row).encode())
         if self.state.step >= total:
-            await kv.put("learner", self.progress(row, done=True).encode())
+            await put_soon(kv, "learner", self.progress(row, done=True).encode(), attempts=30)
+
+
+async def put_soon(kv, key: str, value: bytes, attempts: int = 1) -> bool:
+    """A KV put that a bus hiccup does not turn into a crash: progress and the reward head are
+    written again at the next step. `attempts` > 1 retries once a second (the final progress)."""
+    for attempt in range(attempts):
+        try:
+            await kv.put(key, value)
+            return True
+        except (nats.errors.Error, asyncio.TimeoutError) as err:
+            log.warning("could not write %s to the job's KV bucket (try %d/%d): %s", key, attempt + 1, attempts, err)
+            if attempt + 1 < attempts:
+                await asyncio.sleep(1.0)
+    if attempts > 1:
+        raise RuntimeError(f"could not write {key} to the job's KV bucket after {attempts} tries")
+    return False
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
