@@ -530,3 +530,19 @@ def test_operator_needs_a_scope(monkeypatch):
         main.run()
     with pytest.raises(ValueError, match="not both"):
         main.run(namespace="a", all_namespaces=True)
+
+
+def test_operator_command_passes_its_intervals_and_its_help_shows_the_real_defaults(monkeypatch):
+    from asyncrlhf import cli
+    from asyncrlhf_operator import main as operator_main
+    from asyncrlhf_operator.handlers import OperatorConfig
+
+    seen = {}
+    monkeypatch.setattr(operator_main, "run", lambda **kwargs: seen.update(kwargs))
+    assert cli.main(["operator", "--all-namespaces", "--resync-interval", "7"]) == 0
+    assert seen["all_namespaces"] and seen["resync_interval"] == 7.0
+    assert "status_interval" not in seen  # unset: main.run's default, which is OperatorConfig's
+    operator_parser = cli.build_parser()._subparsers._group_actions[0].choices["operator"]
+    helps = {a.dest: a.help for a in operator_parser._actions}
+    assert f"default {OperatorConfig.status_interval:g})" in helps["status_interval"]
+    assert f"default {OperatorConfig.resync_interval:g})" in helps["resync_interval"]
