@@ -291,3 +291,53 @@ def test_cel_rules_agree_with_pydantic(case, job, field):
     assert cel_failures(job) == ([field] if field else [])
     error = pydantic_error(job)
     assert (error is None) == (field is None), error
+
+
+# ---------------------------------------------------------------------------------------------
+# Immutable fields: CEL transition rules (the apiserver) and the operator's own check
+
+
+def _node(schema: dict[str, Any], path: str) -> dict[str, Any]:
+    node = schema["properties"]["spec"]
+    for part in path.split("."):
+        node = node["properties"][part]
+    return node
+
+
+@pytest.mark.parametrize("path,old,new", [
+    ("model", {"policy": "a", "reference": "", "tokenizer": "", "dtype": "float32"},
+     {"policy": "b", "reference": "", "tokenizer": "", "dtype": "float32"}),
+    ("learner.promptsPerStep", 16, 32),
+])
+def test_immutable_fields_have_a_transition_rule_that_rejects_a_change(path, old, new):
+    rules = _node(crd.spec_schema(), path)["x-kubernetes-validations"]
+    [rule] = [r for r in rules if "oldSelf" in r["rule"]]
+    assert rule["message"].startswith(f"spec.{path} is immutable")
+    program = _CEL.program(_CEL.compile(rule["rule"]))
+
+    def passes(before, after) -> bool:
+        return bool(program.evaluate({"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(before)}))
+
+    assert passes(old, copy.deepcopy(old)) and not passes(old, new)
+
+
+def test_the_operator_refuses_a_changed_immutable_field_and_accepts_it_set_back():
+    from asyncrlhf_operator.validation import IMMUTABLE_ANNOTATION, recorded_immutables, validate
+
+    original = manifest("imm", model={"policy": "org/policy-1b"}, learner={"promptsPerStep": 8})
+    job, error = validate(original)
+    assert error == ""
+    recorded = {**original, "metadata": {**original["metadata"],
+                                         "annotations": {IMMUTABLE_ANNOTATION: recorded_immutables(job)}}}
+    assert validate(recorded)[1] == ""
+
+    changed = copy.deepcopy(recorded)
+    changed["spec"]["model"]["policy"] = "org/policy-8b"
+    job, error = validate(changed)
+    assert job is None and error.startswith("spec.model: is immutable") and "org/policy-1b" in error
+    changed["spec"]["model"]["policy"] = "org/policy-1b"
+    changed["spec"]["learner"]["promptsPerStep"] = 16
+    assert validate(changed)[1].startswith("spec.learner.promptsPerStep: is immutable")
+    changed["spec"]["learner"]["promptsPerStep"] = 8
+    changed["spec"]["learner"]["totalSteps"] = 5000  # other fields may change
+    assert validate(changed)[1] == ""

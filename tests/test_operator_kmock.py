@@ -29,6 +29,7 @@ from asyncrlhf import api
 from asyncrlhf.bus import EmbeddedNats, JobBus
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 from asyncrlhf_operator.handlers import OperatorConfig, build_registry
+from asyncrlhf_operator.validation import IMMUTABLE_ANNOTATION
 
 NS = "default"
 RESYNC = 2.0  # the operator re-applies every child this often (60 s by default)
@@ -320,14 +321,16 @@ def test_children_deleted_or_edited_by_hand_come_back(cluster):
     create_job(kube, "iota", generator={"replicas": 2})
     original = eventually(lambda: all(children_of(kube, "iota").values()) and children_of(kube, "iota"),
                           what="children")
-    for kind in ("Deployment", "ConfigMap", "NetworkPolicy", "ServiceAccount"):
+    deleted = ("Deployment", "ConfigMap", "NetworkPolicy", "ServiceAccount")
+    for kind in deleted:
         kube.call("DELETE", CHILDREN[kind].format("iota"))
     kube.call("PATCH", CHILDREN["Service"].format("iota"), {"spec": {"clusterIP": "10.0.0.1"}})
     run_async(_js_call(url, lambda js: js.delete_stream(JobBus(NS, "iota").stream)))
-    assert kube.get(CHILDREN["Deployment"].format("iota")) is None and not stream_exists(url, "iota")
+    uid = {kind: original[kind]["metadata"]["uid"] for kind in deleted}
     restored = eventually(lambda: (c := children_of(kube, "iota")) and all(c.values())
+                          and all(c[kind]["metadata"]["uid"] != uid[kind] for kind in deleted)
                           and c["Service"]["spec"].get("clusterIP") == "None" and c,
-                          timeout=4 * RESYNC + 10, what="children re-applied at the resync")
+                          timeout=4 * RESYNC + 10, what="children re-created and re-applied at the resync")
     assert restored["Deployment"]["spec"] == original["Deployment"]["spec"]
     assert restored["ConfigMap"]["data"] == original["ConfigMap"]["data"]
     assert eventually(lambda: stream_exists(url, "iota"), what="the stream again")
@@ -379,6 +382,25 @@ def test_invalid_spec_fails_naming_the_field(cluster):
     invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
     assert invalid["status"] == "True" and invalid["message"].startswith("spec.algorithm.samplesPerPrompt:")
     assert kube.get(CHILDREN["Deployment"].format("zeta")) is None and not stream_exists(url, "zeta")
+
+
+def test_a_changed_immutable_field_fails_the_job_until_it_is_set_back(cluster):
+    kube, _ = cluster
+    # kmock does not run the CRD's transition rules (`self == oldSelf`): the operator's check answers
+    create_job(kube, "kappa", model={"policy": "builtin:tiny-sort"})
+    job_path = CHILDREN["Job"].format("kappa")
+    learner = eventually(lambda: kube.get(job_path), what="learner Job")
+    eventually(lambda: IMMUTABLE_ANNOTATION in (kube.get(f"{CR}/kappa")["metadata"].get("annotations") or {}),
+               what="the immutable fields recorded")
+    kube.call("PATCH", f"{CR}/kappa", {"spec": {"model": {"policy": "org/other-model"}}})
+    status = eventually(lambda: (s := job_status(kube, "kappa")).get("phase") == "Failed" and s, what="Failed")
+    invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
+    assert invalid["status"] == "True" and invalid["message"].startswith("spec.model: is immutable")
+    time.sleep(2 * RESYNC)  # neither the update nor a resync replaced the learner with the new model
+    assert kube.get(job_path)["metadata"]["uid"] == learner["metadata"]["uid"]
+    kube.call("PATCH", f"{CR}/kappa", {"spec": {"model": {"policy": "builtin:tiny-sort"}}})
+    assert eventually(lambda: job_status(kube, "kappa").get("phase") == "Pending", what=f"Pending again")
+    assert kube.get(job_path)["metadata"]["uid"] == learner["metadata"]["uid"]
 
 
 def test_delete_removes_the_stream(cluster):

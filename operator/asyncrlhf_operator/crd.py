@@ -66,6 +66,15 @@ def generate_crd() -> dict[str, Any]:
     spec = _convert(props["spec"], defs, fill_defaults=True)
     spec["default"] = {}
     spec["x-kubernetes-validations"] = [_cel_rule(rule) for rule in api.CROSS_FIELD_RULES]
+    for path in api.IMMUTABLE_FIELDS:
+        node = spec
+        for part in path.split("."):
+            node = node["properties"][part]
+        # a transition rule: evaluated on updates only, the standard Kubernetes immutability rule
+        node.setdefault("x-kubernetes-validations", []).append({
+            "rule": "self == oldSelf", "message": f"spec.{path} {api.IMMUTABLE_MESSAGE}",
+            "reason": "FieldValueForbidden",
+        })
     status = _convert(props["status"], defs, fill_defaults=False)
     status["description"] = "Observed state, written by the operator."
     root = {

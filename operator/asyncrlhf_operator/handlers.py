@@ -33,8 +33,8 @@ from . import plan
 from .jetstream import Buses, Credentials, job_bus, read_credentials
 from .kube import Kube
 from .metrics import instrumented, record_phase
-from .status import TERMINAL, Observed, compute_status, learner_action, status_patch, ttl_expired
-from .validation import validate
+from .status import TERMINAL, Observed, compute_status, is_finished, learner_action, status_patch, ttl_expired
+from .validation import IMMUTABLE_ANNOTATION, recorded_immutables, validate
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 PREFIX = api.GROUP
@@ -209,10 +209,11 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
     if job is None:
         reject(body, patch, error, body["metadata"].get("generation", 0))
         return
+    if IMMUTABLE_ANNOTATION not in (body["metadata"].get("annotations") or {}):
+        patch.metadata.annotations[IMMUTABLE_ANNOTATION] = recorded_immutables(job)
     url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
     await ctx.buses.ensure(job, url, credentials)
-    finished = (body.get("status") or {}).get("phase") in TERMINAL
-    await apply_children(ctx, body, job, finished=finished)
+    await apply_children(ctx, body, job, finished=is_finished(body.get("status") or {}))
     ctx.mark_resynced(body["metadata"].get("uid", ""))
     logger.info("applied the children and the bus of %s", job.metadata.name)
 
@@ -247,8 +248,7 @@ async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logge
     if job is None:
         reject(body, patch, error, body["metadata"].get("generation", 0))
         return
-    finished = (body.get("status") or {}).get("phase") in TERMINAL
-    await apply_children(memo.ctx, body, job, kinds=kinds, finished=finished)
+    await apply_children(memo.ctx, body, job, kinds=kinds, finished=is_finished(body.get("status") or {}))
     logger.info("applied %s for a change of %s", sorted(kinds), sorted(changed_paths(diff)))
 
 
@@ -324,7 +324,7 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
         owner = owner_of(body)
         record_phase(owner.namespace, owner.name, "Failed")
         return
-    if previous.get("phase") in TERMINAL:
+    if is_finished(previous):
         await wind_down(ctx, body, job, previous)
         return
     o = await observe_children(ctx, body, job)

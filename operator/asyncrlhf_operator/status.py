@@ -145,6 +145,11 @@ def _condition(status: dict[str, Any], kind: str) -> Optional[dict[str, Any]]:
     return None
 
 
+def is_finished(status: dict[str, Any]) -> bool:
+    """Succeeded or Failed for good: not a SpecInvalid failure, which ends when the spec is fixed."""
+    return status.get("phase") in TERMINAL and _failed_reason(status) != "SpecInvalid"
+
+
 def _failed_reason(status: dict[str, Any]) -> str:
     return (_condition(status, "Failed") or {}).get("reason", "")
 

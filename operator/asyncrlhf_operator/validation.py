@@ -7,15 +7,43 @@ naming the field, e.g. `spec.async.maxStaleness: ...`.
 
 from __future__ import annotations
 
+import json
 from typing import Any, Mapping, Optional
 
 import pydantic
 
 from asyncrlhf import api
 
+# What the immutable fields were when the operator took the job in (JSON, on the job itself).
+IMMUTABLE_ANNOTATION = f"{api.GROUP}/immutable-fields"
+
+
+def recorded_immutables(job: api.AsyncRLHFJob) -> str:
+    return json.dumps(api.immutable_values(job.spec), sort_keys=True, separators=(",", ":"))
+
 
 def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
-    """(the job, "") or (None, "<field path>: <what is wrong>")."""
+    """(the job, "") or (None, "<field path>: <what is wrong>"), including an immutable field that
+    changed since the operator recorded it (a CRD with its transition rules rejects that first)."""
+    job, error = validate_spec(body)
+    if job is None:
+        return job, error
+    recorded = ((body.get("metadata") or {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION)
+    if recorded:
+        try:
+            before = json.loads(recorded)
+        except ValueError:
+            before = {}
+        now = api.immutable_values(job.spec)
+        for path in api.IMMUTABLE_FIELDS:
+            if path in before and before[path] != now[path]:
+                return None, (f"spec.{path}: {api.IMMUTABLE_MESSAGE}; it was "
+                              f"{json.dumps(before[path], sort_keys=True)}")
+    return job, ""
+
+
+def validate_spec(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
+    """The spec alone against the pydantic models."""
     meta = body.get("metadata") or {}
     manifest = {
         "apiVersion": body.get("apiVersion", api.API_VERSION),

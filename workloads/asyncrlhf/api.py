@@ -42,12 +42,13 @@ class ModelSpec(_Model):
         "builtin:tiny-sort",
         description="Policy to train: a Hugging Face hub id, a path on a mounted volume, or "
         "'builtin:tiny-sort' (a tiny Llama built locally, for the built-in task).",
-        min_length=1,
+        min_length=1, max_length=1024,
     )
     reference: str = Field(
-        "", description="Frozen reference policy for the KL terms; empty means the initial policy."
+        "", description="Frozen reference policy for the KL terms; empty means the initial policy.",
+        max_length=1024,
     )
-    tokenizer: str = Field("", description="Tokenizer id or path; empty means the policy's.")
+    tokenizer: str = Field("", description="Tokenizer id or path; empty means the policy's.", max_length=1024)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype for generation and training (bfloat16 on GPUs)."
     )
@@ -358,6 +359,26 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: s.learner.backend == "deepspeed" or not s.learner.offload,
     ),
 ]
+
+
+# Fields a running job cannot change: the checkpoint holds this model's weights and optimizer
+# state, and the released batches have this many prompts. The CRD rejects a change with a CEL
+# transition rule (`self == oldSelf`); the operator also compares against what it recorded at
+# creation (for an old CRD), and the job fails with SpecInvalid until the field is set back.
+IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "learner.promptsPerStep")
+IMMUTABLE_MESSAGE = "is immutable: it cannot change while the job exists (set it back, or create a new job)"
+
+
+def immutable_values(spec: JobSpec) -> dict[str, Any]:
+    """{path: value} of IMMUTABLE_FIELDS, defaults filled in, as JSON values."""
+    dumped = spec.model_dump(by_alias=True, mode="json")
+    values = {}
+    for path in IMMUTABLE_FIELDS:
+        value: Any = dumped
+        for part in path.split("."):
+            value = value[part]
+        values[path] = value
+    return values
 
 
 class ObjectMeta(_Model):
