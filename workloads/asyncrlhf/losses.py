@@ -149,7 +149,10 @@ def _require_logprobs(micro: LossBatch) -> Tensor:
 
 
 def _kl_metric(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, norm: Normalizer) -> float:
-    """Sample estimate of KL(pi || pi_ref) per sequence (k1, on the stored samples)."""
+    """k1 estimate of KL per sequence on the stored samples: mean of sum_t (log pi - log pi_ref).
+    The samples come from the generating policy pi_old, so this is unbiased for KL(pi || pi_ref)
+    only on-policy; with stale rollouts it is E_{pi_old}[log pi - log pi_ref] (close when the
+    staleness is small). A monitoring number, not a term of any loss."""
     return (sequence_logprob(logprobs - ref_logprobs, mask).sum() / norm.sequences).item()
 
 
