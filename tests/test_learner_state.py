@@ -9,7 +9,7 @@ import types
 import pytest
 
 from asyncrlhf.api import JobSpec
-from asyncrlhf.bus import JobBus
+from asyncrlhf.bus import EmbeddedNats, JobBus, connect, latest_weights
 from asyncrlhf.learner import Learner
 from asyncrlhf.messages import GENERATOR_STALE_SECONDS, Completion, GeneratorStatus, RolloutGroup
 from asyncrlhf.snapshots import list_versions, write_snapshot
@@ -103,3 +103,28 @@ def test_prompt_records_are_forgotten_once_trained_on_and_resume_at_the_same_pla
     resumed.state.step = 5  # as restore() leaves it
     assert [r.text for r in resumed.batch_records(6)] == expected[6]
     assert [r.text for r in resumed.batch_records(5)] == expected[5]
+
+
+def test_a_restarted_learner_announces_its_checkpointed_snapshot_again(tmp_path):
+    """Killed after a checkpoint and before announcing its snapshot, a learner would leave sync-mode
+    generators waiting for that version for ever; the restarted one announces it first thing."""
+    spec = JobSpec.model_validate({"async": {"mode": "sync"}, "learner": {"totalSteps": 3}})
+    bus = JobBus("default", "reannounce")
+    first = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    first.state.step = first.state.published_version = 3
+    info = write_snapshot(first.root, 3, first.backend.save_weights)
+    first.save_checkpoint(info)  # ... and killed here: nothing announced
+
+    async def restart_and_read() -> object:
+        with EmbeddedNats() as server:
+            restarted = Learner(spec, bus, server.url, str(tmp_path / "vol"), str(tmp_path / "run"))
+            await restarted.run()  # step 3 of 3: announces, reports done, returns
+            nc = await connect(server.url)
+            try:
+                return await latest_weights(nc.jetstream(), bus)
+            finally:
+                await nc.close()
+
+    announced = asyncio.run(restart_and_read())
+    assert announced is not None and announced.version == 3
+    assert announced.checksum == info.checksum and announced.path == info.path

@@ -102,6 +102,7 @@ class Learner:
         # training time, and is the same in sync and async mode); a resumed learner's clock runs
         # from its start, so recovery time counts.
         self._started: Optional[float] = None
+        self._reannounce: Optional[WeightsAnnouncement] = None
         self.restore()
 
     # --- prompts -------------------------------------------------------------------------
@@ -263,7 +264,7 @@ class Learner:
         directory = self.root / "checkpoints" / latest.read_text().strip()
         saved = json.loads((directory / "state.json").read_text())
         weights = saved.pop("weights")
-        saved.pop("checksum")
+        checksum = saved.pop("checksum")
         if isinstance(saved.get("consumed"), list):  # checkpoints of 0.1.x kept every id
             saved["consumed"] = len(saved["consumed"])
         self.state = LearnerState(**saved)
@@ -275,6 +276,10 @@ class Learner:
             self.head.head.load_state_dict(load_numpy(str(directory / "reward_head.safetensors")))
         self.backend.load_weights(Path(weights))
         self.backend.load_state(directory)
+        # killed between this checkpoint and its announcement, the snapshot was never announced;
+        # generators waiting for it would wait for ever (sync mode): announce it again at start
+        # (the same message id: a no-op when it did go out)
+        self._reannounce = WeightsAnnouncement(version=self.state.published_version, path=weights, checksum=checksum)
         self._truncate_metrics(self.state.step)
         self._truncate_ledger(self.state.step)
         self._started = time.monotonic()
@@ -312,9 +317,11 @@ class Learner:
         self.held.clear()
         if self.replay is not None:
             self.replay.mark_sync()
-        ann = WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum)
-        await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{version}-{info.checksum[:16]}")
+        await self.announce(js, WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum))
         await self._prune(kv)
+
+    async def announce(self, js, ann: WeightsAnnouncement) -> None:
+        await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{ann.version}-{ann.checksum[:16]}")
 
     async def _prune(self, kv) -> None:
         in_use = {self.state.published_version}
@@ -377,6 +384,8 @@ class Learner:
         await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
         kv = await js.key_value(self.bus.bucket)
         sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, self.bus.stream)
+        if self._reannounce is not None:
+            await self.announce(js, self._reannounce)
         if self.head is not None:
             self._kv = kv
             self._pref_sub = await js.pull_subscribe_bind(REWARD_CONSUMER, self.bus.stream)
