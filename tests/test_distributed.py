@@ -186,6 +186,7 @@ def assert_close_weights(actual: dict, expected: dict, atol: float) -> None:
 @pytest.mark.parametrize("loss,stage", RUNS)
 def test_deepspeed_on_two_processes_matches_one_torch_process(deepspeed_runs, loss, stage):
     result, out = deepspeed_runs[stage], deepspeed_runs[stage]["dir"]
+    assert result["partitioned_at_load"] == (stage == 3)  # ZeRO-3 loads the policy under zero.Init
     path = resolve_model("builtin:tiny-sort")
     batches = fixed_rollouts(path, STEPS + 1)
     backend, expected = torch_reference(train_spec(loss, stage, "torch"), path, batches)
@@ -350,6 +351,7 @@ def worker(out: Path, loss: str, stage: int) -> None:
     batches = fixed_rollouts(path, STEPS + 1)
     last = to_batch(batches[STEPS], 0)
     leader = make_backend(spec, path, path)
+    partitioned = leader.backend.partitioned_at_load
     try:
         metrics = [leader.train_step(to_batch(groups, leader.pad_id), step) for step, groups in enumerate(batches[:STEPS])]
         snapshot = write_snapshot(out, STEPS, leader.save_weights)
@@ -367,7 +369,8 @@ def worker(out: Path, loss: str, stage: int) -> None:
         write_snapshot(out, STEPS + 2, fresh.save_weights)
     finally:
         release_followers()
-    (out / "result.json").write_text(json.dumps({"metrics": metrics, "resumed_metrics": resumed}))
+    (out / "result.json").write_text(json.dumps({"metrics": metrics, "resumed_metrics": resumed,
+                                                 "partitioned_at_load": partitioned}))
 
 
 if __name__ == "__main__":

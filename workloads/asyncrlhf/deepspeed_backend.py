@@ -25,6 +25,7 @@ What is inherited (training.TorchBackend): the batch layout, the full-batch `pre
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Optional
@@ -124,13 +125,33 @@ class DeepSpeedBackend(TorchBackend):
         if self.device.type == "cpu":
             _skip_shm_comm_build()
         deepspeed.init_distributed(dist_backend=dist.get_backend())
-        self._load_models(spec, policy_path, reference_path)
-        self.ref.to(self.device)
+        self.zero3 = spec.learner.zero_stage == 3
         config = ds_config(spec, self.world)
+        self._config = config
+        self._load_models(spec, policy_path, reference_path)
+        # under ZeRO-3 the policy was loaded already partitioned (zero.Init): no rank ever held all
+        # of it. The reference, only run forward, is whole on each rank.
+        self.partitioned_at_load = self.zero3 and all(hasattr(p, "ds_id") for p in self.model.parameters())
+        self.ref.to(self.device)
         self.steps = config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=TrainModule(self.model, self.value_head), config=config)
-        self.zero3 = spec.learner.zero_stage == 3
+
+    @contextlib.contextmanager
+    def _policy_loading(self):
+        """ZeRO-3: transformers loads the policy under deepspeed.zero.Init, one partition per rank,
+        instead of a whole copy in every process's memory (8 GPUs x an 8B model = 8 copies)."""
+        if not self.zero3:
+            yield
+            return
+        from transformers.integrations.deepspeed import HfDeepSpeedConfig, unset_hf_deepspeed_config
+
+        marker = HfDeepSpeedConfig(self._config)  # transformers sees ZeRO-3 while this object lives
+        try:
+            yield
+        finally:
+            del marker
+            unset_hf_deepspeed_config()
 
     # --- the step ------------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ inherits everything else (the full-batch `prepare`, the normaliser, the loss cal
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,8 +100,9 @@ class TorchBackend:
     def _load_models(self, spec: JobSpec, policy_path: str, reference_path: str) -> None:
         self.spec = spec
         dtype = spec.model.dtype
-        self.model = load_causal_lm(policy_path, dtype).train()
         self.ref = load_causal_lm(reference_path, dtype).eval().requires_grad_(False)
+        with self._policy_loading():
+            self.model = load_causal_lm(policy_path, dtype).train()
         self.loss = get_loss(spec.algorithm.loss)
         self.value_head: Optional[torch.nn.Linear] = None
         if self.loss.needs_value_head:
@@ -110,6 +112,10 @@ class TorchBackend:
             torch.nn.init.zeros_(self.value_head.bias)
         self.pad_id = self.model.config.pad_token_id or 0
         self.temperature = spec.generator.sampling.temperature
+
+    def _policy_loading(self):
+        """The context the trained policy is loaded in (DeepSpeed ZeRO-3 partitions it at load)."""
+        return contextlib.nullcontext()
 
     # --- the step ------------------------------------------------------------------------
 
