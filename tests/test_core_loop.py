@@ -260,3 +260,36 @@ def test_a_child_that_refuses_its_manifest_is_not_restarted(tmp_path):
     assert refused
     for child in refused:
         assert "totalSteps" in (tmp_path / "refused" / f"{child.role}-{child.index}.log").read_text()
+
+
+async def _interrupt_after(run: LocalRun, steps: int) -> None:
+    task = asyncio.create_task(run.run())
+    while len(read_metrics(run.run_dir)) < steps:
+        assert not task.done(), "the run ended before it could be interrupted"
+        await asyncio.sleep(0.1)
+    task.cancel()  # LocalRun stops its children (SIGTERM: the learner stops between steps)
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+def test_a_local_run_resumes_where_it_stopped_and_an_earlier_run_is_never_deleted(tmp_path):
+    from asyncrlhf.local import ResumeError, run_job
+
+    runs = tmp_path / "runs"
+    with pytest.raises(ResumeError, match="nothing to resume"):
+        run_job(_hf_job("again"), runs / "again", quiet=True, resume=True)
+    asyncio.run(_interrupt_after(LocalRun(_hf_job("again", learner={"totalSteps": 6}), runs / "again", quiet=True),
+                                 steps=2))  # as Ctrl-C would: batches released ahead are lost with the bus
+    done = len(read_metrics(runs / "again"))
+    assert 2 <= done < 6
+    # --resume: a new bus (the embedded NATS starts empty), the same volume
+    second = run_job(_hf_job("again", learner={"totalSteps": 6}), runs / "again", quiet=True, resume=True)
+    assert second.ok and second.summary["steps"] == 6 and second.summary["learner_restarts"] == 0
+    assert "resumed from" in (runs / "again" / "learner-0.log").read_text()
+    assert [r["step"] for r in read_metrics(runs / "again")] == [1, 2, 3, 4, 5, 6]
+    assert sorted(consumed_ids(runs / "again")) == sorted(f"r-again-p{b}-{i}" for b in range(6) for i in range(4))
+    # without --resume the job starts over, and the earlier run is moved aside, not deleted
+    third = run_job(_hf_job("again", learner={"totalSteps": 2}), runs / "again", quiet=True)
+    assert third.ok and [r["step"] for r in read_metrics(runs / "again")] == [1, 2]
+    [kept] = [p for p in runs.iterdir() if p.name.startswith("again-")]
+    assert [r["step"] for r in read_metrics(kept)] == [1, 2, 3, 4, 5, 6]

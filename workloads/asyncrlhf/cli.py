@@ -46,8 +46,14 @@ def cmd_run(args) -> int:
         job.spec.async_.mode = args.mode
     if args.steps:
         job.spec.learner.total_steps = args.steps
+    from .local import ResumeError
+
     run_dir = Path(args.runs_dir) / job.metadata.name
-    result = run_job(job, run_dir, quiet=args.quiet)
+    try:
+        result = run_job(job, run_dir, quiet=args.quiet, resume=args.resume)
+    except ResumeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     print(json.dumps(result.summary, indent=2))
     print(f"report: {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'reward.png'}")
     return 0 if result.ok else 1
@@ -135,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
     run.add_argument("--runs-dir", default="runs", help="where reports go (default: runs/)")
     run.add_argument("--quiet", action="store_true", help="no live progress")
+    run.add_argument("--resume", action="store_true",
+                     help="continue runs/<job>/ from its last checkpoint (e.g. after Ctrl-C, or with more "
+                     "--steps); without it an earlier run is moved aside to runs/<job>-<time>/")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser("compare", help="run a job in sync and async mode and compare")

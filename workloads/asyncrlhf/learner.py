@@ -268,6 +268,10 @@ class Learner:
         if isinstance(saved.get("consumed"), list):  # checkpoints of 0.1.x kept every id
             saved["consumed"] = len(saved["consumed"])
         self.state = LearnerState(**saved)
+        # release again what was released but not trained on: the bus may have lost it (a new or
+        # restored NATS, `asyncrlhf run --resume`); where it did not, the publish is de-duplicated
+        # (same ids) or the extra rollouts are skipped as filling a slot twice
+        self.state.released_through = min(self.state.released_through, self.state.step - 1)
         if self.replay is not None and self.state.replay is not None:
             self.replay.load_state_dict(self.state.replay)
             version, internal, gauss = self.state.replay_rng

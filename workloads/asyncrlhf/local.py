@@ -63,6 +63,7 @@ class LocalRun:
     job: AsyncRLHFJob
     run_dir: Path
     quiet: bool = False
+    resume: bool = False  # continue the run in run_dir from its checkpoint, instead of starting over
     children: list[Child] = field(default_factory=list)
     restarts: int = 0
     peak_memory: int = 0
@@ -73,6 +74,7 @@ class LocalRun:
         self.volume = self.run_dir / "volume"
         self.config = self.run_dir / "job.yaml"
         self.nats: Optional[EmbeddedNats] = None
+        self.previous: Optional[Path] = None  # where an earlier run of the job was moved
         self.url = self.spec.nats.url
         cores = sorted(os.sched_getaffinity(0))
         self.learner_cores, self.generator_cores = cpu_plan(cores, self.spec.generator.replicas)
@@ -144,9 +146,19 @@ class LocalRun:
     # --- lifecycle -----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        if self.run_dir.exists():
-            shutil.rmtree(self.run_dir)
-        self.volume.mkdir(parents=True)
+        checkpoint = self.volume / "checkpoints" / "LATEST"
+        if self.resume:
+            if not checkpoint.exists():
+                raise ResumeError(f"nothing to resume in {self.run_dir}: no checkpoint at {checkpoint} "
+                                  "(run without --resume to start the job)")
+        elif self.run_dir.exists():  # an earlier run of this job is kept, never deleted
+            kept = self.run_dir.with_name(f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            suffix = 1
+            while kept.exists():
+                kept, suffix = kept.with_name(f"{kept.name.split('~')[0]}~{suffix}"), suffix + 1
+            self.run_dir.rename(kept)
+            self.previous = kept
+        self.volume.mkdir(parents=True, exist_ok=True)
         self.config.write_text(dump_manifest(self.job))
         resolve_model(self.spec.model.policy)  # build the built-in model once, before the children
         if not self.url:
@@ -276,8 +288,16 @@ async def read_progress(kv) -> Optional[LearnerProgress]:
     return LearnerProgress.decode(entry.value)
 
 
-def run_job(job: AsyncRLHFJob, run_dir: Path, quiet: bool = False) -> RunResult:
-    return asyncio.run(LocalRun(job, run_dir, quiet).run())
+class ResumeError(ValueError):
+    """`--resume` with nothing to resume."""
+
+
+def run_job(job: AsyncRLHFJob, run_dir: Path, quiet: bool = False, resume: bool = False) -> RunResult:
+    run = LocalRun(job, run_dir, quiet, resume=resume)
+    result = asyncio.run(run.run())
+    if run.previous is not None and not quiet:
+        print(f"(the earlier run of this job was moved to {run.previous})", file=sys.stderr)
+    return result
 
 
 def compare(job: AsyncRLHFJob, runs_root: Path, quiet: bool = False) -> dict:
