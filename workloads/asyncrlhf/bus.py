@@ -131,11 +131,14 @@ async def connect(url: str, **options) -> nats.NATS:
 
 
 async def close_quietly(nc) -> None:
-    """Flush and close; a bus that is already gone must not turn a clean exit into a failure."""
+    """Flush (acks are plain publishes: they must reach the server) and close; a bus that is
+    already gone must not turn a clean exit into a failure. Not drain(): with pull subscriptions
+    it leaves a cancelled gather behind that asyncio logs as an error at exit."""
     try:
-        await asyncio.wait_for(nc.drain(), 5)
+        await nc.flush(timeout=5)
     except (asyncio.TimeoutError, nats.errors.Error):
-        await nc.close()
+        pass
+    await nc.close()
 
 
 async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float) -> None:

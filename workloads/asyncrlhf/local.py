@@ -27,7 +27,7 @@ import nats
 import psutil
 
 from .api import AsyncRLHFJob
-from .bus import WEIGHTS, EmbeddedNats, JobBus, connect, ensure_job_resources, free_port
+from .bus import WEIGHTS, EmbeddedNats, JobBus, close_quietly, connect, ensure_job_resources, free_port
 from .learner import generator_statuses
 from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
@@ -182,7 +182,7 @@ class LocalRun:
             snapshots = (info.state.subjects or {}).get(self.bus.subject(WEIGHTS), 0)
         finally:
             self.stop_children()
-            await nc.drain()
+            await close_quietly(nc)
             if self.nats:
                 self.nats.close()
         summary = summarize(self.job, self.run_dir, time.monotonic() - started, produced, snapshots,
