@@ -173,22 +173,36 @@ class Generator:
         try:
             while not self.stopping.is_set():
                 try:
-                    msgs = await sub.fetch(self.fetch_size, timeout=1.0)
-                except (nats.errors.TimeoutError, asyncio.TimeoutError):
-                    if await self.learner_done(kv):
+                    if await self._step(js, kv, sub):
                         break
-                    ann = await latest_weights(js, self.bus)
-                    if ann is not None and ann.version > self.state.version:
-                        await asyncio.to_thread(self.try_reload, ann)
-                        await self.report(kv)
-                    continue
-                await self.handle(js, msgs)
-                await self.report(kv)
+                except nats.errors.Error as err:
+                    # the bus is away (restarting, failing over): the prompts we held come back to
+                    # the queue after ackWaitSeconds, so waiting and going on loses nothing and
+                    # costs no engine restart (minutes for a large model)
+                    log.warning("bus error, retrying in 1 s: %s", err)
+                    await asyncio.sleep(1.0)
         finally:
             heartbeat.cancel()
             await self.report(kv)
             await close_quietly(nc)
         return self.state
+
+    async def _step(self, js, kv, sub) -> bool:
+        """Take prompts and answer them, or, when there are none, pick up new weights; True once
+        the learner is done."""
+        try:
+            msgs = await sub.fetch(self.fetch_size, timeout=1.0)
+        except (nats.errors.TimeoutError, asyncio.TimeoutError):
+            if await self.learner_done(kv):
+                return True
+            ann = await latest_weights(js, self.bus)
+            if ann is not None and ann.version > self.state.version:
+                await asyncio.to_thread(self.try_reload, ann)
+                await self.report(kv)
+            return False
+        await self.handle(js, msgs)
+        await self.report(kv)
+        return False
 
     async def _heartbeat(self, kv) -> None:
         """Report while generating or loading weights too (both run in a thread), so a busy
