@@ -62,3 +62,31 @@ def test_names_of_a_job():
     config = bus.stream_config(1 << 20)
     assert config.retention.value == "workqueue" and config.discard.value == "new"
     assert sorted(c.durable_name for c in bus.consumer_configs(30)) == ["generators", "learner", "reward"]
+
+
+def test_a_generator_report_is_fresh_for_two_minutes_and_busy_generators_keep_reporting(monkeypatch):
+    import asyncio
+    import types
+
+    from asyncrlhf import generator as generator_module
+    from asyncrlhf.messages import GENERATOR_HEARTBEAT_SECONDS, GENERATOR_STALE_SECONDS, GeneratorStatus
+
+    report = GeneratorStatus(generator_id="g", policy_version=3, updated=1000.0)
+    assert report.fresh(1000.0 + GENERATOR_STALE_SECONDS) and not report.fresh(1000.1 + GENERATOR_STALE_SECONDS)
+    assert GENERATOR_HEARTBEAT_SECONDS * 4 <= GENERATOR_STALE_SECONDS  # missing a few beats is not death
+
+    # the heartbeat reports on its own, whatever the generator is doing (a long generation runs
+    # in a thread and blocks nothing here)
+    monkeypatch.setattr(generator_module, "GENERATOR_HEARTBEAT_SECONDS", 0.02)
+    reports = []
+
+    async def report(kv) -> None:
+        reports.append(kv)
+
+    async def beat_for(seconds: float) -> None:
+        task = asyncio.create_task(generator_module.Generator._heartbeat(types.SimpleNamespace(report=report), "kv"))
+        await asyncio.sleep(seconds)
+        task.cancel()
+
+    asyncio.run(beat_for(0.3))
+    assert len(reports) >= 5 and set(reports) == {"kv"}
