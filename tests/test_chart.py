@@ -73,6 +73,7 @@ NAMESPACED_RULES = {
     ("apps", "deployments"): APPLIED,
     ("batch", "jobs"): APPLIED | {"delete"},
     ("networking.k8s.io", "networkpolicies"): APPLIED,
+    ("snapshot.storage.k8s.io", "volumesnapshots"): APPLIED | {"delete"},
     ("", "secrets"): {"get"},
     ("", "events"): {"create"},
 }
@@ -705,7 +706,8 @@ def _planned_children() -> list[dict]:
     job = api.AsyncRLHFJob.model_validate({"metadata": {"name": "demo", "namespace": "team-a"}})
     owner = plan.Owner(name="demo", namespace="team-a", uid="0000")
     default_url = f"nats://{RELEASE}-asyncrlhf-nats.{NAMESPACE}.svc.cluster.local:4222"
-    return plan.desired_children(job, owner, default_url)
+    backup = plan.volume_snapshot(job, owner, "demo-step-500")  # taken by the status timer when enabled
+    return plan.desired_children(job, owner, default_url) + [backup]
 
 
 KIND_RESOURCES = {
@@ -713,6 +715,7 @@ KIND_RESOURCES = {
     "Service": ("", "services"), "ServiceAccount": ("", "serviceaccounts"),
     "Deployment": ("apps", "deployments"), "Job": ("batch", "jobs"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
+    "VolumeSnapshot": ("snapshot.storage.k8s.io", "volumesnapshots"),
 }
 
 

@@ -46,6 +46,7 @@ RESOURCES = {
     "batch/v1/jobs": dict(kind="Job"),
     "apps/v1/deployments": dict(kind="Deployment"),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy"),
+    "snapshot.storage.k8s.io/v1/volumesnapshots": dict(kind="VolumeSnapshot"),
     "v1/namespaces": dict(kind="Namespace", namespaced=False),
 }
 CHILDREN = {
@@ -401,6 +402,31 @@ def test_a_changed_immutable_field_fails_the_job_until_it_is_set_back(cluster):
     kube.call("PATCH", f"{CR}/kappa", {"spec": {"model": {"policy": "builtin:tiny-sort"}}})
     assert eventually(lambda: job_status(kube, "kappa").get("phase") == "Pending", what=f"Pending again")
     assert kube.get(job_path)["metadata"]["uid"] == learner["metadata"]["uid"]
+
+
+def test_volume_snapshots_are_taken_every_n_steps_and_the_oldest_deleted(cluster):
+    kube, url = cluster
+    create_job(kube, "lambda", weightSync={"volumeSnapshots": {"enabled": True, "everySteps": 10, "keep": 2,
+                                                               "className": "csi-snap"}})
+    eventually(lambda: kube.get(CHILDREN["Job"].format("lambda")), what="learner Job")
+    snapshot = "/apis/snapshot.storage.k8s.io/v1/namespaces/default/volumesnapshots/{}"
+
+    def at_step(step: int) -> None:
+        put_kv(url, "lambda", "learner", LearnerProgress(step=step, total_steps=100, policy_version=step).encode())
+        eventually(lambda: job_status(kube, "lambda").get("step") == step, what=f"step {step} in status")
+
+    at_step(5)
+    time.sleep(1.0)
+    assert job_status(kube, "lambda").get("volumeSnapshots") == []
+    for step, kept in ((12, ["lambda-step-10"]), (27, ["lambda-step-10", "lambda-step-20"]),
+                       (31, ["lambda-step-20", "lambda-step-30"])):
+        at_step(step)
+        eventually(lambda: job_status(kube, "lambda").get("volumeSnapshots") == kept, what=f"{kept}")
+        for name in kept:
+            taken = kube.get(snapshot.format(name))
+            assert taken["spec"] == {"source": {"persistentVolumeClaimName": "lambda-snapshots"},
+                                     "volumeSnapshotClassName": "csi-snap"}
+    assert eventually(lambda: kube.get(snapshot.format("lambda-step-10")) is None, what="the oldest deleted")
 
 
 def test_delete_removes_the_stream(cluster):

@@ -42,6 +42,7 @@ FINALIZER = f"{PREFIX}/cleanup"
 REPLICAS = ("generator", "replicas")
 SUSPEND = ("suspend",)
 TTL = ("ttlSecondsAfterFinished",)
+VOLUME_SNAPSHOTS = ("weightSync", "volumeSnapshots")
 
 
 @dataclass(frozen=True)
@@ -229,6 +230,7 @@ def changed_paths(diff) -> set[tuple[str, ...]]:
 
 def kinds_for(paths: set[tuple[str, ...]]) -> Optional[set[str]]:
     """Which children a spec change touches: None means all of them (and the bus)."""
+    paths = {p for p in paths if p[: len(VOLUME_SNAPSHOTS)] != VOLUME_SNAPSHOTS}  # the status timer's
     if not paths or paths <= {TTL}:
         return set()
     if paths <= {REPLICAS, TTL}:
@@ -331,6 +333,9 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if learner_action(o, previous.get("phase", "")) == "restart":
         o = await restart_learner(ctx, body, o)
     new = compute_status(o, previous)
+    if o.progress is not None and (job.spec.weight_sync.volume_snapshots.enabled or previous.get("volumeSnapshots")):
+        new["volumeSnapshots"] = await take_volume_snapshots(ctx, body, job, o.progress.step,
+                                                             previous.get("volumeSnapshots", []))
     patch.status.update(status_patch(previous, new))
     post_transition(body, previous.get("phase", ""), new)
     record_phase(job.metadata.namespace, job.metadata.name, new["phase"])
@@ -344,6 +349,19 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
         ctx.mark_resynced(uid)
     elif o.learner is None:  # restarted, replaced or deleted by hand: at once, not at the next resync
         await apply_children(ctx, body, job, kinds={"Job"})
+
+
+async def take_volume_snapshots(ctx: Context, body, job: api.AsyncRLHFJob, step: int, taken: list[str]) -> list[str]:
+    """A VolumeSnapshot of the volume at each multiple of volumeSnapshots.everySteps; the oldest
+    beyond `keep` deleted. Returns what .status.volumeSnapshots lists afterwards."""
+    take, drop, kept = plan.volume_snapshot_plan(job, step, taken)
+    owner = owner_of(body)
+    if take:
+        await ctx.kube.apply(plan.volume_snapshot(job, owner, take))
+        kopf.info(body, reason="VolumeSnapshotTaken", message=f"VolumeSnapshot {take} of the volume at step {step}")
+    for name in drop:
+        await ctx.kube.delete("snapshot.storage.k8s.io/v1", "VolumeSnapshot", owner.namespace, name)
+    return kept
 
 
 async def wind_down(ctx: Context, body, job: api.AsyncRLHFJob, status: dict[str, Any]) -> None:

@@ -29,6 +29,7 @@ PLURALS = {
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): "volumesnapshots",
     (api.API_VERSION, api.KIND): api.PLURAL,
 }
 

@@ -46,7 +46,8 @@ CONFIG_HASH = f"{api.GROUP}/config-hash"
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 GPU = "nvidia.com/gpu"
 # Spec fields the operator applies at run time; they are not part of the workloads' config.
-RUNTIME_FIELDS = (("generator", "replicas"), ("suspend",), ("ttlSecondsAfterFinished",))
+RUNTIME_FIELDS = (("generator", "replicas"), ("suspend",), ("ttlSecondsAfterFinished",),
+                  ("weightSync", "volumeSnapshots"))
 
 
 @dataclass(frozen=True)
@@ -163,6 +164,30 @@ def snapshot_pvc(job: api.AsyncRLHFJob, owner: Owner) -> Optional[dict[str, Any]
     # A retained volume has no owner: garbage collection would otherwise delete it with the job.
     meta = metadata(owner, Names(owner.name).snapshots, "snapshots", owned=not sync.retain_volume)
     return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta, "spec": spec}
+
+
+def volume_snapshot(job: api.AsyncRLHFJob, owner: Owner, name: str) -> dict[str, Any]:
+    """A CSI VolumeSnapshot of the job's volume. The checkpoints on it are crash-consistent (each
+    is renamed into place, then LATEST is replaced), so any snapshot restores to a resumable one."""
+    settings = job.spec.weight_sync.volume_snapshots
+    spec: dict[str, Any] = {"source": {"persistentVolumeClaimName": snapshot_claim_name(job, owner)}}
+    if settings.class_name:
+        spec["volumeSnapshotClassName"] = settings.class_name
+    meta = metadata(owner, name, "backup", owned=not job.spec.weight_sync.retain_volume)
+    return {"apiVersion": "snapshot.storage.k8s.io/v1", "kind": "VolumeSnapshot", "metadata": meta, "spec": spec}
+
+
+def volume_snapshot_plan(job: api.AsyncRLHFJob, step: int, taken: list[str]) -> tuple[Optional[str], list[str], list[str]]:
+    """(the VolumeSnapshot to take now or None, those to delete, the names kept afterwards, oldest
+    first) once the learner is at `step`, given `taken` (from .status). One per multiple of
+    everySteps, named after it, so a repeated pass takes nothing twice."""
+    settings = job.spec.weight_sync.volume_snapshots
+    if not settings.enabled or step < settings.every_steps:
+        return None, [], list(taken)
+    due = f"{job.metadata.name}-step-{step // settings.every_steps * settings.every_steps}"
+    new = None if due in taken else due
+    names = list(taken) + ([new] if new else [])
+    return new, names[: -settings.keep], names[-settings.keep:]
 
 
 def service_account(owner: Owner) -> dict[str, Any]:

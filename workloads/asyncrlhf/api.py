@@ -245,6 +245,20 @@ class LearnerSpec(_Model):
     resources: PodResources = Field(default_factory=PodResources, description="Per-pod CPU and memory.")
 
 
+class VolumeSnapshotSpec(_Model):
+    """CSI VolumeSnapshots of the snapshot volume (cluster only): backups of the checkpoints."""
+
+    enabled: bool = Field(False, description="Take VolumeSnapshots of the volume as the job trains.")
+    every_steps: int = Field(
+        500, ge=1, le=10_000_000,
+        description="Take one each time the learner passes a multiple of this many steps.",
+    )
+    keep: int = Field(3, ge=1, le=100, description="VolumeSnapshots kept; older ones are deleted.")
+    class_name: str = Field(
+        "", max_length=253, description="VolumeSnapshotClass; empty = the cluster's default class."
+    )
+
+
 class WeightSyncSpec(_Model):
     """Snapshots on a shared volume; checkpoints for resume are written with them."""
 
@@ -261,7 +275,13 @@ class WeightSyncSpec(_Model):
     )
     retain_volume: bool = Field(
         True,
-        description="Keep the created PVC when the job is deleted (else it is deleted with the job).",
+        description="Keep the created PVC (and the VolumeSnapshots) when the job is deleted (else they "
+        "are deleted with the job).",
+    )
+    volume_snapshots: VolumeSnapshotSpec = Field(
+        default_factory=VolumeSnapshotSpec,
+        description="CSI VolumeSnapshots of the volume every N steps: restore one into a PVC and name it "
+        "in weightSync.volumeClaim to resume from its checkpoint.",
     )
 
 
@@ -429,6 +449,9 @@ class JobStatus(_Model):
     start_time: str = Field("", description="When the job started running (RFC 3339).")
     completion_time: str = Field("", description="When the job finished (RFC 3339).")
     last_snapshot: str = Field("", description="Path of the newest snapshot on the volume.")
+    volume_snapshots: list[str] = Field(
+        default_factory=list, description="VolumeSnapshots taken of the volume and kept, oldest first."
+    )
 
 
 class AsyncRLHFJob(_Model):
