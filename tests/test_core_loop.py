@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from asyncrlhf.api import AsyncRLHFJob, JobSpec
+from asyncrlhf.bus import connect
 from asyncrlhf.generator import Generator
 from asyncrlhf.local import LocalRun
 from asyncrlhf.messages import WeightsAnnouncement
@@ -225,6 +226,27 @@ def test_job_survives_a_bus_restart(tmp_path, outage):
     assert result.summary["learner_restarts"] == 0 and all(c.attempt == 0 for c in run.children)
     consumed = consumed_ids(run.run_dir)
     assert sorted(consumed) == sorted(f"r-bus-restart-p{b}-{i}" for b in range(8) for i in range(4))
+
+
+async def _run_and_delete_the_stream(run: LocalRun, after_step: int):
+    task = asyncio.create_task(run.run())
+    while len(read_metrics(run.run_dir)) < after_step:
+        assert not task.done(), "the run ended before its stream could be deleted"
+        await asyncio.sleep(0.1)
+    nc = await connect(run.url)
+    await nc.jetstream().delete_stream(run.bus.stream)  # NATS storage lost: prompts, rollouts, weights
+    await nc.close()
+    return await task
+
+
+def test_a_lost_stream_is_recreated_and_the_job_goes_on(tmp_path):
+    job = _hf_job("lost", learner={"totalSteps": 8})
+    run = LocalRun(job, tmp_path / "lost", quiet=True)
+    result = asyncio.run(_run_and_delete_the_stream(run, after_step=3))
+    assert result.ok and result.summary["steps"] == 8
+    assert result.summary["learner_restarts"] == 0 and all(c.attempt == 0 for c in run.children)
+    assert "stream was deleted" in (run.run_dir / "learner-0.log").read_text()
+    assert [r["step"] for r in read_metrics(run.run_dir)] == list(range(1, 9))
 
 
 def test_the_local_example_runs_as_shipped(tmp_path):

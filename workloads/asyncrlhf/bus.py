@@ -24,7 +24,7 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import Awaitable, Callable, Iterable, Optional
 
 import nats
 from nats.js.api import (
@@ -172,16 +172,21 @@ async def latest_weights(js, bus: JobBus) -> Optional[WeightsAnnouncement]:
     return WeightsAnnouncement.decode(raw.data)
 
 
-async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600) -> None:
-    """Publish with de-duplication; waits (back-pressure) while the stream is full or the bus is away."""
+async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600,
+                  recreate: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+    """Publish with de-duplication; waits (back-pressure) while the stream is full or the bus is
+    away. No stream for the subject: `recreate` (the learner's) makes it again, others wait for it."""
     for attempt in range(attempts):
         try:
             await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
             return
         except (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.ConnectionClosedError,
-                nats.errors.NoRespondersError):
+                nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as err:
             if attempt == attempts - 1:
                 raise
+            if isinstance(err, nats.js.errors.NoStreamResponseError) and recreate is not None:
+                await recreate()
+                continue
             await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
 
 

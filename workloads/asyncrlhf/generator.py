@@ -200,6 +200,9 @@ class Generator:
                 await asyncio.to_thread(self.try_reload, ann)
                 await self.report(kv)
             return False
+        if not msgs:  # a fetch can end with only status messages (e.g. its consumer was deleted)
+            await asyncio.sleep(0.1)
+            return False
         await self.handle(js, msgs)
         await self.report(kv)
         return False

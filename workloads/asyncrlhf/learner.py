@@ -51,6 +51,7 @@ from .training import make_backend, to_batch
 
 log = logging.getLogger("asyncrlhf.learner")
 CHECKPOINTS_KEPT = 2
+STREAM_CHECK_SECONDS = 10.0  # waiting this long for rollouts, the learner checks that its stream is still there
 LEDGER = "ledger.jsonl"
 
 
@@ -103,6 +104,9 @@ class Learner:
         # from its start, so recovery time counts.
         self._started: Optional[float] = None
         self._reannounce: Optional[WeightsAnnouncement] = None
+        self._stream_created = None
+        self._recreating = False
+        self._announced: Optional[WeightsAnnouncement] = None  # the newest snapshot announced
         self.restore()
 
     # --- prompts -------------------------------------------------------------------------
@@ -143,12 +147,14 @@ class Learner:
         pid = f"{self.bus.job}-p{b}-{i}" + (f"-r{attempt}" if attempt else "")
         msg = Prompt(id=pid, batch=b, index=i, text=rec.text, answer=rec.answer, attempt=attempt,
                      samples=self.spec.algorithm.samples_per_prompt, min_version=min_version)
-        await publish(js, self.bus.subject(PROMPTS), msg.encode(), msg_id=msg.id)
+        await publish(js, self.bus.subject(PROMPTS), msg.encode(), msg_id=msg.id,
+                      recreate=lambda: self.check_stream(js))
 
     # --- rollouts ------------------------------------------------------------------------
 
     async def collect(self, js, sub, step: int) -> list[RolloutGroup]:
         """Pull until every group of batch `step` is here; keep later batches pending."""
+        idle_since = time.monotonic()
         while len(self.pending.get(step, {})) < self.prompts_per_step:
             if self.stopping.is_set():
                 raise asyncio.CancelledError
@@ -156,6 +162,16 @@ class Learner:
                 msgs = await sub.fetch(64, timeout=0.5)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 msgs = []
+            except nats.errors.Error as err:  # no consumer (the stream is gone), the bus away, ...
+                log.warning("cannot pull rollouts: %s", err)
+                await asyncio.sleep(1.0)
+                await self.check_stream(js)
+                continue
+            if msgs:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since > STREAM_CHECK_SECONDS:
+                idle_since = time.monotonic()
+                await self.check_stream(js)
             for msg in msgs:
                 await self.accept(js, msg, step)
             await self.learn_preferences()
@@ -163,6 +179,35 @@ class Learner:
         groups = [slots[i][0] for i in range(self.prompts_per_step)]
         self.held.extend(slots[i][1] for i in range(self.prompts_per_step))
         return groups
+
+    async def check_stream(self, js) -> None:
+        """Waiting long for rollouts: is the stream still the one the prompts went to? A stream
+        deleted or recreated (NATS storage lost) lost the released prompts: recreate what is
+        missing and release every batch not yet trained on again."""
+        try:
+            created = (await js.stream_info(self.bus.stream)).created
+        except nats.js.errors.NotFoundError:
+            created = None
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return  # the bus is away: nothing to conclude
+        if (created is not None and created == self._stream_created) or self._recreating:
+            return
+        self._recreating = True
+        try:
+            await self._recreate_stream(js, created)
+        finally:
+            self._recreating = False
+
+    async def _recreate_stream(self, js, created) -> None:
+        log.warning("the job's stream was %s; releasing batches %d.. again",
+                    "deleted" if created is None else "recreated", self.state.step)
+        await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
+        self._stream_created = (await js.stream_info(self.bus.stream)).created
+        self.held.clear()  # their acks went with the old stream (the rollouts pending are still good)
+        if self._announced is not None:  # generators find the weights through the stream too
+            await self.announce(js, self._announced)
+        self.state.released_through = min(self.state.released_through, self.state.step - 1)
+        await self.release_prompts(js)
 
     async def accept(self, js, msg, step: int) -> None:
         group = RolloutGroup.decode(msg.data)
@@ -325,7 +370,9 @@ class Learner:
         await self._prune(kv)
 
     async def announce(self, js, ann: WeightsAnnouncement) -> None:
-        await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{ann.version}-{ann.checksum[:16]}")
+        self._announced = ann
+        await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{ann.version}-{ann.checksum[:16]}",
+                      recreate=lambda: self.check_stream(js))
 
     async def _prune(self, kv) -> None:
         in_use = {self.state.published_version}
@@ -386,6 +433,7 @@ class Learner:
         nc = await connect(self.nats_url, name="learner")
         js = nc.jetstream()
         await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
+        self._stream_created = (await js.stream_info(self.bus.stream)).created
         kv = await js.key_value(self.bus.bucket)
         sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, self.bus.stream)
         if self._reannounce is not None:
