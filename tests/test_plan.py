@@ -595,3 +595,26 @@ def test_changing_volume_snapshot_settings_does_not_restart_the_learner():
     before, after = job(), job(**SNAPSHOTS)
     assert plan.config_hash(before) == plan.config_hash(after)
     assert children(before)["ConfigMap"] == children(after)["ConfigMap"]
+
+
+def test_a_cluster_without_volume_snapshots_gets_one_warning_and_the_status_goes_on(monkeypatch):
+    import asyncio
+    import types
+
+    from asyncrlhf_operator import handlers
+    from asyncrlhf_operator.kube import KubeError
+
+    class NoSnapshotCRD:
+        async def apply(self, obj):
+            raise KubeError(404, "NotFound", "the server could not find the requested resource")
+
+    warnings = []
+    monkeypatch.setattr(handlers.kopf, "warn", lambda body, reason, message: warnings.append((reason, message)))
+    monkeypatch.setattr(handlers.kopf, "info", lambda *a, **k: None)
+    ctx = types.SimpleNamespace(kube=NoSnapshotCRD(), snapshot_failures={})
+    body = {"metadata": {"name": "demo", "namespace": "team", "uid": "u1"}}
+    j = job(**SNAPSHOTS)
+    for step in (100, 105, 110):  # three status passes: one warning, nothing recorded as taken
+        assert asyncio.run(handlers.take_volume_snapshots(ctx, body, j, step, [])) == []
+    assert [reason for reason, _ in warnings] == ["VolumeSnapshotFailed"]
+    assert "demo-step-100" in warnings[0][1] and "CSI snapshot controller" in warnings[0][1]

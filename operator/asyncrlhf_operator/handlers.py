@@ -31,7 +31,7 @@ from asyncrlhf.bus import JobBus
 
 from . import plan
 from .jetstream import Buses, Credentials, job_bus, read_credentials
-from .kube import Kube
+from .kube import Kube, KubeError
 from .metrics import instrumented, record_phase
 from .status import TERMINAL, Observed, compute_status, is_finished, learner_action, status_patch, ttl_expired
 from .validation import IMMUTABLE_ANNOTATION, recorded_immutables, validate
@@ -63,6 +63,7 @@ class Context:
     kube: Kube = dataclasses.field(default_factory=Kube)
     buses: Buses = dataclasses.field(default_factory=Buses)
     resynced: dict[str, float] = dataclasses.field(default_factory=dict)  # job uid -> monotonic time
+    snapshot_failures: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)  # uid -> name warned
 
     def resync_due(self, uid: str) -> bool:
         return time.monotonic() - self.resynced.get(uid, -math.inf) >= self.config.resync_interval
@@ -267,6 +268,7 @@ async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> N
         await ctx.kube.delete("v1", "PersistentVolumeClaim", owner.namespace, plan.Names(owner.name).snapshots)
     record_phase(owner.namespace, owner.name, None)
     ctx.resynced.pop(owner.uid, None)
+    ctx.snapshot_failures.pop(owner.uid, None)
     logger.info("deleted the stream and KV bucket of %s", owner.name)
 
 
@@ -356,11 +358,21 @@ async def take_volume_snapshots(ctx: Context, body, job: api.AsyncRLHFJob, step:
     beyond `keep` deleted. Returns what .status.volumeSnapshots lists afterwards."""
     take, drop, kept = plan.volume_snapshot_plan(job, step, taken)
     owner = owner_of(body)
-    if take:
-        await ctx.kube.apply(plan.volume_snapshot(job, owner, take))
-        kopf.info(body, reason="VolumeSnapshotTaken", message=f"VolumeSnapshot {take} of the volume at step {step}")
-    for name in drop:
-        await ctx.kube.delete("snapshot.storage.k8s.io/v1", "VolumeSnapshot", owner.namespace, name)
+    try:
+        if take:
+            await ctx.kube.apply(plan.volume_snapshot(job, owner, take))
+            kopf.info(body, reason="VolumeSnapshotTaken", message=f"VolumeSnapshot {take} of the volume at step {step}")
+        for name in drop:
+            await ctx.kube.delete("snapshot.storage.k8s.io/v1", "VolumeSnapshot", owner.namespace, name)
+    except KubeError as err:
+        # e.g. no VolumeSnapshot CRD (no CSI snapshot controller): say so once per snapshot, keep
+        # the status going, and try again at the next pass
+        if ctx.snapshot_failures.get(owner.uid) != take:
+            ctx.snapshot_failures[owner.uid] = take
+            kopf.warn(body, reason="VolumeSnapshotFailed", message=f"cannot take VolumeSnapshot {take}: {err} "
+                      "(is a CSI snapshot controller with the snapshot.storage.k8s.io CRDs installed?)")
+        return list(taken)
+    ctx.snapshot_failures.pop(owner.uid, None)
     return kept
 
 
