@@ -194,11 +194,11 @@ class LocalRun:
 
     async def supervise(self, kv) -> bool:
         """Print progress, restart what dies; True when the learner finished all steps."""
-        last_line = ""
+        last_line, progress = "", None
         while True:
             await asyncio.sleep(1.0)
             self._sample_memory()
-            progress = await read_progress(kv)
+            progress = await read_progress(kv) or progress  # the bus away: the last known
             line = self.progress_line(progress)
             if line != last_line and not self.quiet:
                 print(line, flush=True)
@@ -282,7 +282,7 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
 async def read_progress(kv) -> Optional[LearnerProgress]:
     try:
         entry = await kv.get("learner")
-    except (nats.js.errors.KeyNotFoundError, nats.errors.TimeoutError):
+    except nats.errors.Error:  # not written yet, or the bus is away for a moment
         return None
     return LearnerProgress.decode(entry.value)
 
