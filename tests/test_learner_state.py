@@ -11,7 +11,9 @@ import pytest
 from asyncrlhf.api import JobSpec
 from asyncrlhf.bus import EmbeddedNats, JobBus, connect, latest_weights
 from asyncrlhf.learner import Learner
-from asyncrlhf.messages import GENERATOR_STALE_SECONDS, Completion, GeneratorStatus, RolloutGroup
+from asyncrlhf.messages import (
+    GENERATOR_FORGET_SECONDS, GENERATOR_STALE_SECONDS, Completion, GeneratorStatus, RolloutGroup,
+)
 from asyncrlhf.snapshots import list_versions, write_snapshot
 
 
@@ -59,6 +61,12 @@ class FakeKV:
     async def get(self, key):
         return types.SimpleNamespace(value=self.entries[key])
 
+    async def put(self, key, value):
+        self.entries[key] = value
+
+    async def delete(self, key):
+        del self.entries[key]
+
 
 def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
     """A generator still on v1 keeps snapshot v1; one that stopped reporting long ago does not
@@ -72,13 +80,24 @@ def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
     now = time.time()
     reports = {
         "generator.live": GeneratorStatus(generator_id="live", policy_version=1, updated=now - 5),
-        "generator.gone": GeneratorStatus(generator_id="gone", policy_version=2,
+        "generator.gone": GeneratorStatus(generator_id="gone", policy_version=2, rollouts=7,
                                           updated=now - GENERATOR_STALE_SECONDS - 60),
+        "generator.long-gone": GeneratorStatus(generator_id="long-gone", policy_version=0, rollouts=30, tokens=300,
+                                               updated=now - GENERATOR_FORGET_SECONDS - 60),
         "learner": b"{}",  # other keys are not generator reports
     }
     kv = FakeKV({k: v.encode() if isinstance(v, GeneratorStatus) else v for k, v in reports.items()})
     asyncio.run(learner._prune(kv))
     assert list_versions(learner.root) == [1, 4, 5]
+    # a generator gone for 15 minutes is folded into the retired summary: its rollouts still count
+    assert "generator.long-gone" not in kv.entries and "generator.gone" in kv.entries
+    retired = GeneratorStatus.decode(kv.entries["generator._retired"])
+    assert (retired.rollouts, retired.tokens) == (30, 300) and not retired.fresh(now)
+    kv.entries["generator.again"] = GeneratorStatus(generator_id="again", policy_version=0, rollouts=5,
+                                                    updated=now - GENERATOR_FORGET_SECONDS - 1).encode()
+    asyncio.run(learner._prune(kv))
+    assert GeneratorStatus.decode(kv.entries["generator._retired"]).rollouts == 35
+    assert sorted(kv.entries) == ["generator._retired", "generator.gone", "generator.live", "learner"]
 
 
 def test_prompt_records_are_forgotten_once_trained_on_and_resume_at_the_same_place(tmp_path):

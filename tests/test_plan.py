@@ -618,3 +618,12 @@ def test_a_cluster_without_volume_snapshots_gets_one_warning_and_the_status_goes
         assert asyncio.run(handlers.take_volume_snapshots(ctx, body, j, step, [])) == []
     assert [reason for reason, _ in warnings] == ["VolumeSnapshotFailed"]
     assert "demo-step-100" in warnings[0][1] and "CSI snapshot controller" in warnings[0][1]
+
+
+def test_retired_generators_count_in_rollouts_produced_but_are_not_live():
+    live = GeneratorStatus(generator_id="demo-generator-abc", policy_version=4, rollouts=10,
+                           tokens_per_second=50.0, updated=NOW.timestamp() - 3)
+    retired = GeneratorStatus(generator_id="_retired", policy_version=0, rollouts=90, updated=0.0)
+    status = compute_status(obs(reports=(live, retired)), {})
+    assert status["generatorVersions"] == {"demo-generator-abc": 4}
+    assert status["rolloutsProduced"] == 100 and status["tokensPerSecond"] == 50.0

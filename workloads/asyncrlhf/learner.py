@@ -41,7 +41,10 @@ from .bus import (
     LEARNER_CONSUMER, PROMPTS, REWARD_CONSUMER, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources,
     keep_alive, publish,
 )
-from .messages import Completion, GeneratorStatus, LearnerProgress, Preference, Prompt, RolloutGroup, WeightsAnnouncement
+from .messages import (
+    GENERATOR_FORGET_SECONDS, RETIRED_GENERATORS, Completion, GeneratorStatus, LearnerProgress, Preference, Prompt,
+    RolloutGroup, WeightsAnnouncement,
+)
 from .replay import ReplayBuffer, ReplayItem, replay_enabled
 from .rewards import HEAD_KEY, HeadLearner
 from .models import resolve_model
@@ -53,6 +56,7 @@ log = logging.getLogger("asyncrlhf.learner")
 CHECKPOINTS_KEPT = 2
 STREAM_CHECK_SECONDS = 10.0  # waiting this long for rollouts, the learner checks that its stream is still there
 LEDGER = "ledger.jsonl"
+GENERATOR_KEY_PREFIX = "generator."  # KV keys of the generators' reports (the generator writes generator.<id>)
 
 
 @dataclass
@@ -378,11 +382,12 @@ class Learner:
         in_use = {self.state.published_version}
         now = time.time()
         try:
-            statuses = await generator_statuses(kv)
+            reports = await generator_reports(kv)
+            await forget_gone_generators(kv, reports, now)
         except (nats.errors.Error, asyncio.TimeoutError) as err:
             log.warning("not pruning snapshots this time: cannot read the generators' versions: %s", err)
             return
-        for status in statuses:
+        for status in reports.values():
             if status.fresh(now):  # a generator gone for good no longer holds its version's snapshot
                 in_use.add(status.policy_version)
         latest = self.root / "checkpoints" / "LATEST"
@@ -522,17 +527,48 @@ def classify(group: RolloutGroup, step: int, max_staleness: int, slot: dict) -> 
     return "keep"
 
 
-async def generator_statuses(kv) -> list[GeneratorStatus]:
-    out = []
+async def generator_reports(kv) -> dict[str, GeneratorStatus]:
+    """{KV key: report} of every generator that ever reported (plus the retired summary)."""
+    out = {}
     try:
         keys = await kv.keys()
     except nats.js.errors.NoKeysError:
         return out
     for key in keys:
-        if key.startswith("generator."):
-            entry = await kv.get(key)
-            out.append(GeneratorStatus.decode(entry.value))
+        if key.startswith(GENERATOR_KEY_PREFIX):
+            try:
+                entry = await kv.get(key)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # deleted meanwhile
+            out[key] = GeneratorStatus.decode(entry.value)
     return out
+
+
+async def generator_statuses(kv) -> list[GeneratorStatus]:
+    return list((await generator_reports(kv)).values())
+
+
+async def forget_gone_generators(kv, reports: dict[str, GeneratorStatus], now: float) -> None:
+    """Fold the reports of generators gone for GENERATOR_FORGET_SECONDS into one summary report
+    (their rollouts and tokens still count) and delete them: a long job whose generator pods come
+    and go keeps a handful of keys, not one per pod it ever had. `reports` is updated in place.
+    (The learner is the only writer; a crash between the put and the deletes counts them twice.)"""
+    gone = {key: r for key, r in reports.items()
+            if r.generator_id != RETIRED_GENERATORS and now - r.updated > GENERATOR_FORGET_SECONDS}
+    if not gone:
+        return
+    key = GENERATOR_KEY_PREFIX + RETIRED_GENERATORS
+    before = reports.get(key) or GeneratorStatus(generator_id=RETIRED_GENERATORS, policy_version=0, updated=0.0)
+    retired = before.model_copy(update={
+        "rollouts": before.rollouts + sum(r.rollouts for r in gone.values()),
+        "tokens": before.tokens + sum(r.tokens for r in gone.values()),
+    })
+    await kv.put(key, retired.encode())
+    reports[key] = retired
+    for old in gone:
+        await kv.delete(old)
+        del reports[old]
+    log.info("folded the reports of %d generators gone for good into %s", len(gone), key)
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:

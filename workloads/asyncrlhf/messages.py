@@ -104,6 +104,8 @@ class Preference(Message):
 
 GENERATOR_HEARTBEAT_SECONDS = 15.0  # a generator reports at least this often, busy or idle
 GENERATOR_STALE_SECONDS = 120.0  # a report older than this is from a generator that is gone
+GENERATOR_FORGET_SECONDS = 900.0  # ... and after this long its report is folded into RETIRED_GENERATORS
+RETIRED_GENERATORS = "_retired"  # the report summing up generators that are gone (never fresh)
 
 
 class GeneratorStatus(Message):
