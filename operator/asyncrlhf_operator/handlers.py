@@ -213,11 +213,16 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
         return
     if IMMUTABLE_ANNOTATION not in (body["metadata"].get("annotations") or {}):
         patch.metadata.annotations[IMMUTABLE_ANNOTATION] = recorded_immutables(job)
+    await apply_all(ctx, body, job, finished=is_finished(body.get("status") or {}))
+    logger.info("applied the children and the bus of %s", job.metadata.name)
+
+
+async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool) -> None:
+    """The job's stream and consumers, then every child; the resync clock starts again."""
     url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
     await ctx.buses.ensure(job, url, credentials)
-    await apply_children(ctx, body, job, finished=is_finished(body.get("status") or {}))
+    await apply_children(ctx, body, job, finished=finished)
     ctx.mark_resynced(body["metadata"].get("uid", ""))
-    logger.info("applied the children and the bus of %s", job.metadata.name)
 
 
 def changed_paths(diff) -> set[tuple[str, ...]]:
@@ -345,10 +350,7 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
         return
     uid = body["metadata"].get("uid", "")
     if ctx.resync_due(uid):  # children (and the stream) deleted or edited by hand come back
-        url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
-        await ctx.buses.ensure(job, url, credentials)
-        await apply_children(ctx, body, job)
-        ctx.mark_resynced(uid)
+        await apply_all(ctx, body, job, finished=False)
     elif o.learner is None:  # restarted, replaced or deleted by hand: at once, not at the next resync
         await apply_children(ctx, body, job, kinds={"Job"})
 

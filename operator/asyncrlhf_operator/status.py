@@ -113,7 +113,7 @@ def verdict(obs: Observed, previous: dict[str, Any]) -> Verdict:
     before = previous.get("phase", "")
     if obs.spec is None:
         return Verdict("Failed", "SpecInvalid", obs.spec_error or "the spec does not validate")
-    if before in TERMINAL and _failed_reason(previous) != "SpecInvalid":
+    if is_finished(previous):
         condition = _condition(previous, "Succeeded" if before == "Succeeded" else "Failed") or {}
         return Verdict(before, condition.get("reason", before), condition.get("message", ""))
     spec = obs.spec

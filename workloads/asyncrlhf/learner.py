@@ -107,10 +107,10 @@ class Learner:
         # training time, and is the same in sync and async mode); a resumed learner's clock runs
         # from its start, so recovery time counts.
         self._started: Optional[float] = None
-        self._reannounce: Optional[WeightsAnnouncement] = None
         self._stream_created = None
         self._recreating = False
-        self._announced: Optional[WeightsAnnouncement] = None  # the newest snapshot announced
+        # the newest snapshot announced (restored: the checkpoint's, announced again at start)
+        self._announced: Optional[WeightsAnnouncement] = None
         self.restore()
 
     # --- prompts -------------------------------------------------------------------------
@@ -146,6 +146,12 @@ class Learner:
                 for i, rec in enumerate(self.batch_records(b))
             ))
             self.state.released_through = b
+
+    def release_again(self) -> None:
+        """Mark every batch not trained on yet as unreleased, for release_prompts to publish again:
+        where the bus still has them the publish is de-duplicated (same ids), and rollouts that
+        arrive twice are skipped as filling a slot twice."""
+        self.state.released_through = min(self.state.released_through, self.state.step - 1)
 
     async def _publish_prompt(self, js, b, i, rec, min_version, attempt=0) -> None:
         pid = f"{self.bus.job}-p{b}-{i}" + (f"-r{attempt}" if attempt else "")
@@ -210,7 +216,7 @@ class Learner:
         self.held.clear()  # their acks went with the old stream (the rollouts pending are still good)
         if self._announced is not None:  # generators find the weights through the stream too
             await self.announce(js, self._announced)
-        self.state.released_through = min(self.state.released_through, self.state.step - 1)
+        self.release_again()
         await self.release_prompts(js)
 
     async def accept(self, js, msg, step: int) -> None:
@@ -317,10 +323,7 @@ class Learner:
         if isinstance(saved.get("consumed"), list):  # checkpoints of 0.1.x kept every id
             saved["consumed"] = len(saved["consumed"])
         self.state = LearnerState(**saved)
-        # release again what was released but not trained on: the bus may have lost it (a new or
-        # restored NATS, `asyncrlhf run --resume`); where it did not, the publish is de-duplicated
-        # (same ids) or the extra rollouts are skipped as filling a slot twice
-        self.state.released_through = min(self.state.released_through, self.state.step - 1)
+        self.release_again()  # the bus may have lost what was released (a new NATS, `run --resume`)
         if self.replay is not None and self.state.replay is not None:
             self.replay.load_state_dict(self.state.replay)
             version, internal, gauss = self.state.replay_rng
@@ -332,7 +335,7 @@ class Learner:
         # killed between this checkpoint and its announcement, the snapshot was never announced;
         # generators waiting for it would wait for ever (sync mode): announce it again at start
         # (the same message id: a no-op when it did go out)
-        self._reannounce = WeightsAnnouncement(version=self.state.published_version, path=weights, checksum=checksum)
+        self._announced = WeightsAnnouncement(version=self.state.published_version, path=weights, checksum=checksum)
         self._truncate_metrics(self.state.step)
         self._truncate_ledger(self.state.step)
         self._started = time.monotonic()
@@ -441,8 +444,8 @@ class Learner:
         self._stream_created = (await js.stream_info(self.bus.stream)).created
         kv = await js.key_value(self.bus.bucket)
         sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, self.bus.stream)
-        if self._reannounce is not None:
-            await self.announce(js, self._reannounce)
+        if self._announced is not None:  # restored: see restore()
+            await self.announce(js, self._announced)
         if self.head is not None:
             self._kv = kv
             self._pref_sub = await js.pull_subscribe_bind(REWARD_CONSUMER, self.bus.stream)

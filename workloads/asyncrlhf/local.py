@@ -12,6 +12,7 @@ a generator that dies (generators are stateless). It prints live progress and en
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -151,10 +152,12 @@ class LocalRun:
                 raise ResumeError(f"nothing to resume in {self.run_dir}: no checkpoint at {checkpoint} "
                                   "(run without --resume to start the job)")
         elif self.run_dir.exists():  # an earlier run of this job is kept, never deleted
-            kept = self.run_dir.with_name(f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            suffix = 1
-            while kept.exists():
-                kept, suffix = kept.with_name(f"{kept.name.split('~')[0]}~{suffix}"), suffix + 1
+            base = f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            kept = self.run_dir.with_name(base)
+            for suffix in itertools.count(1):  # two runs within a second
+                if not kept.exists():
+                    break
+                kept = self.run_dir.with_name(f"{base}~{suffix}")
             self.run_dir.rename(kept)
             self.previous = kept
         self.volume.mkdir(parents=True, exist_ok=True)
