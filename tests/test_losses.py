@@ -459,3 +459,13 @@ def test_tb_expected_gradient_on_policy_is_the_kl_regularised_objective_gradient
     mean, stderr = grads.mean(0), grads.std(0) / math.sqrt(chunks)
     assert target.abs().max() > 10 * stderr.max()  # the check is not vacuous
     assert ((mean - target).abs() <= 4 * stderr).all(), (mean, target, stderr)
+
+
+def test_the_registry_has_one_loss_for_each_literal_of_the_spec():
+    from typing import get_args
+
+    from asyncrlhf.api import LossName
+
+    assert sorted(LOSSES) == sorted(get_args(LossName))
+    with pytest.raises(ValueError, match="known losses"):
+        get_loss("dpo")
