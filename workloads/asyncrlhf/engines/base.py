@@ -1,11 +1,9 @@
-"""The engine interface the generator loop is written against."""
+"""The engine interface the generator loop is written against (the factory is in engines/__init__.py)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
-
-from ..api import JobSpec
 
 
 @dataclass(frozen=True)
@@ -23,14 +21,3 @@ class Engine(Protocol):
         """Replace the weights in place with those of a verified snapshot directory."""
 
     def close(self) -> None: ...
-
-
-def make_engine(spec: JobSpec, model_path: str) -> Engine:
-    """The engine named by `spec.generator.engine`; vLLM is imported only when chosen."""
-    if spec.generator.engine == "vllm":
-        from .vllm_engine import VLLMEngine
-
-        return VLLMEngine(spec, model_path)
-    from .hf import HFEngine
-
-    return HFEngine(spec, model_path)
