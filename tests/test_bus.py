@@ -1,8 +1,14 @@
-"""The bus against a real nats-server: resources, de-duplication, back-pressure, ack deadlines."""
+"""The bus against a real nats-server: resources, de-duplication, back-pressure, ack deadlines.
+
+No test sleeps and then asserts: each waits for an observable state (a redelivery counter, a
+refused publish, the stream's message count) with `eventually`, whose deadline only bounds how
+long a broken build may hang; it is never a threshold that a slow machine could trip.
+"""
 
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable, Callable
 
 import nats
 import pytest
@@ -11,6 +17,8 @@ from asyncrlhf.bus import (
     GENERATORS_CONSUMER, LEARNER_CONSUMER, PROMPTS, ROLLOUTS, EmbeddedNats, JobBus, connect, delete_job_resources,
     ensure_job_resources, keep_alive, publish,
 )
+
+DEADLINE = 60.0  # seconds; reaching it is a failure, so it is generous on purpose
 
 
 @pytest.fixture(scope="module")
@@ -27,12 +35,42 @@ async def _setup(server, job: str, ack_wait: float = 30.0, max_bytes: int = 1 <<
     return nc, js, bus
 
 
-async def _fetch(js, bus, durable, n=10, timeout=0.5):
-    sub = await js.pull_subscribe_bind(durable, bus.stream)
+async def _fetch(sub, n=10, timeout=0.5) -> list:
     try:
         return await sub.fetch(n, timeout=timeout)
     except (nats.errors.TimeoutError, asyncio.TimeoutError):
         return []
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], what: str) -> None:
+    """Poll the async `condition` until it holds; fail naming `what` after DEADLINE seconds."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + DEADLINE
+    while not await condition():
+        if loop.time() > deadline:
+            raise AssertionError(f"{what}: still not the case after {DEADLINE:.0f} s")
+        await asyncio.sleep(0.05)
+
+
+async def _messages_in_stream(js, bus) -> int:
+    return (await js.stream_info(bus.stream)).state.messages
+
+
+class _RefusalCounter:
+    """A JetStream context that counts the publishes the server refused (full stream, ...)."""
+
+    def __init__(self, js) -> None:
+        self._js, self.refused = js, 0
+
+    async def publish(self, *args, **kwargs):
+        try:
+            return await self._js.publish(*args, **kwargs)
+        except nats.errors.Error:
+            self.refused += 1
+            raise
+
+    def __getattr__(self, name: str):
+        return getattr(self._js, name)
 
 
 def test_resources_are_idempotent_and_deleted(server):
@@ -54,10 +92,14 @@ def test_duplicate_publishes_are_dropped_and_acked_messages_leave(server):
         nc, js, bus = await _setup(server, "dedup")
         for _ in range(3):
             await publish(js, bus.subject(PROMPTS), b"{}", msg_id="p0-0")
-        msgs = await _fetch(js, bus, GENERATORS_CONSUMER)
+        assert await _messages_in_stream(js, bus) == 1
+        msgs = await _fetch(await js.pull_subscribe_bind(GENERATORS_CONSUMER, bus.stream))
         assert len(msgs) == 1
         await msgs[0].ack_sync()
-        assert (await js.stream_info(bus.stream)).state.messages == 0  # work queue: gone once acked
+
+        async def gone() -> bool:  # work queue: a message leaves once acked
+            return await _messages_in_stream(js, bus) == 0
+        await eventually(gone, "the acked prompt leaves the stream")
         await nc.close()
     asyncio.run(go())
 
@@ -67,19 +109,29 @@ def test_keep_alive_prevents_redelivery_during_long_work(server):
         nc, js, bus = await _setup(server, "alive", ack_wait=1.0)
         await publish(js, bus.subject(ROLLOUTS), b"a", msg_id="a")
         await publish(js, bus.subject(ROLLOUTS), b"b", msg_id="b")
-        held = await _fetch(js, bus, LEARNER_CONSUMER, n=1)  # "a": worked on for 3 ack deadlines
+        sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, bus.stream)
+        first = await _fetch(sub, n=2)
+        assert sorted(m.data for m in first) == [b"a", b"b"]
+        # Both were delivered together; only "a" is kept alive. "b", never acked, is the witness
+        # of the server's clock: each redelivery of it proves one more ack deadline has passed.
+        held = [m for m in first if m.data == b"a"]
+        seen: list = []
+
+        async def witness_past_three_deadlines() -> bool:
+            seen.extend(await _fetch(sub))
+            return any(m.data == b"b" and m.metadata.num_delivered >= 4 for m in seen)
         async with keep_alive(lambda: held, ack_wait=1.0):
-            await asyncio.sleep(3.0)
-            other = await _fetch(js, bus, LEARNER_CONSUMER, n=10)
-        # only "b" was available to another fetch: "a" was not redelivered while kept alive
-        assert [m.data for m in other] == [b"b"]
-        # without keep-alive, the unacked messages do come back (after about 1 s; allow for load)
+            await eventually(witness_past_three_deadlines, "the unacked witness is redelivered 3 times")
+        assert {m.data for m in seen} == {b"b"}, "'a' was redelivered while kept alive"
+
+        # without keep-alive, the unacked "a" does come back, like "b"
         again: list = []
-        for _ in range(10):
-            again += await _fetch(js, bus, LEARNER_CONSUMER, n=10)
-            if len(again) >= 2:
-                break
-        assert sorted(m.data for m in again) == [b"a", b"b"]
+
+        async def both_back() -> bool:
+            again.extend(await _fetch(sub))
+            return {m.data for m in again} == {b"a", b"b"}
+        await eventually(both_back, "'a' is redelivered once no longer kept alive")
+        assert [m.metadata.num_delivered for m in again if m.data == b"a"][0] == 2
         await nc.close()
     asyncio.run(go())
 
@@ -94,14 +146,21 @@ def test_a_full_stream_applies_back_pressure_instead_of_dropping(server):
                 await publish(js, bus.subject(ROLLOUTS), payload, msg_id=f"m{i}", attempts=2)
                 published += 1
         assert 3 <= published < 10
-        # the learner consumes: room again, and the publisher that was waiting gets through
-        waiting = asyncio.create_task(publish(js, bus.subject(ROLLOUTS), payload, msg_id="late"))
-        await asyncio.sleep(0.5)
+        # a publisher with the default patience waits: refused, it retries instead of giving up
+        counter = _RefusalCounter(js)
+        waiting = asyncio.create_task(publish(counter, bus.subject(ROLLOUTS), payload, msg_id="late"))
+
+        async def refused_and_retrying() -> bool:
+            return counter.refused >= 3
+        await eventually(refused_and_retrying, "the publisher to a full stream is refused and retries")
         assert not waiting.done()
-        for m in await _fetch(js, bus, LEARNER_CONSUMER, n=2):
+        assert await _messages_in_stream(js, bus) == published  # nothing dropped, nothing added
+        # the learner consumes: room again, and the publisher that was waiting gets through
+        consumed = await _fetch(await js.pull_subscribe_bind(LEARNER_CONSUMER, bus.stream), n=2)
+        assert len(consumed) == 2
+        for m in consumed:
             await m.ack_sync()
-        await asyncio.wait_for(waiting, 10)
-        info = await js.stream_info(bus.stream)
-        assert info.state.messages == published - 2 + 1
+        await asyncio.wait_for(waiting, DEADLINE)
+        assert await _messages_in_stream(js, bus) == published - 2 + 1
         await nc.close()
     asyncio.run(go())
