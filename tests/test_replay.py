@@ -162,7 +162,7 @@ def test_state_survives_a_json_round_trip_and_sampling_continues_identically():
     buf.extend([item("a", [1, 2], 0.5, 1, payload={"text": "12"}), item(3, [4], -1.0, 1)])
     buf.mark_sync()
     buf.extend([item("a", [2, 1], 1.5, 2), item(3, [5], 0.0, 2)])
-    buf.items("a")[0].old_logprobs = [-0.25, -1.5]
+    buf.items("a")[0].payload = {"text": "12", "logprobs": [-0.25, -1.5]}
 
     state = json.loads(json.dumps(buf.state_dict()))
     restored = ReplayBuffer(capacity=8, recency_probability=0.6, sampling="reward")
@@ -175,6 +175,16 @@ def test_state_survives_a_json_round_trip_and_sampling_continues_identically():
     assert draw(restored) == draw(buf)
     restored.add(item("a", [9], 0.0, 3))  # insertion order continues after the restore
     assert restored.items("a")[-1].seq == 4
+
+
+def test_state_from_a_build_with_the_retired_logprob_fields_still_loads():
+    buf = ReplayBuffer(capacity=4, recency_probability=0.5)
+    buf.add(item("a", [1, 2], 0.5, 1))
+    state = buf.state_dict()
+    state["prompts"][0]["items"][0].update(old_logprobs=None, ref_logprobs=None)  # as they were written
+    restored = ReplayBuffer(capacity=4, recency_probability=0.5)
+    restored.load_state_dict(state)
+    assert restored.state_dict() == buf.state_dict()
 
 
 def test_a_smaller_capacity_after_restart_evicts_the_oldest():

@@ -221,6 +221,8 @@ def _krylov_solution(alphas: np.ndarray, betas: np.ndarray, beta0: float, bound:
 class LogisticMLE(_LinearHead):
     """The baseline: re-fit L2-regularised logistic regression on the whole history.
 
+    Not used in training: it is what the one-pass head is measured against (tests/test_onepass.py
+    checks the one-pass accuracy is within a point of it; bench/onepass_bench.py times both).
     Minimises sum_s logloss(z_s, y_s) + lambda/2 ||theta||^2 (lambda I matches the one-pass H_1)
     with Newton steps warm-started from the previous fit: O(t d^2 + d^3) time and O(t d) memory
     per refit, which is the cost the one-pass head avoids.
@@ -274,6 +276,3 @@ class LogisticMLE(_LinearHead):
                 return candidate
             step *= 0.5
         return self.theta
-
-    def history_bytes(self) -> int:
-        return self._z.nbytes + self._y.nbytes

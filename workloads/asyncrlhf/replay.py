@@ -10,7 +10,7 @@ VarGrad log Z with them), so the buffer keeps one item per distinct token sequen
 Rules (docs/algorithms.md, "Replay buffer"):
 - capacity bounds the total number of items; the oldest (by insertion) is evicted first;
 - adding a token sequence already stored for that prompt replaces the stored item: the newer
-  score, log-probs and policy version win, and the item counts as just added (recent, youngest);
+  score, payload and policy version win, and the item counts as just added (recent, youngest);
 - `mark_sync()` starts a new generation: "recent" = added since the last `mark_sync()`;
 - `sample(k)` per training prompt: with probability m (recency_probability) the pool is the
   prompt's recent items (when it has none, all of its items), otherwise all of its items; the
@@ -37,6 +37,9 @@ PromptId = Union[str, int]
 Rng = Union[torch.Generator, random.Random]
 SAMPLING_MODES = ("uniform", "reward", "recency")
 STATE_VERSION = 1
+# Item fields that replay state written by earlier builds holds (always null: nothing ever set
+# them); dropped on load, so that such a checkpoint still resumes.
+_RETIRED_ITEM_FIELDS = ("old_logprobs", "ref_logprobs")
 
 
 @dataclass
@@ -47,8 +50,6 @@ class ReplayItem:
     tokens: tuple[int, ...]
     score: float
     policy_version: int
-    old_logprobs: Optional[list[float]] = None
-    ref_logprobs: Optional[list[float]] = None
     payload: Any = None  # opaque to the buffer; JSON-serialisable so that state_dict stays pickle-free
     generation: int = field(default=0)
     seq: int = field(default=0)
@@ -181,7 +182,7 @@ class ReplayBuffer:
         self._by_prompt, self._age = {}, OrderedDict()
         every: list[ReplayItem] = []
         for entry in state["prompts"]:
-            items = [ReplayItem(**fields) for fields in entry["items"]]
+            items = [_item_from_state(fields) for fields in entry["items"]]
             self._by_prompt[entry["prompt_id"]] = {i.tokens: i for i in items}
             every.extend(items)
         for item in sorted(every, key=lambda i: i.seq):
@@ -194,6 +195,10 @@ def _item_state(item: ReplayItem) -> dict[str, Any]:
     state = asdict(item)
     state["tokens"] = list(item.tokens)
     return state
+
+
+def _item_from_state(fields: dict[str, Any]) -> ReplayItem:
+    return ReplayItem(**{k: v for k, v in fields.items() if k not in _RETIRED_ITEM_FIELDS})
 
 
 def _softmax(scores: list[float]) -> list[float]:
