@@ -9,13 +9,13 @@ generators of one machine share one copy.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import random
-from contextlib import contextmanager
 from pathlib import Path
+
+from filelock import FileLock
 
 from .api import BUILTIN_MODEL_PREFIX
 
@@ -47,20 +47,11 @@ def resolve_model(name: str) -> str:
     target = cache_root() / "models" / f"{TINY_SORT}-{key}"
     if not (target / "DONE").exists():
         target.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(target.parent / f".{target.name}.lock"):
+        # one process builds; the others (learner and generators start together) wait, then reuse
+        with FileLock(target.parent / f".{target.name}.lock"):
             if not (target / "DONE").exists():
                 build_tiny_sort(target, **_TINY_SETTINGS)
     return str(target)
-
-
-@contextmanager
-def _file_lock(path: Path):
-    with open(path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def build_tokenizer():
