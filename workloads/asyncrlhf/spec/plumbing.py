@@ -1,0 +1,65 @@
+"""The spec's `weightSync` and `nats` sections: the shared volume and the bus."""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from .base import SpecModel
+
+
+class VolumeSnapshotSpec(SpecModel):
+    """CSI VolumeSnapshots of the snapshot volume (cluster only): backups of the checkpoints."""
+
+    enabled: bool = Field(False, description="Take VolumeSnapshots of the volume as the job trains.")
+    every_steps: int = Field(
+        500, ge=1, le=10_000_000,
+        description="Take one each time the learner passes a multiple of this many steps.",
+    )
+    keep: int = Field(3, ge=1, le=100, description="VolumeSnapshots kept; older ones are deleted.")
+    class_name: str = Field(
+        "", max_length=253, description="VolumeSnapshotClass; empty = the cluster's default class."
+    )
+
+
+class WeightSyncSpec(SpecModel):
+    """Snapshots on a shared volume; checkpoints for resume are written with them."""
+
+    every_steps: int = Field(
+        1, ge=1, le=100000, description="k: publish a snapshot every k steps."
+    )
+    volume_claim: str = Field(
+        "", description="Existing ReadWriteMany PVC; empty = create one."
+    )
+    size: str = Field("20Gi", description="Size of the created PVC.")
+    storage_class: str = Field("", description="Storage class; empty = default.")
+    keep_snapshots: int = Field(
+        3, ge=1, le=1000, description="Snapshots kept (plus any still in use)."
+    )
+    retain_volume: bool = Field(
+        True,
+        description="Keep the created PVC (and the VolumeSnapshots) when the job is deleted (else they "
+        "are deleted with the job).",
+    )
+    volume_snapshots: VolumeSnapshotSpec = Field(
+        default_factory=VolumeSnapshotSpec,
+        description="CSI VolumeSnapshots of the volume every N steps: restore one into a PVC and name it "
+        "in weightSync.volumeClaim to resume from its checkpoint.",
+    )
+
+
+class NatsSpec(SpecModel):
+    """The bus. Empty url: the chart's NATS (cluster) or an embedded nats-server (local)."""
+
+    url: str = Field("", description="nats:// URL; empty = default.")
+    credentials_secret: str = Field(
+        "",
+        description="Secret with key 'creds' (a NATS .creds file) or 'user'/'password'.",
+    )
+    max_bytes: int = Field(
+        1 << 30, ge=1 << 20,
+        description="Stream size limit; publishers back off when full (no data is discarded).",
+    )
+    ack_wait_seconds: float = Field(
+        60.0, gt=0,
+        description="Seconds before an unacknowledged message is redelivered (crash recovery).",
+    )

@@ -1,0 +1,85 @@
+"""The spec's `generator` and `learner` sections: the processes, their sizes and resources."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import SpecModel
+
+
+class SamplingSpec(SpecModel):
+    """Sampling parameters of the generators."""
+
+    temperature: float = Field(0.7, gt=0, le=10, description="Sampling temperature T.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling p.")
+    max_tokens: int = Field(16, ge=1, le=32768, description="Max response tokens.")
+
+
+class PodResources(SpecModel):
+    """CPU and memory of a pod (a learner pod's GPUs are `learner.gpusPerNode`)."""
+
+    cpu: str = Field("1", description="CPU request.")
+    memory: str = Field("4Gi", description="Memory request and limit.")
+
+
+class Resources(PodResources):
+    """Container resources of a generator pod. `gpus` becomes a `nvidia.com/gpu` limit."""
+
+    gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod.")
+
+
+class GeneratorSpec(SpecModel):
+    """Rollout generators: stateless, scalable at any time."""
+
+    replicas: int = Field(1, ge=0, le=1024, description="Generator processes (pods).")
+    engine: Literal["vllm", "hf"] = Field("vllm", description="Inference engine.")
+    sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling parameters.")
+    memory_fraction: float = Field(
+        0.85, gt=0, le=1, description="vLLM gpu_memory_utilization on GPUs (weights + KV cache)."
+    )
+    kv_cache_gib: float = Field(
+        0.5, gt=0, le=1024, alias="kvCacheGiB", description="KV cache size in GiB on CPUs (vLLM's CPU build)."
+    )
+    resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+
+
+class OptimizerSpec(SpecModel):
+    """AdamW settings."""
+
+    lr: float = Field(3e-6, gt=0, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    schedule: Literal["constant", "linear"] = Field(
+        "constant", description="LR after warm-up: constant or linear decay to 0."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+
+
+class LearnerSpec(SpecModel):
+    """The learner: one or more training processes."""
+
+    nodes: int = Field(1, ge=1, le=1024, description="Learner pods (Indexed Job completions).")
+    gpus_per_node: int = Field(0, ge=0, le=16, description="GPUs per learner pod.")
+    processes_per_node: int = Field(
+        1, ge=1, le=64,
+        description="Training processes per pod when gpusPerNode is 0 (CPU).",
+    )
+    backend: Literal["torch", "deepspeed"] = Field("torch", description="Training backend.")
+    zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
+    offload: bool = Field(False, description="DeepSpeed CPU offload of optimizer state.")
+    optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
+    prompts_per_step: int = Field(
+        16, ge=1, le=65536, description="Prompts per optimizer step."
+    )
+    micro_batch_size: int = Field(
+        0, ge=0,
+        description="Sequences per forward/backward (gradient accumulation); 0 = whole batch.",
+    )
+    total_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
+    seed: int = Field(0, ge=0, description="Seed for prompts, sampling and initialisation.")
+    backoff_limit: int = Field(
+        3, ge=0, le=100, description="Learner restarts before the job fails."
+    )
+    resources: PodResources = Field(default_factory=PodResources, description="Per-pod CPU and memory.")
