@@ -9,6 +9,7 @@ import asyncio
 import json
 import os
 import signal
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 from asyncrlhf.api import AsyncRLHFJob, JobSpec
 from asyncrlhf.bus import connect
+from asyncrlhf.checkpoints import CheckpointStore
 from asyncrlhf.generator import Generator
 from asyncrlhf.local import LocalRun
 from asyncrlhf.messages import WeightsAnnouncement
@@ -48,8 +50,7 @@ def consumed_ids(run_dir: Path) -> list[str]:
 
 
 def final_state(run_dir: Path) -> dict:
-    checkpoints = run_dir / "volume" / "checkpoints"
-    return json.loads((checkpoints / (checkpoints / "LATEST").read_text() / "state.json").read_text())
+    return asdict(CheckpointStore(run_dir / "volume").load().state)
 
 
 def test_vllm_reload_gives_the_learners_greedy_output(tmp_path):
@@ -194,8 +195,7 @@ def test_onepass_head_learns_from_the_bus_and_generators_score_with_it(tmp_path)
     prefs = labelled_pairs(120, seed=7)
     result = asyncio.run(_run_with_preferences(run, prefs))
     assert result.ok
-    checkpoints = run.run_dir / "volume" / "checkpoints"
-    head = load_file(str(checkpoints / (checkpoints / "LATEST").read_text() / "reward_head.safetensors"))
+    head = load_file(str(CheckpointStore(run.run_dir / "volume").load().directory / "reward_head.safetensors"))
     assert int(head["counts"][0]) == 120  # every label learned once, and checkpointed
     rows = read_metrics(run.run_dir)
     assert rows[-1]["reward_mean"] != 0.0  # generators score with the learned θ (θ = 0 scores 0)

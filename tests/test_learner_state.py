@@ -10,6 +10,7 @@ import pytest
 
 from asyncrlhf.api import JobSpec
 from asyncrlhf.bus import EmbeddedNats, JobBus, connect, latest_weights
+from asyncrlhf.kv import JobKV
 from asyncrlhf.learner import Learner
 from asyncrlhf.messages import (
     GENERATOR_FORGET_SECONDS, GENERATOR_STALE_SECONDS, Completion, GeneratorStatus, RolloutGroup,
@@ -37,7 +38,7 @@ def test_replay_state_survives_a_restart(tmp_path):
         "async": {"replayBuffer": {"recencyProbability": 0.5, "sampling": "reward"}},
     })
     bus = JobBus("default", "state")
-    first = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    first = Learner.create(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
     for b in range(3):
         first.replay_sample(groups(b), b)
         first.replay.mark_sync()
@@ -46,7 +47,7 @@ def test_replay_state_survives_a_restart(tmp_path):
     first.save_checkpoint(info)
     expected = [g.model_dump(exclude={"created"}) for g in first.replay_sample(groups(3), 3)]
 
-    second = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    second = Learner.create(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
     assert second.state.step == 3 and len(second.replay) == 3 * 4 * 3
     assert [g.model_dump(exclude={"created"}) for g in second.replay_sample(groups(3), 3)] == expected
 
@@ -72,7 +73,7 @@ def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
     """A generator still on v1 keeps snapshot v1; one that stopped reporting long ago does not
     (its pod is gone for good: a stale report must not keep a 16 GB snapshot forever)."""
     spec = JobSpec.model_validate({"weightSync": {"keepSnapshots": 2}})
-    learner = Learner(spec, JobBus("default", "prune"), "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    learner = Learner.create(spec, JobBus("default", "prune"), "", str(tmp_path / "vol"), str(tmp_path / "run"))
     for version in range(6):
         info = write_snapshot(learner.root, version, learner.backend.save_weights)
     learner.state.step = learner.state.published_version = 5
@@ -87,7 +88,7 @@ def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
         "learner": b"{}",  # other keys are not generator reports
     }
     kv = FakeKV({k: v.encode() if isinstance(v, GeneratorStatus) else v for k, v in reports.items()})
-    asyncio.run(learner._prune(kv))
+    asyncio.run(learner.prune(JobKV(kv)))
     assert list_versions(learner.root) == [1, 4, 5]
     # a generator gone for 15 minutes is folded into the retired summary: its rollouts still count
     assert "generator.long-gone" not in kv.entries and "generator.gone" in kv.entries
@@ -95,7 +96,7 @@ def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
     assert (retired.rollouts, retired.tokens) == (30, 300) and not retired.fresh(now)
     kv.entries["generator.again"] = GeneratorStatus(generator_id="again", policy_version=0, rollouts=5,
                                                     updated=now - GENERATOR_FORGET_SECONDS - 1).encode()
-    asyncio.run(learner._prune(kv))
+    asyncio.run(learner.prune(JobKV(kv)))
     assert GeneratorStatus.decode(kv.entries["generator._retired"]).rollouts == 35
     assert sorted(kv.entries) == ["generator._retired", "generator.gone", "generator.live", "learner"]
 
@@ -103,25 +104,25 @@ def test_pruning_spares_live_generators_versions_but_not_gone_ones(tmp_path):
 def test_prompt_records_are_forgotten_once_trained_on_and_resume_at_the_same_place(tmp_path):
     spec = JobSpec.model_validate({"learner": {"promptsPerStep": 3}})
     bus = JobBus("default", "records")
-    fresh = Learner(spec, bus, "", str(tmp_path / "a"), str(tmp_path / "run-a"))
-    expected = {b: [r.text for r in fresh.batch_records(b)] for b in range(8)}
+    fresh = Learner.create(spec, bus, "", str(tmp_path / "a"), str(tmp_path / "run-a")).feeder
+    expected = {b: [r.text for r in fresh.records(b)] for b in range(8)}
     assert len({t for texts in expected.values() for t in texts}) > 3  # distinct batches
 
-    run = Learner(spec, bus, "", str(tmp_path / "b"), str(tmp_path / "run-b"))
+    run = Learner.create(spec, bus, "", str(tmp_path / "b"), str(tmp_path / "run-b"))
     for step in range(6):
-        assert [r.text for r in run.batch_records(step)] == expected[step]
-        assert [r.text for r in run.batch_records(step + 1)] == expected[step + 1]  # released ahead
+        assert [r.text for r in run.feeder.records(step)] == expected[step]
+        assert [r.text for r in run.feeder.records(step + 1)] == expected[step + 1]  # released ahead
         run.state.rereleased[f"{step}:0"] = 1
-        run.forget_before(step + 1)
-        assert len(run._records) <= 3  # only batch step+1 is kept
+        run.feeder.forget_before(step + 1)
+        assert len(run.feeder.window) <= 3  # only batch step+1 is kept
         assert set(run.state.rereleased) == set()  # re-release counts of past batches go too
     with pytest.raises(IndexError, match="batch 2 was trained on"):
-        run.batch_records(2)
+        run.feeder.records(2)
 
-    resumed = Learner(spec, bus, "", str(tmp_path / "c"), str(tmp_path / "run-c"))
+    resumed = Learner.create(spec, bus, "", str(tmp_path / "c"), str(tmp_path / "run-c"))
     resumed.state.step = 5  # as restore() leaves it
-    assert [r.text for r in resumed.batch_records(6)] == expected[6]
-    assert [r.text for r in resumed.batch_records(5)] == expected[5]
+    assert [r.text for r in resumed.feeder.records(6)] == expected[6]
+    assert [r.text for r in resumed.feeder.records(5)] == expected[5]
 
 
 def test_a_restarted_learner_announces_its_checkpointed_snapshot_again(tmp_path):
@@ -129,14 +130,14 @@ def test_a_restarted_learner_announces_its_checkpointed_snapshot_again(tmp_path)
     generators waiting for that version for ever; the restarted one announces it first thing."""
     spec = JobSpec.model_validate({"async": {"mode": "sync"}, "learner": {"totalSteps": 3}})
     bus = JobBus("default", "reannounce")
-    first = Learner(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    first = Learner.create(spec, bus, "", str(tmp_path / "vol"), str(tmp_path / "run"))
     first.state.step = first.state.published_version = 3
     info = write_snapshot(first.root, 3, first.backend.save_weights)
     first.save_checkpoint(info)  # ... and killed here: nothing announced
 
     async def restart_and_read() -> object:
         with EmbeddedNats() as server:
-            restarted = Learner(spec, bus, server.url, str(tmp_path / "vol"), str(tmp_path / "run"))
+            restarted = Learner.create(spec, bus, server.url, str(tmp_path / "vol"), str(tmp_path / "run"))
             await restarted.run()  # step 3 of 3: announces, reports done, returns
             nc = await connect(server.url)
             try:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from asyncrlhf.learner import classify, release_range
-from asyncrlhf.messages import RolloutGroup
+from asyncrlhf.schedule import RecordWindow, Verdict, classify, min_version, release_range, unreleased_from
 
 
 @pytest.mark.parametrize("published, n, released, total, expected", [
@@ -21,23 +20,49 @@ def test_release_range(published, n, released, total, expected):
     assert list(release_range(published, n, released, total)) == expected
 
 
-def rollout(batch: int, version: int, index: int = 0, rid: str = "r") -> RolloutGroup:
-    return RolloutGroup(id=rid, prompt_id="p", batch=batch, index=index, prompt_text="", prompt_token_ids=[1],
-                        completions=[], policy_version=version, generator_id="g")
+FRESH, STALE, TRAINED, DUPLICATE = Verdict.FRESH, Verdict.STALE, Verdict.TRAINED, Verdict.DUPLICATE
 
 
-@pytest.mark.parametrize("group, step, n, slot, verdict", [
-    (rollout(5, 4), 5, 1, {}, "keep"),           # staleness 1 <= N
-    (rollout(5, 5), 5, 0, {}, "keep"),           # on-policy
-    (rollout(5, 3), 5, 1, {}, "stale"),          # 2 versions old
-    (rollout(7, 6), 5, 1, {}, "keep"),           # a later batch: judged at the step that uses it
-    (rollout(7, 5), 5, 1, {}, "stale"),
-    (rollout(5, 4), 6, 1, {}, "duplicate"),      # trained on at step 5, redelivered after a restart
-    (rollout(5, 4, index=2), 5, 1, {2: None}, "duplicate"),  # slot already filled
-    (rollout(4, 4), 5, 1, {}, "duplicate"),      # its step is past
+@pytest.mark.parametrize("batch, index, version, step, n, filled, verdict", [
+    (5, 0, 4, 5, 1, set(), FRESH),           # staleness 1 <= N
+    (5, 0, 5, 5, 0, set(), FRESH),           # on-policy
+    (5, 0, 3, 5, 1, set(), STALE),           # 2 versions old
+    (7, 0, 6, 5, 1, set(), FRESH),           # a later batch: judged at the step that uses it
+    (7, 0, 5, 5, 1, set(), STALE),
+    (5, 0, 4, 6, 1, set(), TRAINED),         # trained on at step 5, redelivered after a restart
+    (5, 2, 4, 5, 1, {2}, DUPLICATE),         # slot already filled
+    (4, 0, 4, 5, 1, set(), TRAINED),         # its step is past
+    (4, 2, 4, 5, 1, {2}, TRAINED),           # past beats filled: it was trained on
 ])
-def test_classify(group, step, n, slot, verdict):
-    assert classify(group, step, n, slot) == verdict
+def test_classify(batch, index, version, step, n, filled, verdict):
+    assert classify(batch, index, version, step, n, filled) is verdict
+
+
+@pytest.mark.parametrize("batch, n, expected", [(0, 1, 0), (3, 1, 2), (3, 0, 3), (2, 4, 0), (10, 4, 6)])
+def test_min_version_is_one_rule_for_first_and_later_releases(batch, n, expected):
+    assert min_version(batch, n) == expected
+
+
+@pytest.mark.parametrize("step, released, expected", [
+    (5, 7, 4),    # batches 5..7 were out: all go again
+    (0, 1, -1),   # from the start
+    (5, 3, 3),    # nothing released past the step: unchanged
+])
+def test_release_again_starts_at_the_first_batch_not_trained_on(step, released, expected):
+    assert unreleased_from(step, released) == expected
+    assert list(release_range(published_version=step, max_staleness=2, released_through=expected,
+                              total_steps=100))[:1] == [min(step, expected + 1)]
+
+
+def test_record_window_serves_batches_in_order_and_forgets_trained_ones():
+    window = RecordWindow(iter(range(1000)), per_batch=3)
+    assert window.batch(1) == [3, 4, 5] and window.batch(0) == [0, 1, 2]
+    window.forget_before(1)
+    assert len(window) == 3 and window.batch(2) == [6, 7, 8] and len(window) == 6
+    with pytest.raises(IndexError, match="batch 0 was trained on"):
+        window.batch(0)
+    resumed = RecordWindow(iter(range(1000)), per_batch=3, start=2)  # a restored learner at step 2
+    assert resumed.batch(2) == [6, 7, 8] and resumed.batch(3) == [9, 10, 11]
 
 
 def test_release_plus_min_version_bounds_staleness_without_deadlock():

@@ -21,13 +21,13 @@ import nats
 from .api import JobSpec
 from .bus import GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, keep_alive, latest_weights, publish
 from .engines import Engine, make_engine
+from .kv import JobKV
 from .messages import (
-    GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, LearnerProgress, Prompt, RolloutGroup,
-    WeightsAnnouncement,
+    GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, Prompt, RolloutGroup, WeightsAnnouncement,
 )
 from .models import encode_prompt, load_tokenizer, resolve_model
+from .rewards import OnePassScorer, make_scorer
 from .snapshots import SnapshotError, verify_snapshot
-from .rewards import HEAD_KEY, OnePassScorer, make_scorer
 
 log = logging.getLogger("asyncrlhf.generator")
 
@@ -35,6 +35,7 @@ log = logging.getLogger("asyncrlhf.generator")
 @dataclass
 class GeneratorState:
     version: int = 0
+    checksum: str = ""  # of the snapshot loaded ("" = the initial weights)
     rollouts: int = 0
     tokens: int = 0
     busy_seconds: float = 0.0
@@ -66,16 +67,23 @@ class Generator:
             log.error("refusing snapshot v%d: %s (keeping v%d)", ann.version, err, self.state.version)
             self.state.refused.add(ann.checksum)
             return False
-        self.state.version = ann.version
+        self.state.version, self.state.checksum = ann.version, ann.checksum
         log.info("generator %s loaded policy v%d", self.id, ann.version)
         return True
+
+    async def reload_latest(self, js) -> bool:
+        """The one way weights change: load the newest announced snapshot when it is not the one
+        held (a snapshot is identified by version and checksum: a learner restarted from an older
+        checkpoint announces versions again with other weights). True when weights changed."""
+        ann = await latest_weights(js, self.bus)
+        if ann is None or ann.checksum == self.state.checksum:
+            return False
+        return await asyncio.to_thread(self.try_reload, ann)
 
     async def sync_weights(self, js, need: int) -> None:
         """Load the newest snapshot; wait until version >= need."""
         while True:
-            ann = await latest_weights(js, self.bus)
-            if ann is not None and ann.version > self.state.version:
-                await asyncio.to_thread(self.try_reload, ann)
+            await self.reload_latest(js)
             if self.state.version >= need or self.stopping.is_set():
                 return
             await asyncio.sleep(0.05)
@@ -108,39 +116,25 @@ class Generator:
         self.state.busy_seconds += elapsed
         return groups, tokens
 
-    async def report(self, kv) -> None:
+    async def report(self, kv: JobKV) -> None:
         st = self.state
-        status = GeneratorStatus(
+        await kv.put_report(GeneratorStatus(
             generator_id=self.id, policy_version=st.version, rollouts=st.rollouts, tokens=st.tokens,
             tokens_per_second=st.tokens / st.busy_seconds if st.busy_seconds else 0.0,
-        )
-        try:
-            await kv.put(f"generator.{self.id}", status.encode())
-        except (nats.errors.Error, asyncio.TimeoutError) as err:
-            log.warning("could not report status: %s", err)
+        ))
 
-    async def refresh_head(self, js) -> None:
+    async def refresh_head(self, kv: JobKV) -> None:
         """The one-pass reward head's latest θ (the learner process learns it from preferences)."""
-        kv = await js.key_value(self.bus.bucket)
-        try:
-            self.scorer.set_head((await kv.get(HEAD_KEY)).value)
-        except nats.js.errors.KeyNotFoundError:
-            pass  # no preference seen yet: θ = 0 scores every answer 0
+        head = await kv.head()
+        if head is not None:  # None: no preference seen yet, θ = 0 scores every answer 0
+            self.scorer.set_head(head)
 
-    async def learner_done(self, kv) -> bool:
-        try:
-            entry = await kv.get("learner")
-        except (nats.js.errors.KeyNotFoundError, nats.errors.Error, asyncio.TimeoutError):
-            return False
-        progress = LearnerProgress.decode(entry.value)
-        return progress.done or bool(progress.failed)
-
-    async def handle(self, js, msgs: list) -> None:
+    async def handle(self, js, kv: JobKV, msgs: list) -> None:
         # held prompts stay ours while we wait for weights and generate (however long that takes)
         async with keep_alive(lambda: msgs, self.spec.nats.ack_wait_seconds):
-            await self._handle(js, msgs)
+            await self._handle(js, kv, msgs)
 
-    async def _handle(self, js, msgs: list) -> None:
+    async def _handle(self, js, kv: JobKV, msgs: list) -> None:
         prompts = [Prompt.decode(m.data) for m in msgs]
         await self.sync_weights(js, max(p.min_version for p in prompts))
         if self.stopping.is_set():
@@ -148,7 +142,7 @@ class Generator:
                 await m.nak()
             return
         if isinstance(self.scorer, OnePassScorer):
-            await self.refresh_head(js)
+            await self.refresh_head(kv)
         by_k: dict[int, list[int]] = {}  # one engine call per K (a fetch shares K in practice)
         for i, p in enumerate(prompts):
             by_k.setdefault(p.samples, []).append(i)
@@ -163,11 +157,9 @@ class Generator:
     async def run(self) -> GeneratorState:
         nc = await connect(self.nats_url, name=f"generator-{self.id}")
         js = nc.jetstream()
-        kv = await js.key_value(self.bus.bucket)
+        kv = await JobKV.open(js, self.bus.bucket)
         sub = await js.pull_subscribe_bind(GENERATORS_CONSUMER, self.bus.stream)
-        ann = await latest_weights(js, self.bus)
-        if ann is not None:
-            await asyncio.to_thread(self.try_reload, ann)
+        await self.reload_latest(js)
         await self.report(kv)
         heartbeat = asyncio.create_task(self._heartbeat(kv))
         try:
@@ -193,17 +185,15 @@ class Generator:
         try:
             msgs = await sub.fetch(self.fetch_size, timeout=1.0)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
-            if await self.learner_done(kv):
+            if await kv.learner_finished():
                 return True
-            ann = await latest_weights(js, self.bus)
-            if ann is not None and ann.version > self.state.version:
-                await asyncio.to_thread(self.try_reload, ann)
+            if await self.reload_latest(js):
                 await self.report(kv)
             return False
         if not msgs:  # a fetch can end with only status messages (e.g. its consumer was deleted)
             await asyncio.sleep(0.1)
             return False
-        await self.handle(js, msgs)
+        await self.handle(js, kv, msgs)
         await self.report(kv)
         return False
 

@@ -23,16 +23,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import nats
 import psutil
 
 from .api import AsyncRLHFJob
 from .bus import WEIGHTS, EmbeddedNats, JobBus, close_quietly, connect, ensure_job_resources, free_port
-from .learner import generator_statuses
+from .checkpoints import CheckpointStore
+from .kv import JobKV
 from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
 from .models import resolve_model
 from .report import plot_rewards, read_metrics, summarize, write_json
+from .workload_env import GENERATOR_ID, WorkloadEnv
 
 
 @dataclass
@@ -82,13 +83,8 @@ class LocalRun:
     # --- processes -----------------------------------------------------------------------
 
     def _env(self, extra: dict[str, str]) -> dict[str, str]:
-        env = dict(os.environ)
-        env.update({
-            "ASYNCRLHF_NATS_URL": self.url, "ASYNCRLHF_SNAPSHOT_DIR": str(self.volume),
-            "ASYNCRLHF_RUN_DIR": str(self.run_dir), "PYTHONUNBUFFERED": "1",
-        })
-        env.update(extra)
-        return env
+        contract = WorkloadEnv(nats_url=self.url, snapshot_dir=str(self.volume), run_dir=str(self.run_dir))
+        return dict(os.environ) | contract.variables() | {"PYTHONUNBUFFERED": "1"} | extra
 
     def spawn(self, role: str, index: int, attempt: int = 0, env: Optional[dict[str, str]] = None) -> Child:
         log = open(self.run_dir / f"{role}-{index}.log", "ab")
@@ -97,7 +93,7 @@ class LocalRun:
             extra = {"OMP_NUM_THREADS": str(len(cores))} | (env or {})
         else:
             cores = self.generator_cores[index % len(self.generator_cores)]  # index past the plan: added mid-run
-            extra = {"GENERATOR_ID": f"gen-{index}-{attempt}", "OMP_NUM_THREADS": str(len(cores)),
+            extra = {GENERATOR_ID: f"gen-{index}-{attempt}", "OMP_NUM_THREADS": str(len(cores)),
                      "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
@@ -146,10 +142,10 @@ class LocalRun:
     # --- lifecycle -----------------------------------------------------------------------
 
     def prepare(self) -> None:
-        checkpoint = self.volume / "checkpoints" / "LATEST"
+        checkpoints = CheckpointStore(self.volume)
         if self.resume:
-            if not checkpoint.exists():
-                raise ResumeError(f"nothing to resume in {self.run_dir}: no checkpoint at {checkpoint} "
+            if not checkpoints.exists():
+                raise ResumeError(f"nothing to resume in {self.run_dir}: no checkpoint in {checkpoints.base} "
                                   "(run without --resume to start the job)")
         elif self.run_dir.exists():  # an earlier run of this job is kept, never deleted
             base = f"{self.run_dir.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -174,12 +170,12 @@ class LocalRun:
         js = nc.jetstream()
         try:
             await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
-            kv = await js.key_value(self.bus.bucket)
+            kv = await JobKV.open(js, self.bus.bucket)
             for i in range(self.spec.generator.replicas):
                 self.spawn("generator", i)
             self.spawn_learners()
             ok = await self.supervise(kv)
-            produced = sum(s.rollouts for s in await generator_statuses(kv))
+            produced = sum(s.rollouts for s in (await kv.reports()).values())
             info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))
             snapshots = (info.state.subjects or {}).get(self.bus.subject(WEIGHTS), 0)
         finally:
@@ -195,13 +191,13 @@ class LocalRun:
                      self.run_dir / "reward.png", f"{self.job.metadata.name}: reward vs wall-clock")
         return RunResult(self.run_dir, summary, ok)
 
-    async def supervise(self, kv) -> bool:
+    async def supervise(self, kv: JobKV) -> bool:
         """Print progress, restart what dies; True when the learner finished all steps."""
         last_line, progress = "", None
         while True:
             await asyncio.sleep(1.0)
             self._sample_memory()
-            progress = await read_progress(kv) or progress  # the bus away: the last known
+            progress = await kv.progress() or progress  # the bus away: the last known
             line = self.progress_line(progress)
             if line != last_line and not self.quiet:
                 print(line, flush=True)
@@ -280,14 +276,6 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         os.killpg(proc.pid, sig)
     except (ProcessLookupError, PermissionError):
         pass
-
-
-async def read_progress(kv) -> Optional[LearnerProgress]:
-    try:
-        entry = await kv.get("learner")
-    except nats.errors.Error:  # not written yet, or the bus is away for a moment
-        return None
-    return LearnerProgress.decode(entry.value)
 
 
 class ResumeError(ValueError):

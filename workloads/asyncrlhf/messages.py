@@ -102,6 +102,15 @@ class Preference(Message):
     source: str = "human"
 
 
+class RewardHead(Message):
+    """The one-pass reward head's parameters θ (KV key `reward-head`): the learner process learns
+    them from preferences, generators score with θᵀφ(prompt, answer)."""
+
+    kind: ClassVar[str] = "reward-head"
+    theta: list[float]
+    updates: int = Field(0, ge=0, description="Preferences learned from so far.")
+
+
 GENERATOR_HEARTBEAT_SECONDS = 15.0  # a generator reports at least this often, busy or idle
 GENERATOR_STALE_SECONDS = 120.0  # a report older than this is from a generator that is gone
 GENERATOR_FORGET_SECONDS = 900.0  # ... and after this long its report is folded into RETIRED_GENERATORS

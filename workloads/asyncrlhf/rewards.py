@@ -13,7 +13,6 @@ like rollouts, so a learner restart loses no label.
 
 from __future__ import annotations
 
-import json
 from typing import Callable, Optional, Protocol
 
 import numpy as np
@@ -21,12 +20,10 @@ import torch
 
 from .api import JobSpec
 from .logprobs import pack
-from .messages import Preference
+from .messages import Preference, RewardHead
 from .models import encode_prompt, load_tokenizer, resolve_model
 from .onepass import OnePassRewardHead
 from .tasks import rule_reward
-
-HEAD_KEY = "reward-head"
 
 
 class Scorer(Protocol):
@@ -92,9 +89,8 @@ class OnePassScorer:
         self.theta = np.zeros(self.features.dim)
         self.updates = 0
 
-    def set_head(self, data: bytes) -> None:
-        head = json.loads(data)
-        self.theta, self.updates = np.asarray(head["theta"]), head["updates"]
+    def set_head(self, head: RewardHead) -> None:
+        self.theta, self.updates = np.asarray(head.theta), head.updates
 
     def score(self, prompts, responses, answers) -> list[float]:
         return (self.features.features(prompts, responses) @ self.theta).tolist()
@@ -124,8 +120,8 @@ class HeadLearner:
         for z in chosen - rejected:
             self.head.update(z, 1.0)
 
-    def head_message(self) -> bytes:
-        return json.dumps({"theta": self.head.theta.tolist(), "updates": self.head.updates}).encode()
+    def head_message(self) -> RewardHead:
+        return RewardHead(theta=self.head.theta.tolist(), updates=self.head.updates)
 
 
 class DeploymentAdapter:

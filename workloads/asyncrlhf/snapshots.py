@@ -12,12 +12,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable
+
+from .storage import atomic_dir
 
 MANIFEST = "MANIFEST.json"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
@@ -47,14 +48,6 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _manifest_bytes(directory: Path, version: int) -> bytes:
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
@@ -63,25 +56,14 @@ def _manifest_bytes(directory: Path, version: int) -> bytes:
 
 def write_snapshot(root: str | Path, version: int, save_into, extra_files: Iterable[Path] = ()) -> SnapshotInfo:
     """Write a snapshot atomically. `save_into(tmpdir)` writes the model (e.g. save_pretrained)."""
-    final = snapshot_dir(root, version)
-    tmp = final.parent / f".tmp-v{version}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_into(tmp)
-    for extra in extra_files:
-        if extra.is_file() and not (tmp / extra.name).exists():
-            shutil.copy2(extra, tmp / extra.name)
-    manifest = _manifest_bytes(tmp, version)
-    (tmp / MANIFEST).write_bytes(manifest)
-    for p in tmp.iterdir():
-        with open(p, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # a re-run after a crash between rename and announce: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(final.parent)
-    return SnapshotInfo(version, str(final), hashlib.sha256(manifest).hexdigest())
+    with atomic_dir(snapshot_dir(root, version)) as tmp:
+        save_into(tmp)
+        for extra in extra_files:
+            if extra.is_file() and not (tmp / extra.name).exists():
+                shutil.copy2(extra, tmp / extra.name)
+        manifest = _manifest_bytes(tmp, version)
+        (tmp / MANIFEST).write_bytes(manifest)
+    return SnapshotInfo(version, str(snapshot_dir(root, version)), hashlib.sha256(manifest).hexdigest())
 
 
 def verify_snapshot(path: str | Path, checksum: str) -> dict:
@@ -114,6 +96,14 @@ def load_snapshot_state(path: str | Path) -> dict:
     for f in files:
         state.update(load_file(str(f)))
     return state
+
+
+def version_of(path: str | Path) -> int:
+    """The version of a snapshot directory (`.../snapshots/v<version>`)."""
+    m = _VERSION_DIR.match(Path(path).name)
+    if not m:
+        raise SnapshotError(f"{path} is not a snapshot directory (expected a name like v12)")
+    return int(m.group(1))
 
 
 def list_versions(root: str | Path) -> list[int]:

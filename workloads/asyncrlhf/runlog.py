@@ -1,0 +1,69 @@
+"""The learner's report files in the run directory: `metrics.jsonl` and `ledger.jsonl`, one line per step.
+
+metrics.jsonl is what `asyncrlhf run` plots and summarises; ledger.jsonl says which rollout groups
+(id, generator, policy version) each step trained on — an audit trail, never read back by the
+learner. A resumed learner first cuts both files back to its checkpoint's step, then writes the
+later steps again, so each step appears once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .messages import RolloutGroup
+
+METRICS = "metrics.jsonl"
+LEDGER = "ledger.jsonl"
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of steps <= `step` (a resumed learner writes the later ones again)."""
+    if not path.exists():
+        return
+    tmp = path.with_suffix(".tmp")
+    with open(path) as src, open(tmp, "w") as dst:
+        for line in src:
+            if line.strip() and json.loads(line)["step"] <= step:
+                dst.write(line if line.endswith("\n") else line + "\n")
+    os.replace(tmp, path)
+
+
+def metrics_row(step: int, groups: list[RolloutGroup], metrics: dict, *, elapsed: float, step_seconds: float,
+                consumed: int, dropped: int) -> dict:
+    """The metrics.jsonl line of step `step` (0-based; written as step + 1: steps done)."""
+    scores = [c.score for g in groups for c in g.completions]
+    stale = [step - g.policy_version for g in groups]
+    return {
+        "step": step + 1, "time": round(elapsed, 3),
+        "reward_mean": sum(scores) / len(scores),
+        "eos_fraction": sum(c.eos for g in groups for c in g.completions) / len(scores),
+        "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
+        "policy_versions": sorted({g.policy_version for g in groups}),
+        "samples": len(scores), "step_seconds": round(step_seconds, 4),
+        "consumed": consumed, "dropped": dropped,
+        **{k: round(v, 6) for k, v in metrics.items()},
+    }
+
+
+class RunLog:
+    def __init__(self, run_dir: str | Path) -> None:
+        self.dir = Path(run_dir)
+
+    def _append(self, name: str, line: dict, **dump) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / name, "a") as handle:
+            handle.write(json.dumps(line, **dump) + "\n")
+
+    def metrics(self, row: dict) -> None:
+        self._append(METRICS, row)
+
+    def ledger(self, step: int, groups: list[RolloutGroup]) -> None:
+        """Which rollout groups step `step` trained on: id, generator, policy version."""
+        line = {"step": step + 1, "rollouts": [[g.id, g.generator_id, g.policy_version] for g in groups]}
+        self._append(LEDGER, line, separators=(",", ":"))
+
+    def truncate(self, step: int) -> None:
+        for name in (METRICS, LEDGER):
+            truncate_jsonl(self.dir / name, step)
