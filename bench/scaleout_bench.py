@@ -80,7 +80,7 @@ def sampled_rollouts(batches: int) -> list[list[RolloutGroup]]:
 def time_backend(backend, batches, out: Path, repeats: int = 3) -> dict:
     """samples/s over the timed steps (the first step warms up), snapshot and checkpoint seconds."""
     from asyncrlhf.snapshots import write_snapshot
-    from asyncrlhf.training import to_batch
+    from asyncrlhf.backends import to_batch
 
     tensors = [to_batch(groups, backend.pad_id) for groups in batches]
     backend.train_step(tensors[0], 0)
@@ -105,8 +105,7 @@ def time_backend(backend, batches, out: Path, repeats: int = 3) -> dict:
 
 def learner_worker(out: Path, stages: list[int]) -> None:
     """Under torchrun: rank 0 times each ZeRO stage through Leader, the other ranks follow."""
-    from asyncrlhf.distributed import follower_main, release_followers
-    from asyncrlhf.training import make_backend
+    from asyncrlhf.backends import follower_main, make_backend, release_followers
 
     torch.set_num_threads(1)
     batches = [[RolloutGroup.model_validate(g) for g in b] for b in json.loads((out / "rollouts.json").read_text())]
@@ -125,7 +124,7 @@ def learner_worker(out: Path, stages: list[int]) -> None:
 
 
 def learner_table(steps: int, work: Path) -> list[dict]:
-    from asyncrlhf.training import TorchBackend
+    from asyncrlhf.backends.torch_backend import TorchBackend
 
     batches = sampled_rollouts(steps + 1)
     (work / "rollouts.json").write_text(json.dumps([[g.model_dump() for g in b] for b in batches]))

@@ -9,6 +9,7 @@ the two must agree (see TOLERANCE).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
 import os
 import random
@@ -24,16 +25,18 @@ import nats
 
 from asyncrlhf.api import JobSpec
 from asyncrlhf.bus import GENERATORS_CONSUMER, PROMPTS, ROLLOUTS, connect, free_port
-from asyncrlhf.deepspeed_backend import accumulation_steps, shard_groups
-from asyncrlhf.distributed import (Command, Rendezvous, decode_command, encode_command, node_process_envs,
-                                   run_node)
+from asyncrlhf.backends import Batch, to_batch
+from asyncrlhf.backends.deepspeed_backend import accumulation_steps
+from asyncrlhf.backends.distributed import (Command, Rendezvous, decode_command, encode_command, node_process_envs,
+                                            run_node)
+from asyncrlhf.backends.micro import micro_plan, shard_groups
+from asyncrlhf.backends.torch_backend import TorchBackend
 from asyncrlhf.local import LocalRun
 from asyncrlhf.messages import Completion, Prompt, RolloutGroup
 from asyncrlhf.models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model
 from asyncrlhf.report import read_metrics
 from asyncrlhf.snapshots import load_snapshot_state
 from asyncrlhf.tasks import sort_digits_prompt
-from asyncrlhf.training import TorchBackend, to_batch
 
 # float32 on both sides, but the sums over ranks and micro-batches run in another order: losses
 # agree to ~1e-6 relative; weights mostly to ~1e-7, but Adam divides by sqrt(v), so a coordinate
@@ -101,6 +104,96 @@ def test_accumulation_steps_are_fixed_by_the_spec(prompts, k, micro, world, step
     spec = JobSpec.model_validate({"algorithm": {"samplesPerPrompt": k},
                                    "learner": {"promptsPerStep": prompts, "microBatchSize": micro}})
     assert accumulation_steps(spec, world) == steps
+
+
+@pytest.mark.parametrize("groups,k,micro,world,rank,steps,expected", [
+    # one process: TorchBackend's split; (start, stop, real) per micro-batch
+    (3, 2, 0, 1, 0, None, [(0, 6, True)]),                                   # 0: the whole batch at once
+    (3, 2, 4, 1, 0, None, [(0, 4, True), (4, 6, True)]),                     # 2 groups, then the last one
+    (3, 2, 5, 1, 0, None, [(0, 4, True), (4, 6, True)]),                     # rows rounded down to whole groups
+    (3, 4, 2, 1, 0, None, [(0, 4, True), (4, 8, True), (8, 12, True)]),      # one group at least
+    # DeepSpeed: 5 groups on 2 ranks (shares 3 and 2), padded to the configured steps
+    (5, 4, 4, 2, 0, 3, [(0, 4, True), (4, 8, True), (8, 12, True)]),
+    (5, 4, 4, 2, 1, 3, [(12, 16, True), (16, 20, True), (12, 16, False)]),
+    (5, 4, 0, 2, 1, 1, [(12, 20, True)]),
+    (7, 2, 4, 3, 2, 2, [(10, 14, True), (10, 14, False)]),                   # share 5..7 is one micro-batch
+])
+def test_micro_plan(groups, k, micro, world, rank, steps, expected):
+    plan = micro_plan(groups, k, micro, world, rank, steps)
+    assert [(rows.start, rows.stop, real) for rows, real in plan.micro_batches] == expected
+    assert plan.steps == len(expected) and plan.real == [rows for rows, real in plan.micro_batches if real]
+    assert (plan.share.start, plan.share.stop) == (expected[0][0], max(stop for _, stop, _ in expected))
+
+
+def test_micro_plan_refuses_more_micro_batches_than_configured():
+    with pytest.raises(ValueError, match="needs 3 micro-batches on rank 0, more than the 2"):
+        micro_plan(5, 4, 4, 2, 0, steps=2)
+
+
+@pytest.mark.parametrize("prompts,k,micro,world", [(5, 4, 4, 2), (5, 4, 0, 2), (8, 4, 8, 2), (7, 2, 6, 3)])
+def test_deepspeed_config_agrees_with_every_ranks_plan(prompts, k, micro, world):
+    from asyncrlhf.backends.deepspeed_backend import ds_config
+
+    spec = JobSpec.model_validate({"algorithm": {"samplesPerPrompt": k},
+                                   "learner": {"promptsPerStep": prompts, "microBatchSize": micro}})
+    config = ds_config(spec, world)
+    steps = config["gradient_accumulation_steps"]
+    for rank in range(world):  # every rank fits the configured steps (else micro_plan raises)
+        plan = micro_plan(prompts, k, micro, world, rank, steps)
+        assert max(r.stop - r.start for r in plan.real) <= config["train_micro_batch_size_per_gpu"]
+    assert len(micro_plan(prompts, k, micro, world, 0).real) == steps
+
+
+class RecordingBackend:
+    """A backend that records its calls; the channel records what was sent."""
+
+    pad_id = 3
+
+    def __init__(self) -> None:
+        self.calls = []
+
+    def __getattr__(self, op):
+        return lambda *args: self.calls.append((op, args)) or {"op": op}
+
+
+def test_the_leader_forwards_every_method_of_the_protocol():
+    from asyncrlhf.backends import TrainingBackend
+    from asyncrlhf.backends.base import BACKEND_METHODS
+    from asyncrlhf.backends.distributed import OPS, Leader, follower_loop
+
+    sent = []
+    channel = type("Channel", (), {"send": lambda self, cmd: sent.append(cmd)})()
+    protocol = [name for name in dir(TrainingBackend) if not name.startswith("_") and callable(getattr(TrainingBackend, name))]
+    assert sorted(BACKEND_METHODS) == sorted(protocol) and set(OPS) == {*protocol, "stop"}
+
+    backend = RecordingBackend()
+    leader = Leader(backend, channel)
+    assert isinstance(leader, TrainingBackend) and leader.pad_id == 3
+    batch = to_batch([RolloutGroup(id="r", prompt_id="p", batch=0, index=0, prompt_text="", prompt_token_ids=[1, 2],
+                                   completions=[Completion(text="", token_ids=[5], logprobs=[-0.5], eos=True, score=1.0)] * 2,
+                                   policy_version=0, generator_id="g")], 0)
+    by_name = {"batch": batch, "step": 7, "directory": Path("/v/c")}  # what Command carries
+    args = {op: tuple(by_name[p] for p in list(inspect.signature(getattr(TrainingBackend, op)).parameters)[1:])
+            for op in BACKEND_METHODS}
+    for op in BACKEND_METHODS:
+        assert getattr(leader, op)(*args[op]) == {"op": op}
+    assert [c[0] for c in backend.calls] == [c.op for c in sent] == list(BACKEND_METHODS)
+    assert backend.calls == [(op, args[op]) for op in BACKEND_METHODS]
+
+    # a follower makes the same calls from the commands, after an encode/decode round trip
+    follower, wire = RecordingBackend(), iter([decode_command(encode_command(c)) for c in [*sent, Command("stop")]])
+    assert follower_loop(follower, type("Wire", (), {"receive": lambda self: next(wire)})()) == len(BACKEND_METHODS)
+    assert [op for op, _ in follower.calls] == list(BACKEND_METHODS)
+    for op, got in follower.calls:
+        assert len(got) == len(args[op]) and all(map(same_argument, got, args[op])), op
+
+
+def same_argument(got, sent) -> bool:
+    """A decoded argument equals the one sent (a Batch: its lists and tensors)."""
+    if not isinstance(sent, Batch):
+        return got == sent
+    return (got.prompts, got.responses, got.group_size) == (sent.prompts, sent.responses, sent.group_size) and all(
+        torch.equal(getattr(got, name), getattr(sent, name)) for name in ("old_logprobs", "mask", "raw_scores", "eos"))
 
 
 @pytest.mark.parametrize("env,expected", [
@@ -337,9 +430,8 @@ def test_two_generators_and_a_two_process_learner_survive_a_generator_and_a_lear
 def worker(out: Path, loss: str, stage: int) -> None:
     """Rank 0 drives the backend as the Learner does (through Leader), rank 1 follows; twice: the
     second time a fresh engine resumes from the first one's checkpoint."""
-    from asyncrlhf.distributed import follower_main, release_followers
+    from asyncrlhf.backends import follower_main, make_backend, release_followers
     from asyncrlhf.snapshots import write_snapshot
-    from asyncrlhf.training import make_backend
 
     spec = train_spec(loss, stage)
     if int(os.environ["RANK"]) > 0:

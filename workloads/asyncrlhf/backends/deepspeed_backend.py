@@ -1,14 +1,14 @@
 """DeepSpeed ZeRO-2/3 training: the TorchBackend step, data-parallel over the learner's processes.
 
-What is inherited (training.TorchBackend): the batch layout, the full-batch `prepare` and
+What is inherited (torch_backend.TorchBackend): the batch layout, the full-batch `prepare` and
 `Normalizer`, the loss calls and the metrics. What changes:
   * Rows. Every rank gets the whole batch (distributed.Leader sends it) and trains on its share
-    of the prompt groups (contiguous, whole groups; `shard_groups`). Reference log-probs and PPO's
+    of the prompt groups (contiguous, whole groups; micro.shard_groups). Reference log-probs and PPO's
     old values are computed on the share and all-gathered, so `prepare` sees the full batch.
   * Scale. The losses are already normalised by the FULL batch's counts, so the sum of the ranks'
     gradients is the single-process gradient; DeepSpeed averages over ranks, hence each rank
     back-propagates `world_size * loss`. Gradient accumulation over micro-batches is DeepSpeed's
-    (`gradient_accumulation_steps` = micro-batches per rank, fixed by the spec), without its
+    (`gradient_accumulation_steps` = micro-batches per rank, fixed by the spec; micro.micro_plan), without its
     1/steps scaling for the same reason. Under ZeRO-3 every forward is a collective, so a rank
     with fewer real micro-batches runs the missing ones with a zero loss.
   * Weights. A snapshot is the policy's HF `save_pretrained` layout written by rank 0, exactly as
@@ -26,7 +26,6 @@ What is inherited (training.TorchBackend): the batch layout, the full-batch `pre
 from __future__ import annotations
 
 import contextlib
-import math
 from pathlib import Path
 from typing import Optional
 
@@ -34,9 +33,13 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
-from .api import JobSpec
+from ..api import JobSpec
+from ..losses import merge_metrics
+from .base import Batch
 from .distributed import device_of, init_process_group
-from .training import Batch, StepInputs, TorchBackend, merge_metrics, read_optimizer_state, save_optimizer_state
+from .micro import MicroPlan, micro_plan, share_rows, shard_groups
+from .optim_state import read_optimizer_state, save_optimizer_state
+from .torch_backend import StepInputs, TorchBackend
 
 MASTER_WEIGHTS = "master.safetensors"  # fp32 master weights, when training in bf16/fp16
 
@@ -57,29 +60,25 @@ class TrainModule(torch.nn.Module):
         return out.logits, self.value_head(hidden).float().squeeze(-1)
 
 
-def shard_groups(groups: int, world: int, rank: int) -> range:
-    """Rank `rank`'s contiguous share of `groups` prompt groups (sizes differ by one at most)."""
-    base, extra = divmod(groups, world)
-    start = rank * base + min(rank, extra)
-    return range(start, start + base + (1 if rank < extra else 0))
+def spec_plan(spec: JobSpec, world: int) -> MicroPlan:
+    """Rank 0's plan for a full step: it has the largest share, hence the most micro-batches."""
+    return micro_plan(spec.learner.prompts_per_step, spec.algorithm.samples_per_prompt,
+                      spec.learner.micro_batch_size, world, rank=0)
 
 
 def accumulation_steps(spec: JobSpec, world: int) -> int:
     """Micro-batches per rank and optimizer step: the same on every rank and every step."""
-    k = spec.algorithm.samples_per_prompt
-    share = math.ceil(spec.learner.prompts_per_step / world)
-    per_micro = max(1, spec.learner.micro_batch_size // k) if spec.learner.micro_batch_size else share
-    return math.ceil(share / per_micro)
+    return spec_plan(spec, world).steps
 
 
 def ds_config(spec: JobSpec, world: int) -> dict:
     """The DeepSpeed config a spec asks for."""
     learner, opt = spec.learner, spec.learner.optimizer
-    steps = accumulation_steps(spec, world)
+    plan = spec_plan(spec, world)
+    steps, rows = plan.steps, plan.rows_per_micro
     zero: dict = {"stage": learner.zero_stage}
     if learner.offload:
         zero["offload_optimizer"] = {"device": "cpu"}
-    rows = spec.learner.micro_batch_size or math.ceil(learner.prompts_per_step / world) * spec.algorithm.samples_per_prompt
     return {
         "train_micro_batch_size_per_gpu": rows,
         "gradient_accumulation_steps": steps,
@@ -159,8 +158,7 @@ class DeepSpeedBackend(TorchBackend):
         return self.engine(ids, attn, with_values)
 
     def share(self, batch: Batch) -> slice:
-        groups = shard_groups(batch.groups, self.world, self.rank)
-        return slice(groups.start * batch.group_size, groups.stop * batch.group_size)
+        return share_rows(batch.groups, batch.group_size, self.world, self.rank)
 
     @torch.no_grad()
     def _reference_outputs(self, batch: Batch):
@@ -182,16 +180,10 @@ class DeepSpeedBackend(TorchBackend):
         dist.all_gather(parts, padded)
         return torch.cat([part[: len(s) * k] for part, s in zip(parts, shares)])
 
-    def micro_plan(self, batch: Batch) -> list[tuple[slice, bool]]:
-        """(rows, real) for each of the `steps` micro-batches of this rank; padding ones are not real."""
-        share = self.share(batch)
-        k, n = batch.group_size, share.stop - share.start
-        per_micro = max(1, (self.spec.learner.micro_batch_size or n) // k) * k
-        real = [slice(s, min(share.stop, s + per_micro)) for s in range(share.start, share.stop, per_micro)]
-        if len(real) > self.steps:
-            raise ValueError(f"a batch of {batch.groups} groups needs {len(real)} micro-batches on rank {self.rank}, "
-                             f"more than the {self.steps} configured from learner.promptsPerStep")
-        return [(rows, True) for rows in real] + [(real[0], False)] * (self.steps - len(real))
+    def plan(self, batch: Batch) -> MicroPlan:
+        """This rank's share in micro-batches, padded to the configured `steps` (the same on every rank)."""
+        return micro_plan(batch.groups, batch.group_size, self.spec.learner.micro_batch_size, self.world, self.rank,
+                          self.steps)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
@@ -199,7 +191,7 @@ class DeepSpeedBackend(TorchBackend):
 
     def _update(self, batch: Batch, inputs: StepInputs) -> dict[str, float]:
         parts = []
-        for rows, real in self.micro_plan(batch):
+        for rows, real in self.plan(batch).micro_batches:
             loss, m = self._micro_loss(batch, rows, inputs)
             self.engine.backward(loss * (self.world if real else 0.0), scale_wrt_gas=False)
             self.engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
@@ -234,7 +226,7 @@ class DeepSpeedBackend(TorchBackend):
             self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
 
     def load_weights(self, directory: Path) -> None:
-        from .snapshots import load_snapshot_state
+        from ..snapshots import load_snapshot_state
 
         state = load_snapshot_state(directory) if self.rank == 0 else {}
         if self.rank == 0:

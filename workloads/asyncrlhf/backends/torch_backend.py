@@ -1,8 +1,8 @@
-"""Training backends behind one small interface, and the step that every backend shares.
+"""Training in one process (`TorchBackend`), and the step every backend shares.
 
-`TorchBackend` trains in one process. The loss is a pure function from losses.py; this module
-turns rollout groups into tensors, computes π_θ / π_ref log-probs (and values for PPO), runs the
-micro-batches of whole groups, and keeps optimizer state serialisable without pickle.
+The loss is a pure function from losses/; this module turns a Batch into the loss's inputs:
+π_θ / π_ref log-probs (and values for PPO), the full-batch `prepare` and normaliser, then the
+micro-batches of whole groups (micro.micro_plan) accumulated into one optimizer step.
 `deepspeed_backend.DeepSpeedBackend` subclasses it: it overrides where the step's rows come from
 (its share of the groups), how a micro-batch is back-propagated and how the optimizer steps, and
 inherits everything else (the full-batch `prepare`, the normaliser, the loss calls, the metrics).
@@ -11,7 +11,6 @@ inherits everything else (the full-batch `prepare`, the normaliser, the loss cal
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,32 +18,13 @@ from typing import Optional
 import torch
 from safetensors.torch import load_file, save_file
 
-from .api import JobSpec
-from .logprobs import pack, response_logprobs, token_logprobs
-from .losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
-from .messages import RolloutGroup
-from .models import load_causal_lm
-
-
-@dataclass
-class Batch:
-    """Rollout groups as tensors: N = groups * K rows, layout of logprobs.pack."""
-
-    prompts: list[list[int]]
-    responses: list[list[int]]
-    old_logprobs: torch.Tensor
-    mask: torch.Tensor
-    raw_scores: torch.Tensor
-    eos: torch.Tensor
-    group_size: int
-
-    @property
-    def groups(self) -> int:
-        return len(self.prompts) // self.group_size
-
-    def to(self, device: torch.device) -> "Batch":
-        return Batch(self.prompts, self.responses, self.old_logprobs.to(device), self.mask.to(device),
-                     self.raw_scores.to(device), self.eos.to(device), self.group_size)
+from ..api import JobSpec
+from ..logprobs import pack, response_logprobs, token_logprobs
+from ..losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
+from ..models import load_causal_lm
+from .base import Batch
+from .micro import MicroPlan, micro_plan
+from .optim_state import load_optimizer, save_optimizer
 
 
 @dataclass
@@ -59,22 +39,8 @@ class StepInputs:
     params: LossParams
 
 
-def to_batch(groups: list[RolloutGroup], pad_id: int) -> Batch:
-    k = len(groups[0].completions)
-    if any(len(g.completions) != k for g in groups):
-        raise ValueError("all rollout groups of a step must have the same number of completions")
-    prompts = [g.prompt_token_ids for g in groups for _ in g.completions]
-    responses = [c.token_ids for g in groups for c in g.completions]
-    _, _, mask = pack(prompts, responses, pad_id)
-    old = torch.zeros_like(mask)
-    flat = [lp for g in groups for c in g.completions for lp in c.logprobs]
-    old[mask.bool()] = torch.tensor(flat, dtype=old.dtype)
-    scores = torch.tensor([c.score for g in groups for c in g.completions])
-    eos = torch.tensor([c.eos for g in groups for c in g.completions])
-    return Batch(prompts, responses, old, mask, scores, eos, k)
-
-
 def lr_at(spec: JobSpec, step: int) -> float:
+    """The step's learning rate: linear warm-up, then constant or a linear decay to 0 at the last step."""
     opt = spec.learner.optimizer
     if step < opt.warmup_steps:
         return opt.lr * (step + 1) / opt.warmup_steps
@@ -168,11 +134,9 @@ class TorchBackend:
         micro = self._loss_batch(batch, rows, logp, values, inputs.ref, inputs.old_values, inputs.scores)
         return self.loss(micro, slice_prepared(inputs.prepared, rows), inputs.params, inputs.norm)
 
-    def micro_batches(self, batch: Batch) -> list[slice]:
-        """Row slices of whole groups, `learner.microBatchSize` rows at most (one group at least)."""
-        n, k = len(batch.prompts), batch.group_size
-        groups_per_micro = max(1, (self.spec.learner.micro_batch_size or n) // k)
-        return [slice(start, min(n, start + groups_per_micro * k)) for start in range(0, n, groups_per_micro * k)]
+    def plan(self, batch: Batch) -> MicroPlan:
+        """The step's micro-batches: here all of them real, over the whole batch."""
+        return micro_plan(batch.groups, batch.group_size, self.spec.learner.micro_batch_size)
 
     def _set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -182,7 +146,7 @@ class TorchBackend:
         """One optimizer step over the whole batch: accumulate the micro-batches, clip, step."""
         self.optimizer.zero_grad(set_to_none=True)
         parts = []
-        for rows in self.micro_batches(batch):
+        for rows in self.plan(batch).real:
             loss, m = self._micro_loss(batch, rows, inputs)
             loss.backward()
             parts.append(m)
@@ -211,7 +175,7 @@ class TorchBackend:
         self.model.save_pretrained(directory, safe_serialization=True)
 
     def load_weights(self, directory: Path) -> None:
-        from .snapshots import load_snapshot_state
+        from ..snapshots import load_snapshot_state
 
         self.model.load_state_dict(load_snapshot_state(directory), strict=True)
 
@@ -229,56 +193,3 @@ class TorchBackend:
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:
     """Right-pad [rows, t] with zeros to [rows, width]: a micro-batch's rows can be shorter than the batch."""
     return torch.nn.functional.pad(x, (0, width - x.shape[1])) if x.shape[1] < width else x
-
-
-def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    """Optimizer state as safetensors (tensors) + JSON (structure): no pickle."""
-    save_optimizer_state(optimizer.state_dict(), directory)
-
-
-def save_optimizer_state(state: dict, directory: Path) -> None:
-    """A torch optimizer `state_dict()` (or one built like it) as optimizer.safetensors + optimizer.json."""
-    tensors, layout = {}, {}
-    for pid, entries in state["state"].items():
-        layout[str(pid)] = {}
-        for name, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{pid}.{name}"] = value.detach().contiguous()
-                layout[str(pid)][name] = {"tensor": True}
-            else:
-                layout[str(pid)][name] = {"value": value}
-    save_file(tensors, str(directory / "optimizer.safetensors"))
-    (directory / "optimizer.json").write_text(json.dumps({"state": layout, "param_groups": state["param_groups"]}))
-
-
-def load_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
-    optimizer.load_state_dict(read_optimizer_state(directory))
-
-
-def read_optimizer_state(directory: Path) -> dict:
-    """The `state_dict()` that save_optimizer_state wrote."""
-    meta = json.loads((directory / "optimizer.json").read_text())
-    tensors = load_file(str(directory / "optimizer.safetensors"))
-    state = {
-        int(pid): {
-            name: tensors[f"{pid}.{name}"] if entry.get("tensor") else entry["value"]
-            for name, entry in entries.items()
-        }
-        for pid, entries in meta["state"].items()
-    }
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def make_backend(spec: JobSpec, policy_path: str, reference_path: str):
-    """The training backend named by `spec.learner.backend`; on rank 0 of a learner of several
-    processes it comes wrapped in distributed.Leader, which sends every call to the other ranks."""
-    from .distributed import lead, world_size_from_env
-
-    if spec.learner.backend == "deepspeed":
-        from .deepspeed_backend import DeepSpeedBackend
-
-        return lead(DeepSpeedBackend(spec, policy_path, reference_path))
-    if world_size_from_env() > 1:
-        raise ValueError(f"learner.backend 'torch' trains in one process, but this learner has "
-                         f"{world_size_from_env()}: set learner.backend to 'deepspeed' (or one node and one process)")
-    return TorchBackend(spec, policy_path, reference_path)

@@ -11,6 +11,10 @@ The rollouts of a step are small next to the model (token ids and log-probs), so
 whole batch to every rank costs little; each rank then trains on its own share of the groups
 (see deepspeed_backend.py).
 
+Why the Leader has no method list of its own: its methods, the ops a command may name and how
+a command's fields map to a call's arguments are all derived from base.TrainingBackend, so adding
+a backend call is one edit (the Protocol).
+
 No pickle between ranks: a command is a safetensors blob (the header as JSON bytes plus the
 batch's tensors) sent as a uint8 tensor over a gloo group (CPU even when training uses NCCL).
 
@@ -24,6 +28,7 @@ Where the rank comes from:
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
@@ -39,14 +44,15 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from .bus import free_port
+from ..bus import free_port
+from .base import BACKEND_METHODS, Batch, TrainingBackend
 
 log = logging.getLogger("asyncrlhf.distributed")
 DEFAULT_MASTER_PORT = 29500
 # Followers wait on the command group while rank 0 waits for rollouts (minutes when generators
 # start big models); a crashed peer still fails the wait at once (its socket closes).
 COMMAND_TIMEOUT = timedelta(days=7)
-OPS = ("train_step", "save_weights", "load_weights", "save_state", "load_state", "stop")
+OPS = (*BACKEND_METHODS, "stop")  # what a command may name: every backend call, and "stop"
 
 
 # --- rendezvous --------------------------------------------------------------------------
@@ -178,14 +184,44 @@ def device_of(rdv: Rendezvous) -> torch.device:
 
 @dataclass
 class Command:
-    """One backend call, as rank 0 made it."""
+    """One backend call, as rank 0 made it: the method's name and its arguments by kind."""
 
     op: str
     step: int = 0
-    path: str = ""
-    batch: Optional[object] = None  # training.Batch for train_step
+    path: str = ""  # a `directory` argument
+    batch: Optional[Batch] = None
+
+    @classmethod
+    def of_call(cls, op: str, *args, **kwargs) -> "Command":
+        """The command for `backend.<op>(*args, **kwargs)`, arguments named as in TrainingBackend."""
+        bound = inspect.signature(getattr(TrainingBackend, op)).bind(None, *args, **kwargs)
+        values = {name: value for name, value in bound.arguments.items() if name != "self"}
+        return cls(op, step=values.get("step", 0), path=str(values.get("directory", "")), batch=values.get("batch"))
+
+    def arguments(self) -> list:
+        """The call's positional arguments, in the Protocol method's order."""
+        carried = {"batch": self.batch, "step": self.step, "directory": Path(self.path)}
+        return [carried[name] for name in _parameters(self.op)]
 
 
+CARRIED = ("batch", "step", "directory")  # the parameter names a Command has a field for
+
+
+def _parameters(op: str) -> list[str]:
+    return list(inspect.signature(getattr(TrainingBackend, op)).parameters)[1:]
+
+
+def _check_carriable() -> None:
+    """Fail at import, not at the first distributed step, if the Protocol outgrew Command."""
+    for op in BACKEND_METHODS:
+        for name in _parameters(op):
+            if name not in CARRIED:
+                raise TypeError(f"TrainingBackend.{op} has a parameter {name!r} that distributed.Command cannot "
+                                f"carry to the other ranks (it carries {', '.join(CARRIED)}): rename it to one of "
+                                "those, or add a field for it to Command, Command.arguments and encode_command")
+
+
+_check_carriable()
 _BATCH_TENSORS = ("old_logprobs", "mask", "raw_scores", "eos")
 
 
@@ -206,8 +242,6 @@ def encode_command(cmd: Command) -> bytes:
 
 def decode_command(data: bytes) -> Command:
     from safetensors.torch import load
-
-    from .training import Batch
 
     tensors = load(data)
     header = json.loads(bytes(tensors.pop("header").tolist()))
@@ -237,22 +271,23 @@ class CommandChannel:
         return decode_command(data.numpy().tobytes())
 
 
-def apply(backend, cmd: Command):
+def apply(backend: TrainingBackend, cmd: Command):
     """Make the backend call a command stands for (the same code on every rank)."""
-    if cmd.op == "train_step":
-        return backend.train_step(cmd.batch, cmd.step)
-    if cmd.op in ("save_weights", "load_weights", "save_state", "load_state"):
-        return getattr(backend, cmd.op)(Path(cmd.path))
-    raise ValueError(f"cannot apply learner command {cmd.op!r}")
+    if cmd.op not in BACKEND_METHODS:
+        raise ValueError(f"cannot apply learner command {cmd.op!r}; known: {', '.join(BACKEND_METHODS)}")
+    return getattr(backend, cmd.op)(*cmd.arguments())
 
 
 # --- leader and followers ----------------------------------------------------------------
 
 
 class Leader:
-    """Rank 0's backend: each call goes to the followers first, then runs here (the same interface)."""
+    """Rank 0's backend: each call goes to the followers first, then runs here (the same interface).
 
-    def __init__(self, backend, channel: CommandChannel) -> None:
+    Its TrainingBackend methods are made from the Protocol below the class, one per BACKEND_METHODS.
+    """
+
+    def __init__(self, backend: TrainingBackend, channel: CommandChannel) -> None:
         self.backend, self.channel = backend, channel
         self.pad_id = backend.pad_id
         self.released = False
@@ -261,21 +296,6 @@ class Leader:
         self.channel.send(cmd)
         return apply(self.backend, cmd)
 
-    def train_step(self, batch, step: int) -> dict[str, float]:
-        return self._call(Command("train_step", step=step, batch=batch))
-
-    def save_weights(self, directory: Path) -> None:
-        self._call(Command("save_weights", path=str(directory)))
-
-    def load_weights(self, directory: Path) -> None:
-        self._call(Command("load_weights", path=str(directory)))
-
-    def save_state(self, directory: Path) -> None:
-        self._call(Command("save_state", path=str(directory)))
-
-    def load_state(self, directory: Path) -> None:
-        self._call(Command("load_state", path=str(directory)))
-
     def release(self) -> None:
         """Tell the followers to exit (once)."""
         if not self.released:
@@ -283,10 +303,23 @@ class Leader:
             self.channel.send(Command("stop"))
 
 
+def _forwarding(op: str):
+    def call(self: Leader, *args, **kwargs):
+        return self._call(Command.of_call(op, *args, **kwargs))
+
+    call.__name__, call.__qualname__ = op, f"Leader.{op}"
+    call.__doc__ = getattr(TrainingBackend, op).__doc__
+    return call
+
+
+for _op in BACKEND_METHODS:
+    setattr(Leader, _op, _forwarding(_op))
+
+
 _LEADERS: list[Leader] = []
 
 
-def lead(backend):
+def lead(backend: TrainingBackend) -> TrainingBackend:
     """Rank 0 of a group: the backend wrapped in a Leader; otherwise the backend itself."""
     if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_rank() != 0:
         return backend
@@ -304,7 +337,7 @@ def release_followers() -> None:
             log.warning("could not release the followers: %s", err)
 
 
-def follower_loop(backend, channel: Optional[CommandChannel] = None) -> int:
+def follower_loop(backend: TrainingBackend, channel: Optional[CommandChannel] = None) -> int:
     """Ranks > 0: make rank 0's calls until it says stop. Returns the number of commands run."""
     channel = channel or CommandChannel()
     done = 0
@@ -314,16 +347,3 @@ def follower_loop(backend, channel: Optional[CommandChannel] = None) -> int:
             return done
         apply(backend, cmd)
         done += 1
-
-
-def follower_main(spec) -> int:
-    """`asyncrlhf learner` on a rank > 0: build the same backend as rank 0, then follow it."""
-    from .models import resolve_model
-    from .training import make_backend
-
-    policy = resolve_model(spec.model.policy)
-    reference = resolve_model(spec.model.reference) if spec.model.reference else policy
-    backend = make_backend(spec, policy, reference)
-    done = follower_loop(backend)
-    log.info("rank %d: released by rank 0 after %d commands", dist.get_rank(), done)
-    return 0
