@@ -108,7 +108,7 @@ def import_graph(packages: dict[str, Path]) -> Graph:
                     graph.unresolved.append(f"{_show(path)}:{node.lineno}: {target[1:]}")
                 elif target != module:  # keep the first line that imports it (walk is not in line order)
                     out[target] = min(out.get(target, node.lineno), node.lineno)
-    graph.unresolved.sort()
+    graph.unresolved = sorted(set(graph.unresolved))  # `from x import a, b`: one line, not two
     return graph
 
 
