@@ -86,7 +86,7 @@ def _workload_context(args):
 
 
 def cmd_learner(args) -> int:
-    from .distributed import Rendezvous, follower_main, node_process_envs, release_followers, run_node
+    from .backends import Rendezvous, follower_main, node_process_envs, release_followers, run_node
     from .learner import main_async
 
     job, bus, url = _workload_context(args)
