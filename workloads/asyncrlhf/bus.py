@@ -7,7 +7,7 @@ work-queue retention: a prompt or rollout leaves the stream when its consumer ac
 stream holds only outstanding work and `max_bytes` with discard=new turns a slow learner into
 back-pressure on publishers instead of lost data. Weight announcements have no consumer: readers
 fetch the last one directly (a restarted generator finds it at once). Progress goes to the KV
-bucket `arj-<ns>-<job>` (keys `learner`, `generator.<id>`).
+bucket `arj-<ns>-<job>` (keys `learner`, `generator.<id>`, `reward-head`), read and written through kv.py.
 """
 
 from __future__ import annotations
@@ -37,7 +37,9 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import NotFoundError
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
+from . import workload_env
 from .messages import WeightsAnnouncement
 
 PROMPTS, ROLLOUTS, WEIGHTS, PREFERENCES = "prompts", "rollouts", "weights", "preferences"
@@ -45,6 +47,9 @@ GENERATORS_CONSUMER = "generators"
 LEARNER_CONSUMER = "learner"
 REWARD_CONSUMER = "reward"
 DEDUP_WINDOW_SECONDS = 3600.0
+# a full stream (APIError), the bus away or restarting, the stream gone (the learner recreates it)
+PUBLISH_RETRYABLE = (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.ConnectionClosedError,
+                     nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 log = logging.getLogger("asyncrlhf.bus")
 
 
@@ -102,10 +107,10 @@ class JobBus:
 
 def credentials_from_env() -> dict:
     """NATS credentials as the operator passes them (from a Secret; never logged)."""
-    creds = os.environ.get("ASYNCRLHF_NATS_CREDS", "")
+    creds = os.environ.get(workload_env.NATS_CREDS, "")
     if creds and os.path.isfile(creds):
         return {"user_credentials": creds}
-    user, password = os.environ.get("ASYNCRLHF_NATS_USER"), os.environ.get("ASYNCRLHF_NATS_PASSWORD")
+    user, password = os.environ.get(workload_env.NATS_USER), os.environ.get(workload_env.NATS_PASSWORD)
     return {"user": user, "password": password} if user and password else {}
 
 
@@ -156,6 +161,29 @@ async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float)
     await js.create_key_value(bucket=bus.bucket, history=1)
 
 
+class StreamWatch:
+    """Is the job's stream still the one this process set up? NATS storage lost (a wiped volume, a
+    new server) leaves it gone or recreated empty: the prompts released into it are lost."""
+
+    def __init__(self, bus: JobBus) -> None:
+        self.bus = bus
+        self.created = None
+
+    async def remember(self, js) -> None:
+        self.created = (await js.stream_info(self.bus.stream)).created
+
+    async def lost(self, js) -> bool:
+        """True when the stream is gone or not the one remembered; False too when the bus is away
+        (nothing to conclude)."""
+        try:
+            created = (await js.stream_info(self.bus.stream)).created
+        except NotFoundError:
+            return True
+        except (nats.errors.Error, asyncio.TimeoutError):
+            return False
+        return created != self.created
+
+
 async def delete_job_resources(js, bus: JobBus) -> None:
     for delete in (lambda: js.delete_stream(bus.stream), lambda: js.delete_key_value(bus.bucket)):
         try:
@@ -175,19 +203,17 @@ async def latest_weights(js, bus: JobBus) -> Optional[WeightsAnnouncement]:
 async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600,
                   recreate: Optional[Callable[[], Awaitable[None]]] = None) -> None:
     """Publish with de-duplication; waits (back-pressure) while the stream is full or the bus is
-    away. No stream for the subject: `recreate` (the learner's) makes it again, others wait for it."""
-    for attempt in range(attempts):
-        try:
-            await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
-            return
-        except (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.ConnectionClosedError,
-                nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError) as err:
-            if attempt == attempts - 1:
+    away, 0.1 s more each try up to 2 s. No stream for the subject: `recreate` (the learner's)
+    makes it again, others wait for it."""
+    async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts), wait=wait_incrementing(0.1, 0.1, 2.0),
+                                       retry=retry_if_exception_type(PUBLISH_RETRYABLE), reraise=True):
+        with attempt:
+            try:
+                await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+            except nats.js.errors.NoStreamResponseError:
+                if recreate is not None:
+                    await recreate()
                 raise
-            if isinstance(err, nats.js.errors.NoStreamResponseError) and recreate is not None:
-                await recreate()
-                continue
-            await asyncio.sleep(min(0.1 * (attempt + 1), 2.0))
 
 
 @asynccontextmanager

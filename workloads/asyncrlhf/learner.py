@@ -34,8 +34,8 @@ from safetensors.numpy import save_file as save_numpy
 from .api import JobSpec
 from .backends import TrainingBackend, make_backend, to_batch
 from .bus import (
-    LEARNER_CONSUMER, REWARD_CONSUMER, WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources, keep_alive,
-    publish,
+    LEARNER_CONSUMER, REWARD_CONSUMER, WEIGHTS, JobBus, StreamWatch, close_quietly, connect, ensure_job_resources,
+    keep_alive, publish,
 )
 from .checkpoints import Checkpoint, CheckpointStore, LearnerState
 from .feeding import PromptFeeder
@@ -46,7 +46,7 @@ from .models import resolve_model
 from .replay import ReplayBuffer, replay_enabled
 from .replay_sampling import rng_state, set_rng_state, store_and_sample
 from .rewards import HeadLearner
-from .runlog import RunLog, metrics_row
+from .runlog import RunLog, metrics_row, progress_report
 from .snapshots import SnapshotInfo, prune_snapshots, write_snapshot
 
 log = logging.getLogger("asyncrlhf.learner")
@@ -75,7 +75,7 @@ class Learner:
         # training time, and is the same in sync and async mode); a resumed learner's clock runs
         # from its start, so recovery time counts.
         self._started: Optional[float] = None
-        self._stream_created = None
+        self._stream = StreamWatch(bus)
         self._recreating = False
         self._announced: Optional[WeightsAnnouncement] = None  # the newest snapshot announced
 
@@ -134,18 +134,11 @@ class Learner:
         """Waiting long for rollouts: is the stream still the one the prompts went to? A stream
         deleted or recreated (NATS storage lost) lost the released prompts: recreate what is
         missing, announce the weights again and release every batch not yet trained on again."""
-        try:
-            created = (await js.stream_info(self.bus.stream)).created
-        except nats.js.errors.NotFoundError:
-            created = None
-        except BUS_ERRORS:
-            return  # the bus is away: nothing to conclude
-        if (created is not None and created == self._stream_created) or self._recreating:
+        if self._recreating or not await self._stream.lost(js):
             return
         self._recreating = True
         try:
-            log.warning("the job's stream was %s; releasing batches %d.. again",
-                        "deleted" if created is None else "recreated", self.state.step)
+            log.warning("the job's stream was deleted or recreated; releasing batches %d.. again", self.state.step)
             await self._ensure_stream(js)
             self.intake.forget_held()  # their acks went with the old stream (the pending rollouts are still good)
             if self._announced is not None:  # generators find the weights through the stream too
@@ -157,7 +150,7 @@ class Learner:
 
     async def _ensure_stream(self, js) -> None:
         await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
-        self._stream_created = (await js.stream_info(self.bus.stream)).created
+        await self._stream.remember(js)
 
     async def announce(self, js, ann: WeightsAnnouncement) -> None:
         self._announced = ann
@@ -250,17 +243,8 @@ class Learner:
     def elapsed(self) -> float:
         return self.state.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
 
-    def progress(self, row: Optional[dict], done: bool = False, failed: str = "") -> LearnerProgress:
-        st, elapsed = self.state, self.elapsed()
-        samples = st.consumed * self.spec.algorithm.samples_per_prompt
-        return LearnerProgress(
-            step=st.step, total_steps=self.spec.learner.total_steps, policy_version=st.published_version,
-            rollouts_consumed=st.consumed, rollouts_dropped=st.dropped, duplicates_skipped=st.duplicates,
-            staleness_mean=st.staleness_sum / max(1, st.consumed), staleness_max=st.staleness_max,
-            reward_mean=row["reward_mean"] if row else None,
-            samples_per_second=samples / elapsed if elapsed > 0 else 0.0,
-            last_snapshot=st.last_snapshot, done=done, failed=failed,
-        )
+    def progress(self, row: Optional[dict], done: bool = False) -> LearnerProgress:
+        return progress_report(self.state, self.spec, self.elapsed(), row, done=done)
 
     async def _open(self, js):
         """The job's stream, KV bucket and subscriptions; the restored snapshot announced again."""

@@ -11,8 +11,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
-from .messages import RolloutGroup
+from .api import JobSpec
+from .checkpoints import LearnerState
+from .messages import LearnerProgress, RolloutGroup
 
 METRICS = "metrics.jsonl"
 LEDGER = "ledger.jsonl"
@@ -45,6 +48,20 @@ def metrics_row(step: int, groups: list[RolloutGroup], metrics: dict, *, elapsed
         "consumed": consumed, "dropped": dropped,
         **{k: round(v, 6) for k, v in metrics.items()},
     }
+
+
+def progress_report(st: LearnerState, spec: JobSpec, elapsed: float, row: Optional[dict], *, done: bool = False,
+                    failed: str = "") -> LearnerProgress:
+    """What the learner reports on the bus (the operator's `.status`, `asyncrlhf run`'s progress line)."""
+    samples = st.consumed * spec.algorithm.samples_per_prompt
+    return LearnerProgress(
+        step=st.step, total_steps=spec.learner.total_steps, policy_version=st.published_version,
+        rollouts_consumed=st.consumed, rollouts_dropped=st.dropped, duplicates_skipped=st.duplicates,
+        staleness_mean=st.staleness_sum / max(1, st.consumed), staleness_max=st.staleness_max,
+        reward_mean=row["reward_mean"] if row else None,
+        samples_per_second=samples / elapsed if elapsed > 0 else 0.0,
+        last_snapshot=st.last_snapshot, done=done, failed=failed,
+    )
 
 
 class RunLog:
