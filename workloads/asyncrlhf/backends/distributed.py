@@ -3,10 +3,10 @@
 Why rank 0 pulls and the others follow. Only rank 0 talks to NATS: it runs the ordinary `Learner`
 (prompt feeding, batch assembly, snapshots, checkpoints, acks) with its backend wrapped in a
 `Leader`. Every backend call (train_step with its Batch, save_weights, save_state, load_*) is first
-broadcast to ranks > 0, which sit in `follower_loop()` and make the same call, so all ranks run the
-same collective operations in the same order. That keeps acks tied to checkpoints in one place,
-and the step number and policy version cannot disagree between ranks: the followers have none of
-their own. Competing consumers on the bus would need a per-step agreement protocol to get both.
+broadcast to ranks > 0, which sit in `follower_loop()` (started by factory.follower_main, which
+builds their backend) and make the same call, so all ranks run the same collective operations in
+the same order. That keeps acks tied to checkpoints in one place, and the step number and policy
+version cannot disagree between ranks: the followers have none of their own. Competing consumers on the bus would need a per-step agreement protocol to get both.
 The rollouts of a step are small next to the model (token ids and log-probs), so sending the
 whole batch to every rank costs little; each rank then trains on its own share of the groups
 (see deepspeed_backend.py).
@@ -181,6 +181,8 @@ def device_of(rdv: Rendezvous) -> torch.device:
 
 # --- commands ----------------------------------------------------------------------------
 
+CARRIED = ("batch", "step", "directory")  # the parameter names a Command has a field for
+
 
 @dataclass
 class Command:
@@ -204,9 +206,6 @@ class Command:
         return [carried[name] for name in _parameters(self.op)]
 
 
-CARRIED = ("batch", "step", "directory")  # the parameter names a Command has a field for
-
-
 def _parameters(op: str) -> list[str]:
     return list(inspect.signature(getattr(TrainingBackend, op)).parameters)[1:]
 
@@ -222,6 +221,7 @@ def _check_carriable() -> None:
 
 
 _check_carriable()
+
 _BATCH_TENSORS = ("old_logprobs", "mask", "raw_scores", "eos")
 
 
