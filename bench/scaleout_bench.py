@@ -37,6 +37,7 @@ from asyncrlhf.manifest import dump_manifest
 from asyncrlhf.messages import Completion, LearnerProgress, Prompt, RolloutGroup
 from asyncrlhf.models import encode_prompt, load_tokenizer, resolve_model
 from asyncrlhf.tasks import prompt_stream, rule_reward
+from asyncrlhf.workload_env import WorkloadEnv
 
 PROMPTS, K, TOKENS = 16, 4, 16
 
@@ -206,7 +207,7 @@ async def _keys(kv) -> list[str]:
 
 
 def spawn_generator(config: Path, url: str, name: str, core: int, work: Path) -> subprocess.Popen:
-    env = dict(os.environ, ASYNCRLHF_NATS_URL=url, GENERATOR_ID=name, OMP_NUM_THREADS="1",
+    env = dict(os.environ, **WorkloadEnv(nats_url=url, generator_id=name).variables(), OMP_NUM_THREADS="1",
                VLLM_CPU_OMP_THREADS_BIND=str(core))
     return subprocess.Popen([sys.executable, "-m", "asyncrlhf.cli", "generator", "--config", str(config)], env=env,
                             stdout=subprocess.DEVNULL, stderr=open(work / f"{config.stem}-{name}.log", "w"),

@@ -744,7 +744,7 @@ def _operator_api_calls() -> set[tuple[str, str, str]]:
 
     verbs = {"get": ["get"], "delete": ["delete"], "apply": ["patch", "create"]}
     calls: set[tuple[str, str, str]] = set()
-    for path in sorted((REPO / "operator" / "asyncrlhf_operator").glob("*.py")):
+    for path in sorted((REPO / "operator" / "asyncrlhf_operator").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in verbs and ast.unparse(node.func.value).endswith("kube")):

@@ -477,7 +477,6 @@ def test_status_patch(case, old, new, patch):
 # ---------------------------------------------------------------------------------------------
 # Handler helpers that are pure: what a spec change touches, how a bad spec is reported
 
-from asyncrlhf_operator.handlers import changed_paths, kinds_for  # noqa: E402
 from asyncrlhf_operator.validation import validate  # noqa: E402
 
 CHANGES = [
@@ -500,7 +499,7 @@ CHANGES = [
 
 @pytest.mark.parametrize("case,diff,kinds", CHANGES, ids=[c[0] for c in CHANGES])
 def test_what_a_spec_change_touches(case, diff, kinds):
-    assert kinds_for(changed_paths(diff)) == kinds
+    assert plan.kinds_for(plan.changed_paths(diff)) == kinds
 
 
 INVALID = [
@@ -536,20 +535,34 @@ def test_operator_needs_a_scope(monkeypatch):
         main.run(namespace="a", all_namespaces=True)
 
 
-def test_operator_command_passes_its_intervals_and_its_help_shows_the_real_defaults(monkeypatch):
+def test_operator_command_passes_its_intervals_and_its_help_shows_the_real_defaults(monkeypatch, capsys):
     from asyncrlhf import cli
     from asyncrlhf_operator import main as operator_main
-    from asyncrlhf_operator.handlers import OperatorConfig
+    from asyncrlhf_operator.settings import OperatorConfig
 
     seen = {}
     monkeypatch.setattr(operator_main, "run", lambda **kwargs: seen.update(kwargs))
     assert cli.main(["operator", "--all-namespaces", "--resync-interval", "7"]) == 0
     assert seen["all_namespaces"] and seen["resync_interval"] == 7.0
     assert "status_interval" not in seen  # unset: main.run's default, which is OperatorConfig's
-    operator_parser = cli.build_parser()._subparsers._group_actions[0].choices["operator"]
-    helps = {a.dest: a.help for a in operator_parser._actions}
-    assert f"default {OperatorConfig.status_interval:g})" in helps["status_interval"]
-    assert f"default {OperatorConfig.resync_interval:g})" in helps["resync_interval"]
+    with pytest.raises(SystemExit) as done:
+        cli.main(["operator", "--help"])
+    assert done.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps and indents as the terminal allows
+
+    def help_of(option: str) -> str:
+        return text.split(f" {option} {option[2:].replace('-', '_').upper()} ")[1].split(" --")[0]
+
+    assert f"default {OperatorConfig.status_interval:g})" in help_of("--status-interval")
+    assert f"default {OperatorConfig.resync_interval:g})" in help_of("--resync-interval")
+
+
+def test_the_operators_default_bus_is_the_flag_then_the_environment_then_the_charts():
+    from asyncrlhf_operator.settings import DEFAULT_NATS_URL, OperatorConfig, default_nats_url
+
+    assert default_nats_url("nats://given:4222", {"ASYNCRLHF_NATS_URL": "nats://env:4222"}) == "nats://given:4222"
+    assert default_nats_url("", {"ASYNCRLHF_NATS_URL": "nats://env:4222"}) == "nats://env:4222"
+    assert default_nats_url("", {}) == DEFAULT_NATS_URL == OperatorConfig().nats_url
 
 
 # --- CSI VolumeSnapshots of the volume ------------------------------------------------------

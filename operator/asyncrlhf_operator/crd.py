@@ -230,17 +230,19 @@ def chart_path() -> Path:
     return Path(__file__).resolve().parents[2] / "charts" / "asyncrlhf" / "files" / "crd.yaml"
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="asyncrlhf crd", description="Generate the AsyncRLHFJob CRD from the pydantic models."
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options of `python -m asyncrlhf_operator.crd`, also those of `asyncrlhf crd`."""
     parser.add_argument(
         "-o", "--output", default=None,
         help=f"file to write ('-' = stdout; default: crds/{FILENAME} of the source checkout, "
         "or stdout when installed)",
     )
     parser.add_argument("--check", action="store_true", help="exit 1 if the file is not up to date")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run(args: argparse.Namespace) -> int:
+    """Write the CRD (or with --check, compare it) to --output, else crds/ and the chart's copy."""
     text = render()
     if args.output:
         targets = [args.output]
@@ -262,6 +264,12 @@ def main(argv: Optional[list[str]] = None) -> int:
             print(f"wrote {target}", file=sys.stderr)
     return 0
 
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="asyncrlhf crd", description="Generate the AsyncRLHFJob CRD from the pydantic models."
+    )
+    return run(add_arguments(parser).parse_args(argv))
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,7 +7,7 @@ several operators with different settings in one process.
 - create / resume / spec update: validate (invalid → phase Failed, condition SpecInvalid), make
   the JetStream stream, consumers and KV bucket, apply the children. An update that only
   changes generator.replicas applies only the Deployment; one that changes suspend applies
-  only the learner Job and the Deployment.
+  only the learner Job and the Deployment (`plan.kinds_for`).
 - timer: read the children and the KV bucket, restart a failed learner (up to
   learner.backoffLimit), write `.status`, post an Event on every phase change, apply the
   generators' scale-down when finished, delete the job after ttlSecondsAfterFinished.
@@ -33,26 +33,13 @@ from . import plan
 from .jetstream import Buses, Credentials, job_bus, read_credentials
 from .kube import Kube, KubeError
 from .metrics import instrumented, record_phase
+from .settings import OperatorConfig
 from .status import TERMINAL, Observed, compute_status, is_finished, learner_action, status_patch, ttl_expired
-from .validation import IMMUTABLE_ANNOTATION, recorded_immutables, validate
+from .validation import IMMUTABLE_ANNOTATION, deletion_view, recorded_immutables, validate
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 PREFIX = api.GROUP
 FINALIZER = f"{PREFIX}/cleanup"
-REPLICAS = ("generator", "replicas")
-SUSPEND = ("suspend",)
-TTL = ("ttlSecondsAfterFinished",)
-VOLUME_SNAPSHOTS = ("weightSync", "volumeSnapshots")
-
-
-@dataclass(frozen=True)
-class OperatorConfig:
-    nats_url: str = "nats://nats:4222"
-    status_interval: float = 5.0
-    # every this many seconds the status timer applies all children again (server-side apply:
-    # nothing is written when nothing drifted), so a child deleted or edited by hand comes back
-    resync_interval: float = 60.0
-    namespaced: bool = False  # one namespace: no cluster-wide namespace/CRD scanning (and RBAC)
 
 
 @dataclass
@@ -138,9 +125,19 @@ def now() -> datetime:
     return datetime.now(timezone.utc)
 
 
-async def bus_access(ctx: Context, namespace: str, nats: Mapping[str, Any]) -> tuple[str, Credentials]:
-    url = nats.get("url") or ctx.config.nats_url
-    return url, await read_credentials(ctx.kube, namespace, nats.get("credentialsSecret", ""))
+async def bus_access(ctx: Context, namespace: str, nats: api.NatsSpec) -> tuple[str, Credentials]:
+    """The job's NATS URL and the credentials to use there."""
+    url = plan.nats_url(nats, ctx.config.nats_url)
+    return url, await read_credentials(ctx.kube, namespace, nats.credentials_secret)
+
+
+def validated(body, patch) -> Optional[api.AsyncRLHFJob]:
+    """The job, or None once an invalid one is rejected: phase Failed with a SpecInvalid condition
+    naming the field (a Warning event the first time). Every handler validates through here."""
+    job, error = validate(body)
+    if job is None:
+        reject(body, patch, error, body["metadata"].get("generation", 0))
+    return job
 
 
 def reject(body, patch, error: str, generation: int) -> None:
@@ -207,9 +204,8 @@ async def reconcile_learner(ctx: Context, body, job, desired: dict[str, Any], *,
 @instrumented("reconcile")
 async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     ctx: Context = memo.ctx
-    job, error = validate(body)
+    job = validated(body, patch)
     if job is None:
-        reject(body, patch, error, body["metadata"].get("generation", 0))
         return
     if IMMUTABLE_ANNOTATION not in (body["metadata"].get("annotations") or {}):
         patch.metadata.annotations[IMMUTABLE_ANNOTATION] = recorded_immutables(job)
@@ -219,57 +215,34 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
 
 async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool) -> None:
     """The job's stream and consumers, then every child; the resync clock starts again."""
-    url, credentials = await bus_access(ctx, job.metadata.namespace, body["spec"].get("nats") or {})
+    url, credentials = await bus_access(ctx, job.metadata.namespace, job.spec.nats)
     await ctx.buses.ensure(job, url, credentials)
     await apply_children(ctx, body, job, finished=finished)
     ctx.mark_resynced(body["metadata"].get("uid", ""))
 
 
-def changed_paths(diff) -> set[tuple[str, ...]]:
-    """Paths under spec that a kopf diff touches (relative to spec)."""
-    paths = set()
-    for _op, field, _old, _new in diff:
-        path = tuple(field)
-        paths.add(path[1:] if path[:1] == ("spec",) else path)
-    return paths
-
-
-def kinds_for(paths: set[tuple[str, ...]]) -> Optional[set[str]]:
-    """Which children a spec change touches: None means all of them (and the bus)."""
-    paths = {p for p in paths if p[: len(VOLUME_SNAPSHOTS)] != VOLUME_SNAPSHOTS}  # the status timer's
-    if not paths or paths <= {TTL}:
-        return set()
-    if paths <= {REPLICAS, TTL}:
-        return {"Deployment"}
-    if paths <= {REPLICAS, SUSPEND, TTL}:
-        return {"Job", "Deployment"}
-    return None
-
-
 @instrumented("update")
 async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logger, **kwargs: Any) -> None:
-    kinds = kinds_for(changed_paths(diff))
+    paths = plan.changed_paths(diff)
+    kinds = plan.kinds_for(paths)
     if kinds is None:
         await reconcile(body=body, patch=patch, memo=memo, logger=logger, **kwargs)
         return
-    job, error = validate(body)
+    job = validated(body, patch)
     if job is None:
-        reject(body, patch, error, body["metadata"].get("generation", 0))
         return
     await apply_children(memo.ctx, body, job, kinds=kinds, finished=is_finished(body.get("status") or {}))
-    logger.info("applied %s for a change of %s", sorted(kinds), sorted(changed_paths(diff)))
+    logger.info("applied %s for a change of %s", sorted(kinds), sorted(paths))
 
 
 @instrumented("delete")
 async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     ctx: Context = memo.ctx
     owner = owner_of(body)
-    spec = body.get("spec") or {}
-    url, credentials = await bus_access(ctx, owner.namespace, spec.get("nats") or {})
+    nats, sync = deletion_view(body)
+    url, credentials = await bus_access(ctx, owner.namespace, nats)
     await ctx.buses.delete(JobBus(owner.namespace, owner.name), url, credentials)
-    sync = spec.get("weightSync") or {}
-    retain = sync.get("retainVolume", api.WeightSyncSpec().retain_volume)
-    if not sync.get("volumeClaim") and not retain:
+    if not sync.volume_claim and not sync.retain_volume:
         await ctx.kube.delete("v1", "PersistentVolumeClaim", owner.namespace, plan.Names(owner.name).snapshots)
     record_phase(owner.namespace, owner.name, None)
     ctx.resynced.pop(owner.uid, None)
@@ -285,7 +258,7 @@ async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observe
     owner, names = owner_of(body), plan.Names(job.metadata.name)
     # The bus first, the pods second: progress is written by a learner that was running, so a Job
     # read after it is at least as fresh and the two never show "step 7, learner not started yet".
-    url, credentials = await bus_access(ctx, owner.namespace, body["spec"].get("nats") or {})
+    url, credentials = await bus_access(ctx, owner.namespace, job.spec.nats)
     try:
         progress, reports = await ctx.buses.progress(job_bus(job), url, credentials)
     except kopf.TemporaryError:
@@ -327,9 +300,8 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if FINALIZER not in (body["metadata"].get("finalizers") or []):
         return  # kopf is still taking the job in; writing status now would only race with it
     previous = previous_status(body)
-    job, error = validate(body)
+    job = validated(body, patch)
     if job is None:
-        reject(body, patch, error, body["metadata"].get("generation", 0))
         owner = owner_of(body)
         record_phase(owner.namespace, owner.name, "Failed")
         return

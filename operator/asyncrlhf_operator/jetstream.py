@@ -19,7 +19,7 @@ import kopf
 import nats
 from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
 
-from asyncrlhf import api
+from asyncrlhf import api, workload_env
 from asyncrlhf.bus import JobBus, delete_job_resources, ensure_job_resources
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress, MessageError
 
@@ -42,8 +42,8 @@ class Credentials:
 
 def operator_credentials() -> Credentials:
     """The operator's own NATS credentials (the chart's NATS, from its Secret via env)."""
-    return Credentials(user=os.environ.get("ASYNCRLHF_NATS_USER", ""),
-                       password=os.environ.get("ASYNCRLHF_NATS_PASSWORD", ""))
+    return Credentials(user=os.environ.get(workload_env.NATS_USER, ""),
+                       password=os.environ.get(workload_env.NATS_PASSWORD, ""))
 
 
 async def read_credentials(kube: Kube, namespace: str, secret: str) -> Credentials:

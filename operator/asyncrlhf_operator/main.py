@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Optional
 
 import kopf
 import prometheus_client
 
-from .handlers import OperatorConfig, build_registry
+from .handlers import build_registry
+from .settings import OperatorConfig, default_nats_url
 
-DEFAULT_NATS_URL = "nats://nats:4222"
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 
 
@@ -43,7 +42,7 @@ def run(
 
     `namespace` or `all_namespaces` picks what is watched (neither: the pod's own namespace);
     `nats_url` is the bus for jobs whose spec.nats.url is empty (the chart's NATS; empty:
-    $ASYNCRLHF_NATS_URL, else nats://nats:4222); liveness at
+    $ASYNCRLHF_NATS_URL, else settings.DEFAULT_NATS_URL); liveness at
     http://0.0.0.0:<health_port>/healthz, Prometheus at :<metrics_port>/metrics.
     """
     if namespace and all_namespaces:
@@ -52,7 +51,7 @@ def run(
         namespace = own_namespace()
         if namespace is None:
             raise ValueError("outside a pod, pass --namespace NS or --all-namespaces")
-    nats_url = nats_url or os.environ.get("ASYNCRLHF_NATS_URL") or DEFAULT_NATS_URL
+    nats_url = default_nats_url(nats_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(nats_url=nats_url, status_interval=status_interval,
                             resync_interval=resync_interval, namespaced=bool(namespace))

@@ -57,6 +57,20 @@ def validate_spec(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], 
         return None, describe(err)
 
 
+def deletion_view(body: Mapping[str, Any]) -> tuple[api.NatsSpec, api.WeightSyncSpec]:
+    """What deleting a job needs from its spec (its bus, its volume), defaults from the models.
+
+    Taken from the validated job; a job whose spec does not validate (rejected as SpecInvalid,
+    or edited past an old CRD) must still be cleaned up, so its two sections are then read as
+    given (`model_construct`: no validation, the models' defaults for what is missing)."""
+    job, _ = validate_spec(body)
+    if job is not None:
+        return job.spec.nats, job.spec.weight_sync
+    spec = body.get("spec") or {}
+    nats, sync = (spec.get(key) if isinstance(spec.get(key), dict) else {} for key in ("nats", "weightSync"))
+    return api.NatsSpec.model_construct(**nats), api.WeightSyncSpec.model_construct(**sync)
+
+
 def describe(err: pydantic.ValidationError) -> str:
     """The first error as `<path>: <message>`; cross-field errors name their own field."""
     first = err.errors()[0]

@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 from .manifest import EXIT_BAD_INPUT, ManifestError, dump_manifest, load_manifest
+from .workload_env import NATS_URL, SNAPSHOT_DIR, WorkloadEnv, WorkloadEnvError
 
 
 def _job(path: str):
@@ -27,15 +28,6 @@ def _job(path: str):
     except ManifestError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-
-
-def _env(name: str, default: str | None = None) -> str:
-    value = os.environ.get(name, default)
-    if value is None:
-        print(f"error: environment variable {name} is not set (the operator or `asyncrlhf run` sets it)",
-              file=sys.stderr)
-        sys.exit(EXIT_BAD_INPUT)
-    return value
 
 
 def cmd_run(args) -> int:
@@ -77,30 +69,34 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def _workload_context(args):
+def _workload_context(args, read_env):
+    """The job, its bus and the process's environment (`WorkloadEnv.for_learner` or
+    `for_generator`); a missing variable ends the command with exit code 2."""
     from .bus import JobBus
 
     job = _job(args.config)
-    bus = JobBus(job.metadata.namespace, job.metadata.name)
-    return job, bus, _env("ASYNCRLHF_NATS_URL", job.spec.nats.url or None)
+    try:
+        env = read_env(os.environ, nats_url=job.spec.nats.url)
+    except WorkloadEnvError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(EXIT_BAD_INPUT)
+    return job, JobBus(job.metadata.namespace, job.metadata.name), env
 
 
 def cmd_learner(args) -> int:
     from .backends import Rendezvous, follower_main, node_process_envs, release_followers, run_node
     from .learner import main_async
 
-    job, bus, url = _workload_context(args)
+    job, bus, env = _workload_context(args, WorkloadEnv.for_learner)
     if envs := node_process_envs(os.environ):  # an operator pod with NPROC_PER_NODE > 1 starts its ranks
         return run_node(envs, ["learner", "--config", args.config])
-    root = _env("ASYNCRLHF_SNAPSHOT_DIR")
-    run_dir = os.environ.get("ASYNCRLHF_RUN_DIR", os.path.join(root, "report"))
     import torch
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if Rendezvous.from_env().rank > 0:  # only rank 0 talks to the bus; the others follow it
         return follower_main(job.spec)
     try:
-        asyncio.run(main_async(job.spec, bus, url, root, run_dir))
+        asyncio.run(main_async(job.spec, bus, env.nats_url, env.snapshot_dir, env.run_dir))
     finally:
         release_followers()
     return 0
@@ -109,16 +105,15 @@ def cmd_learner(args) -> int:
 def cmd_generator(args) -> int:
     from .generator import main_async
 
-    job, bus, url = _workload_context(args)
-    generator_id = _env("GENERATOR_ID", os.environ.get("HOSTNAME", "gen-0"))
-    asyncio.run(main_async(job.spec, bus, url, generator_id))
+    job, bus, env = _workload_context(args, WorkloadEnv.for_generator)
+    asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id))
     return 0
 
 
 def cmd_crd(args) -> int:
-    from asyncrlhf_operator.crd import main as crd_main
+    from asyncrlhf_operator import crd
 
-    return crd_main(args.rest) or 0
+    return crd.run(args)
 
 
 def cmd_operator(args) -> int:
@@ -158,27 +153,35 @@ def build_parser() -> argparse.ArgumentParser:
     val.set_defaults(func=cmd_validate)
 
     for role, func in (("learner", cmd_learner), ("generator", cmd_generator)):
-        p = sub.add_parser(role, help=f"run the {role} process (env: ASYNCRLHF_NATS_URL, ASYNCRLHF_SNAPSHOT_DIR)")
+        p = sub.add_parser(role, help=f"run the {role} process (env: {NATS_URL}, {SNAPSHOT_DIR})")
         p.add_argument("--config", required=True, help="the job manifest (mounted from the ConfigMap in pods)")
         p.set_defaults(func=func)
 
+    from asyncrlhf_operator import crd as crd_tool  # no kopf: the CRD generator and its options
+
     crd = sub.add_parser("crd", help="regenerate the CRD from the spec models")
-    crd.add_argument("rest", nargs=argparse.REMAINDER)
-    crd.set_defaults(func=cmd_crd)
+    crd_tool.add_arguments(crd).set_defaults(func=cmd_crd)
+    _add_operator_parser(sub)
+    return parser
+
+
+def _add_operator_parser(sub) -> None:
+    # The defaults shown are the operator's own (its settings module loads no kopf).
+    from asyncrlhf_operator.settings import DEFAULT_NATS_URL, OperatorConfig
 
     op = sub.add_parser("operator", help="run the Kubernetes operator")
     scope = op.add_mutually_exclusive_group()
     scope.add_argument("--namespace", help="watch one namespace")
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
-    op.add_argument("--nats-url", default=os.environ.get("ASYNCRLHF_NATS_URL", ""), help="default NATS URL")
+    op.add_argument("--nats-url", default="", help="NATS URL of jobs whose spec.nats.url is empty "
+                    f"(default: ${NATS_URL}, else {DEFAULT_NATS_URL})")
     op.add_argument("--health-port", type=int, default=8080)
     op.add_argument("--metrics-port", type=int, default=9090)
     op.add_argument("--status-interval", type=float,
-                    help="seconds between status passes per job (default 5)")
-    op.add_argument("--resync-interval", type=float,
-                    help="seconds between re-applying every child, to undo hand edits (default 60)")
+                    help=f"seconds between status passes per job (default {OperatorConfig.status_interval:g})")
+    op.add_argument("--resync-interval", type=float, help="seconds between re-applying every child, to undo "
+                    f"hand edits (default {OperatorConfig.resync_interval:g})")
     op.set_defaults(func=cmd_operator)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

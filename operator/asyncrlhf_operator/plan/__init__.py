@@ -1,0 +1,75 @@
+"""Desired children of one AsyncRLHFJob: pure functions from the validated spec to manifests.
+
+Nothing here talks to the API server; `kube.py` applies what these functions return, so the
+whole shape of what the operator creates is testable with tables and the official schemas.
+Callers use this package (`from asyncrlhf_operator import plan; plan.desired_children(...)`);
+the modules below are its parts, and none imports another part's caller:
+
+  meta.py     Owner, Names, labels, selectors, owner references
+  runtime.py  spec fields the operator applies at run time; which children a change touches
+  config.py   the rendered config (ConfigMap) and its hash
+  volumes.py  the snapshot PVC and CSI VolumeSnapshots
+  network.py  ServiceAccount, headless learner Service, NetworkPolicy, the job's NATS URL
+  pods.py     the learner Job and the generator Deployment (pod spec, env, volumes)
+
+Children (all labelled app.kubernetes.io/{name,instance,component,managed-by}, all owned by
+the job except a retained snapshot volume, which must outlive it):
+
+- ServiceAccount `<job>-workload`: no API token mounted; the workloads never call the API.
+- ConfigMap `<job>-config`: the rendered spec at /etc/asyncrlhf/job.yaml. Fields the operator
+  acts on at run time (generator.replicas, suspend, ttlSecondsAfterFinished,
+  weightSync.volumeSnapshots) are left out, so scaling or suspending does not change the config
+  and restarts nothing.
+- PVC `<job>-snapshots` (unless spec.weightSync.volumeClaim): snapshots and checkpoints.
+- Service `<job>-learner` (headless): stable DNS names for multi-node rendezvous.
+- NetworkPolicy `<job>-workload`: egress to NATS and DNS (and HTTPS when a hub model is
+  named), traffic among learner pods; no other ingress.
+- Job `<job>-learner` (Indexed): one pod per learner node. backoffLimit 0 with a
+  podFailurePolicy that ignores disruptions: any real failure fails the whole Job, and the
+  operator recreates it (all ranks at once, resuming from the checkpoint) up to
+  spec.learner.backoffLimit times. Gang restarts are what distributed training needs, and
+  one counter (status.restarts) is easier to reason about than two.
+- Deployment `<job>-generator`: stateless generators, scaled freely.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncrlhf import api
+
+from .config import CONFIG_DIR, CONFIG_HASH, CONFIG_KEY, CONFIG_PATH, config_hash, config_map, rendered_config
+from .meta import MANAGER, Names, Owner, labels, metadata, owner_reference, selector
+from .network import (
+    DEFAULT_NATS_PORT, RENDEZVOUS_PORT, learner_service, nats_ports, nats_url, needs_hub, network_policy,
+    service_account,
+)
+from .pods import (
+    COMPLETION_INDEX, GPU, NATS_CREDS_DIR, RUN_AS, SNAPSHOT_DIR, generator_deployment, generator_replicas,
+    learner_job,
+)
+from .runtime import REPLICAS, RUNTIME_FIELDS, SUSPEND, TTL, VOLUME_SNAPSHOTS, changed_paths, kinds_for
+from .volumes import snapshot_claim_name, snapshot_pvc, volume_snapshot, volume_snapshot_plan
+
+__all__ = [
+    "CONFIG_DIR", "CONFIG_HASH", "CONFIG_KEY", "CONFIG_PATH", "config_hash", "config_map", "rendered_config",
+    "MANAGER", "Names", "Owner", "labels", "metadata", "owner_reference", "selector",
+    "DEFAULT_NATS_PORT", "RENDEZVOUS_PORT", "learner_service", "nats_ports", "nats_url", "needs_hub",
+    "network_policy", "service_account",
+    "COMPLETION_INDEX", "GPU", "NATS_CREDS_DIR", "RUN_AS", "SNAPSHOT_DIR", "generator_deployment",
+    "generator_replicas", "learner_job",
+    "REPLICAS", "RUNTIME_FIELDS", "SUSPEND", "TTL", "VOLUME_SNAPSHOTS", "changed_paths", "kinds_for",
+    "snapshot_claim_name", "snapshot_pvc", "volume_snapshot", "volume_snapshot_plan",
+    "desired_children",
+]
+
+
+def desired_children(
+    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False
+) -> list[dict[str, Any]]:
+    """Every child, in creation order (what pods mount exists before the pods)."""
+    children = [service_account(owner), config_map(job, owner), snapshot_pvc(job, owner),
+                learner_service(owner), network_policy(job, owner, default_url),
+                learner_job(job, owner, default_url),
+                generator_deployment(job, owner, default_url, finished=finished)]
+    return [child for child in children if child is not None]

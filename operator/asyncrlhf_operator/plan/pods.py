@@ -1,0 +1,179 @@
+"""The workloads: the learner (Indexed Job) and the generators (Deployment), and their pod spec.
+
+Both run the same image and command (`asyncrlhf learner|generator --config ...`) with the same
+hardened pod: non-root, read-only root filesystem, no API token, the config, the snapshot volume
+and scratch space mounted. The environment variables are the workloads' contract
+(`asyncrlhf.workload_env`), spelled there once; the rendezvous variables are torch's.
+
+The learner Job has backoffLimit 0 and a podFailurePolicy that ignores disruptions: any real
+failure fails the whole Job, and the operator recreates it (all ranks at once, resuming from
+the checkpoint) up to spec.learner.backoffLimit times.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from asyncrlhf import api, workload_env
+
+from .config import CONFIG_DIR, CONFIG_HASH, CONFIG_PATH, config_hash
+from .meta import Names, Owner, labels, metadata, selector
+from .network import RENDEZVOUS_PORT, nats_url
+from .volumes import snapshot_claim_name
+
+SNAPSHOT_DIR = "/snapshots"
+NATS_CREDS_DIR = "/var/run/asyncrlhf/nats"
+RUN_AS = 1000
+COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
+GPU = "nvidia.com/gpu"
+
+
+def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
+    limits: dict[str, Any] = {"memory": memory}
+    if gpus:
+        limits[GPU] = gpus
+    return {"requests": {"cpu": cpu, "memory": memory}, "limits": limits}
+
+
+def _env(job: api.AsyncRLHFJob, default_url: str) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": workload_env.NATS_URL, "value": nats_url(job.spec.nats, default_url)},
+        {"name": workload_env.SNAPSHOT_DIR, "value": SNAPSHOT_DIR},
+        {"name": workload_env.CACHE, "value": "/cache/asyncrlhf"},
+        {"name": "HOME", "value": "/tmp"},
+        {"name": "XDG_CACHE_HOME", "value": "/cache"},
+        {"name": "HF_HOME", "value": "/cache/huggingface"},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+    ]
+    secret = job.spec.nats.credentials_secret
+    if secret:
+        for var, key in ((workload_env.NATS_USER, "user"), (workload_env.NATS_PASSWORD, "password")):
+            env.append({"name": var, "valueFrom": {
+                "secretKeyRef": {"name": secret, "key": key, "optional": True}}})
+        env.append({"name": workload_env.NATS_CREDS, "value": f"{NATS_CREDS_DIR}/creds"})
+    return env
+
+
+def _volumes(job: api.AsyncRLHFJob, owner: Owner) -> tuple[list[dict], list[dict]]:
+    volumes = [
+        {"name": "config", "configMap": {"name": Names(owner.name).config}},
+        {"name": "snapshots", "persistentVolumeClaim": {"claimName": snapshot_claim_name(job, owner)}},
+        {"name": "tmp", "emptyDir": {}},
+        {"name": "cache", "emptyDir": {}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+    ]
+    mounts = [
+        {"name": "config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "snapshots", "mountPath": SNAPSHOT_DIR},
+        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "cache", "mountPath": "/cache"},
+        {"name": "dshm", "mountPath": "/dev/shm"},
+    ]
+    if job.spec.nats.credentials_secret:
+        volumes.append({"name": "nats-credentials", "secret": {
+            "secretName": job.spec.nats.credentials_secret, "optional": True,
+            "items": [{"key": "creds", "path": "creds"}]}})
+        mounts.append({"name": "nats-credentials", "mountPath": NATS_CREDS_DIR, "readOnly": True})
+    return volumes, mounts
+
+
+def _pod_spec(
+    job: api.AsyncRLHFJob, owner: Owner, *, role: str, resources: dict, env: list, gpus: int
+) -> dict[str, Any]:
+    volumes, mounts = _volumes(job, owner)
+    container = {
+        "name": role,
+        "image": job.spec.image,
+        "command": ["asyncrlhf"],
+        "args": [role, "--config", CONFIG_PATH],
+        "env": env,
+        "resources": resources,
+        "volumeMounts": mounts,
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    spec: dict[str, Any] = {
+        "serviceAccountName": Names(owner.name).workload,
+        "automountServiceAccountToken": False,
+        "securityContext": {
+            "runAsNonRoot": True, "runAsUser": RUN_AS, "runAsGroup": RUN_AS, "fsGroup": RUN_AS,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    if gpus:
+        spec["tolerations"] = [{"key": GPU, "operator": "Exists", "effect": "NoSchedule"}]
+    return spec
+
+
+def _template(job: api.AsyncRLHFJob, owner: Owner, component: str, pod_spec: dict) -> dict[str, Any]:
+    return {
+        "metadata": {"labels": labels(owner, component), "annotations": {CONFIG_HASH: config_hash(job)}},
+        "spec": pod_spec,
+    }
+
+
+def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[str, Any]:
+    learner, names = job.spec.learner, Names(owner.name)
+    gpus = learner.gpus_per_node
+    rank = {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}}
+    env = _env(job, default_url) + [
+        {"name": "RANK", **rank},
+        {"name": "NODE_RANK", **rank},
+        {"name": "WORLD_SIZE", "value": str(learner.nodes)},
+        {"name": "NNODES", "value": str(learner.nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(gpus or learner.processes_per_node)},
+        {"name": "MASTER_ADDR", "value": f"{names.learner}-0.{names.learner}"},
+        {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+    ]
+    resources = _resources(learner.resources.cpu, learner.resources.memory, gpus)
+    pod = _pod_spec(job, owner, role="learner", resources=resources, env=env, gpus=gpus)
+    pod["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    pod.update(subdomain=names.learner, restartPolicy="Never")
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": metadata(owner, names.learner, "learner"),
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": learner.nodes,
+            "parallelism": learner.nodes,
+            "backoffLimit": 0,
+            "podFailurePolicy": {"rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
+            "suspend": job.spec.suspend,
+            "template": _template(job, owner, "learner", pod),
+        },
+    }
+
+
+def generator_replicas(job: api.AsyncRLHFJob, *, finished: bool = False) -> int:
+    return 0 if job.spec.suspend or finished else job.spec.generator.replicas
+
+
+def generator_deployment(
+    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False
+) -> dict[str, Any]:
+    generator = job.spec.generator
+    env = _env(job, default_url) + [
+        {"name": workload_env.GENERATOR_ID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+    ]
+    resources = _resources(generator.resources.cpu, generator.resources.memory, generator.resources.gpus)
+    pod = _pod_spec(job, owner, role="generator", resources=resources, env=env,
+                    gpus=generator.resources.gpus)
+    return {
+        "apiVersion": "apps/v1", "kind": "Deployment",
+        "metadata": metadata(owner, Names(owner.name).generator, "generator"),
+        "spec": {
+            "replicas": generator_replicas(job, finished=finished),
+            "revisionHistoryLimit": 3,
+            "selector": {"matchLabels": selector(owner, "generator")},
+            "template": _template(job, owner, "generator", pod),
+        },
+    }
