@@ -72,5 +72,23 @@ def test_cli_exit_code_2_and_no_traceback(tmp_path):
 
 
 def test_examples_are_valid():
-    for path in sorted((ROOT / "examples").glob("*.yaml")):
+    paths = sorted((ROOT / "examples").glob("*.yaml"))
+    assert paths, "no examples/*.yaml found"
+    for path in paths:
         load_manifest(path)
+
+
+@pytest.mark.parametrize("role, variable", [("generator", "ASYNCRLHF_NATS_URL"),
+                                            ("learner", "ASYNCRLHF_SNAPSHOT_DIR")])
+def test_a_workload_without_its_environment_exits_2_naming_the_variable(role, variable, tmp_path, monkeypatch,
+                                                                         capsys):
+    from asyncrlhf import cli
+
+    config = tmp_path / "job.yaml"
+    config.write_text(yaml.safe_dump(manifest()))
+    for name in ("ASYNCRLHF_NATS_URL", "ASYNCRLHF_SNAPSHOT_DIR"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(SystemExit) as exited:
+        cli.main([role, "--config", str(config)])
+    assert exited.value.code == 2
+    assert f"error: environment variable {variable} is not set" in capsys.readouterr().err

@@ -60,6 +60,22 @@ def children(j: api.AsyncRLHFJob, **kw) -> dict[str, dict[str, Any]]:
     return {c["kind"]: c for c in plan.desired_children(j, OWNER, NATS, **kw)}
 
 
+def test_the_examples_are_among_the_variants():
+    assert examples(), "no AsyncRLHFJob found in examples/"
+
+
+def test_the_pods_environment_is_what_the_workloads_read():
+    from asyncrlhf.workload_env import GENERATOR_ID, WorkloadEnv
+
+    pods = {kind: children(job())[kind]["spec"]["template"]["spec"]["containers"][0]["env"]
+            for kind in ("Job", "Deployment")}
+    learner = WorkloadEnv.for_learner({e["name"]: e["value"] for e in pods["Job"] if "value" in e})
+    assert (learner.nats_url, learner.snapshot_dir) == (NATS, plan.SNAPSHOT_DIR)
+    generator_env = {e["name"]: e for e in pods["Deployment"]}
+    assert WorkloadEnv.for_generator({e: v["value"] for e, v in generator_env.items() if "value" in v}).nats_url == NATS
+    assert generator_env[GENERATOR_ID]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}
+
+
 def env_of(child: dict[str, Any]) -> dict[str, Any]:
     container = child["spec"]["template"]["spec"]["containers"][0]
     return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}

@@ -84,10 +84,10 @@ def _workload_context(args, read_env):
 
 
 def cmd_learner(args) -> int:
+    job, bus, env = _workload_context(args, WorkloadEnv.for_learner)  # before torch loads: fail fast
     from .backends import Rendezvous, follower_main, node_process_envs, release_followers, run_node
     from .learner import main_async
 
-    job, bus, env = _workload_context(args, WorkloadEnv.for_learner)
     if envs := node_process_envs(os.environ):  # an operator pod with NPROC_PER_NODE > 1 starts its ranks
         return run_node(envs, ["learner", "--config", args.config])
     import torch
@@ -103,9 +103,9 @@ def cmd_learner(args) -> int:
 
 
 def cmd_generator(args) -> int:
+    job, bus, env = _workload_context(args, WorkloadEnv.for_generator)  # before vLLM loads: fail fast
     from .generator import main_async
 
-    job, bus, env = _workload_context(args, WorkloadEnv.for_generator)
     asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id))
     return 0
 
