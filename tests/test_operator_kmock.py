@@ -28,7 +28,8 @@ from kopf.testing import KopfRunner
 from asyncrlhf import api
 from asyncrlhf.bus import EmbeddedNats, JobBus
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress
-from asyncrlhf_operator.handlers import OperatorConfig, build_registry
+from asyncrlhf_operator.handlers import LAST_HANDLED, build_registry
+from asyncrlhf_operator.settings import OperatorConfig
 from asyncrlhf_operator.validation import IMMUTABLE_ANNOTATION
 
 NS = "default"
@@ -251,6 +252,32 @@ def replicas(kube: ApiThread, name: str) -> Optional[int]:
     return deployment["spec"]["replicas"] if deployment else None
 
 
+def handled(kube: ApiThread, name: str, check: Callable[[dict[str, Any]], bool]) -> None:
+    """Wait until the operator's handlers have completed for a spec that passes `check`: kopf
+    records that spec on the job (its diff base) once they all succeeded."""
+    def done() -> bool:
+        annotations = ((kube.get(f"{CR}/{name}") or {}).get("metadata") or {}).get("annotations") or {}
+        return LAST_HANDLED in annotations and check(json.loads(annotations[LAST_HANDLED]).get("spec") or {})
+    eventually(done, what=f"the handlers of {name} done")
+
+
+def a_status_pass(kube: ApiThread, name: str) -> None:
+    """Wait for one more pass of the status timer over a job it writes the status of: every pass
+    writes observedGeneration, so set it to 0 and wait for it to come back."""
+    generation = kube.get(f"{CR}/{name}")["metadata"]["generation"]
+    kube.call("PATCH", f"{CR}/{name}/status", {"status": {"observedGeneration": 0}})
+    eventually(lambda: job_status(kube, name).get("observedGeneration") == generation,
+               what=f"a status pass over {name}")
+
+
+def status_passes_for(kube: ApiThread, name: str, seconds: float) -> None:
+    """Status passes over the job, each one waited for, until `seconds` have gone by (e.g. long
+    enough that a resync, due every RESYNC seconds, would have happened)."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        a_status_pass(kube, name)
+
+
 def strip_versions(obj: dict[str, Any]) -> dict[str, Any]:
     meta = {k: v for k, v in obj["metadata"].items() if k != "resourceVersion"}
     return {**obj, "metadata": meta}
@@ -306,12 +333,12 @@ def test_replicas_change_touches_only_the_deployment(cluster):
     kube, _ = cluster
     create_job(kube, "gamma", generator={"replicas": 1})
     eventually(lambda: all(children_of(kube, "gamma").values()), what="children")
-    time.sleep(1.0)  # let the first reconcile settle
+    handled(kube, "gamma", lambda spec: spec["generator"]["replicas"] == 1)  # the create handler is done
     before = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
     kube.call("PATCH", f"{CR}/gamma", {"spec": {"generator": {"replicas": 4}}})
     eventually(lambda: replicas(kube, "gamma") == 4,
                what="4 replicas")
-    time.sleep(1.0)
+    handled(kube, "gamma", lambda spec: spec["generator"]["replicas"] == 4)  # and the update handler
     after = {k: strip_versions(v) for k, v in children_of(kube, "gamma").items()}
     changed = {kind for kind in before if before[kind] != after[kind]}
     assert changed == {"Deployment"}
@@ -370,7 +397,8 @@ def test_failed_learner_is_restarted_then_the_job_fails(cluster):
                         job_status(kube, "epsilon"), what="Failed")
     reason = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert reason["reason"] == "BackoffLimitExceeded" and "exited with code 1" in reason["message"]
-    time.sleep(1.0)
+    # the pass after Failed stops the generators; it is also where a third learner would come from
+    eventually(lambda: replicas(kube, "epsilon") == 0, what="the generators stopped after Failed")
     assert kube.get(job_path)["metadata"]["uid"] == second["metadata"]["uid"]  # no third learner
 
 
@@ -397,7 +425,8 @@ def test_a_changed_immutable_field_fails_the_job_until_it_is_set_back(cluster):
     status = eventually(lambda: (s := job_status(kube, "kappa")).get("phase") == "Failed" and s, what="Failed")
     invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
     assert invalid["status"] == "True" and invalid["message"].startswith("spec.model: is immutable")
-    time.sleep(2 * RESYNC)  # neither the update nor a resync replaced the learner with the new model
+    handled(kube, "kappa", lambda spec: spec["model"]["policy"] == "org/other-model")
+    status_passes_for(kube, "kappa", 2 * RESYNC)  # neither the update nor a resync replaced the learner
     assert kube.get(job_path)["metadata"]["uid"] == learner["metadata"]["uid"]
     kube.call("PATCH", f"{CR}/kappa", {"spec": {"model": {"policy": "builtin:tiny-sort"}}})
     assert eventually(lambda: job_status(kube, "kappa").get("phase") == "Pending", what=f"Pending again")
@@ -416,7 +445,7 @@ def test_volume_snapshots_are_taken_every_n_steps_and_the_oldest_deleted(cluster
         eventually(lambda: job_status(kube, "lambda").get("step") == step, what=f"step {step} in status")
 
     at_step(5)
-    time.sleep(1.0)
+    a_status_pass(kube, "lambda")  # a later pass at step 5 took none either
     assert job_status(kube, "lambda").get("volumeSnapshots") == []
     for step, kept in ((12, ["lambda-step-10"]), (27, ["lambda-step-10", "lambda-step-20"]),
                        (31, ["lambda-step-20", "lambda-step-30"])):

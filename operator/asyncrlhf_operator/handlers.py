@@ -40,6 +40,8 @@ from .validation import IMMUTABLE_ANNOTATION, deletion_view, recorded_immutables
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 PREFIX = api.GROUP
 FINALIZER = f"{PREFIX}/cleanup"
+# kopf's record of the spec whose handlers all completed (its diff base), an annotation on the job
+LAST_HANDLED = f"{PREFIX}/last-handled-configuration"
 
 
 @dataclass
@@ -85,7 +87,7 @@ def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
     # Handler progress in annotations: `.status` has a strict schema and is the users' view.
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=PREFIX, key="last-handled-configuration")
+        prefix=PREFIX, key=LAST_HANDLED.removeprefix(f"{PREFIX}/"))
     settings.watching.server_timeout = 600
 
 
