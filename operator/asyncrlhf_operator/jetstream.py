@@ -17,18 +17,17 @@ from typing import Any, Optional
 
 import kopf
 import nats
-from nats.js.errors import BucketNotFoundError, KeyNotFoundError, NoKeysError, NotFoundError
+from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from asyncrlhf import api, workload_env
 from asyncrlhf.bus import JobBus, delete_job_resources, ensure_job_resources
-from asyncrlhf.messages import GeneratorStatus, LearnerProgress, MessageError
+from asyncrlhf.kv import LEARNER_KEY, JobKV
+from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 
 from .kube import Kube
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
-LEARNER_KEY = "learner"
-GENERATOR_PREFIX = "generator."
 
 
 @dataclass(frozen=True)
@@ -114,29 +113,12 @@ class Buses:
         """The learner's and the generators' latest reports (none yet: None and ())."""
         js = await self.jetstream(url, credentials)
         try:
-            kv = await js.key_value(bus.bucket)
+            kv = await JobKV.open(js, bus.bucket)
         except (BucketNotFoundError, NotFoundError):
             return None, ()
-        learner = await _get(kv, LEARNER_KEY, LearnerProgress)
-        try:
-            keys = await kv.keys()
-        except NoKeysError:
-            keys = []
-        reports = [await _get(kv, key, GeneratorStatus) for key in keys if key.startswith(GENERATOR_PREFIX)]
-        return learner, tuple(r for r in reports if r is not None)
+        learner = await kv.get(LEARNER_KEY, LearnerProgress)
+        return learner, tuple((await kv.reports()).values())
 
 
 def job_bus(job: api.AsyncRLHFJob) -> JobBus:
     return JobBus(job.metadata.namespace, job.metadata.name)
-
-
-async def _get(kv, key: str, schema):
-    try:
-        entry = await kv.get(key)
-    except KeyNotFoundError:
-        return None
-    try:
-        return schema.decode(entry.value)
-    except MessageError as err:
-        log.warning("ignoring the unreadable KV entry %r: %s", key, err)
-        return None

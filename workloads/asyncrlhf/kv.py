@@ -20,7 +20,7 @@ import nats
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from .messages import (
-    GENERATOR_FORGET_SECONDS, RETIRED_GENERATORS, GeneratorStatus, LearnerProgress, Message, RewardHead,
+    GENERATOR_FORGET_SECONDS, RETIRED_GENERATORS, GeneratorStatus, LearnerProgress, Message, MessageError, RewardHead,
 )
 
 log = logging.getLogger("asyncrlhf.kv")
@@ -48,12 +48,17 @@ class JobKV:
     # --- primitives ----------------------------------------------------------------------
 
     async def get(self, key: str, schema: type[M]) -> Optional[M]:
-        """The value of `key` (None when it is not there); bus errors are raised."""
+        """The value of `key`: None when it is not there or cannot be read (logged: one bad
+        entry must not stop a reader); bus errors are raised."""
         try:
             entry = await self.kv.get(key)
         except nats.js.errors.KeyNotFoundError:
             return None
-        return schema.decode(entry.value)
+        try:
+            return schema.decode(entry.value)
+        except MessageError as err:
+            log.warning("ignoring the unreadable KV entry %r: %s", key, err)
+            return None
 
     async def put(self, key: str, value: Message, attempts: int = 1) -> bool:
         """Write `value`; on bus errors retry once a second up to `attempts` tries. False when the
