@@ -13,7 +13,8 @@ class CrossFieldRule:
 
 
 # Each rule is written twice by necessity — once in CEL for the apiserver, once in Python —
-# and kept side by side so they cannot drift; tests/test_api.py checks both agree.
+# and kept side by side so they cannot drift; tests/test_crd.py::test_cel_rules_agree_with_pydantic
+# checks both agree.
 CROSS_FIELD_RULES: list[CrossFieldRule] = [
     CrossFieldRule(
         "async.maxStaleness",
