@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from asyncrlhf.schedule import RecordWindow, Verdict, classify, min_version, release_range, unreleased_from
+from asyncrlhf.schedule import (
+    RecordWindow, Verdict, classify, implausible, min_version, release_range, unreleased_from,
+)
 
 
 @pytest.mark.parametrize("published, n, released, total, expected", [
@@ -27,15 +29,26 @@ FRESH, STALE, TRAINED, DUPLICATE = Verdict.FRESH, Verdict.STALE, Verdict.TRAINED
     (5, 0, 4, 5, 1, set(), FRESH),           # staleness 1 <= N
     (5, 0, 5, 5, 0, set(), FRESH),           # on-policy
     (5, 0, 3, 5, 1, set(), STALE),           # 2 versions old
-    (7, 0, 6, 5, 1, set(), FRESH),           # a later batch: judged at the step that uses it
+    (6, 0, 5, 5, 1, set(), FRESH),           # a later batch: judged at the step that uses it
     (7, 0, 5, 5, 1, set(), STALE),
     (5, 0, 4, 6, 1, set(), TRAINED),         # trained on at step 5, redelivered after a restart
     (5, 2, 4, 5, 1, {2}, DUPLICATE),         # slot already filled
     (4, 0, 4, 5, 1, set(), TRAINED),         # its step is past
     (4, 2, 4, 5, 1, {2}, TRAINED),           # past beats filled: it was trained on
+    (5, 0, 9, 5, 1, set(), STALE),           # a version never published (published is 5 here)
+    (5, 0, 10**9, 5, 1, set(), STALE),
 ])
 def test_classify(batch, index, version, step, n, filled, verdict):
-    assert classify(batch, index, version, step, n, filled) is verdict
+    assert classify(batch, index, version, step, n, filled, published=step) is verdict
+
+
+@pytest.mark.parametrize("batch, index, expected", [
+    (3, 7, ""), (3, 8, "index 8 is past learner.promptsPerStep (8)"),
+    (99, 0, ""), (100, 0, "batch 100 is past learner.totalSteps (100)"), (10**8, 0, "batch 100000000 is past"),
+])
+def test_implausible_places_are_named(batch, index, expected):
+    reason = implausible(batch, index, prompts_per_step=8, total_steps=100)
+    assert reason.startswith(expected) and bool(reason) == bool(expected)
 
 
 @pytest.mark.parametrize("batch, n, expected", [(0, 1, 0), (3, 1, 2), (3, 0, 3), (2, 4, 0), (10, 4, 6)])

@@ -40,9 +40,12 @@ from nats.js.errors import NotFoundError
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from . import workload_env
-from .messages import WeightsAnnouncement
+from .messages import MessageError, WeightsAnnouncement
 
 PROMPTS, ROLLOUTS, WEIGHTS, PREFERENCES = "prompts", "rollouts", "weights", "preferences"
+DEAD = "dead"  # messages no reader could use, with the reason in a header (a stream of their own)
+DEAD_LETTERS_KEPT = 1000  # the newest are kept; older ones are discarded
+REASON_HEADER = "Asyncrlhf-Reason"
 GENERATORS_CONSUMER = "generators"
 LEARNER_CONSUMER = "learner"
 REWARD_CONSUMER = "reward"
@@ -74,6 +77,15 @@ class JobBus:
     @property
     def bucket(self) -> str:
         return f"arj-{self.namespace}-{self.job}".replace(".", "-")
+
+    @property
+    def dead_stream(self) -> str:
+        return f"{self.stream}_DEAD"
+
+    def dead_stream_config(self) -> StreamConfig:
+        """Limits retention, the newest DEAD_LETTERS_KEPT: dead letters never fill the job's stream."""
+        return StreamConfig(name=self.dead_stream, subjects=[self.subject(DEAD)], retention=RetentionPolicy.LIMITS,
+                            storage=StorageType.FILE, max_msgs=DEAD_LETTERS_KEPT, discard=DiscardPolicy.OLD)
 
     def stream_config(self, max_bytes: int) -> StreamConfig:
         return StreamConfig(
@@ -159,6 +171,10 @@ async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float)
         if consumer.durable_name not in existing:
             await js.add_consumer(bus.stream, consumer)
     await js.create_key_value(bucket=bus.bucket, history=1)
+    try:
+        await js.stream_info(bus.dead_stream)
+    except NotFoundError:
+        await js.add_stream(bus.dead_stream_config())
 
 
 class StreamWatch:
@@ -185,7 +201,8 @@ class StreamWatch:
 
 
 async def delete_job_resources(js, bus: JobBus) -> None:
-    for delete in (lambda: js.delete_stream(bus.stream), lambda: js.delete_key_value(bus.bucket)):
+    for delete in (lambda: js.delete_stream(bus.stream), lambda: js.delete_key_value(bus.bucket),
+                   lambda: js.delete_stream(bus.dead_stream)):
         try:
             await delete()
         except NotFoundError:
@@ -193,11 +210,32 @@ async def delete_job_resources(js, bus: JobBus) -> None:
 
 
 async def latest_weights(js, bus: JobBus) -> Optional[WeightsAnnouncement]:
+    """The newest weights announcement (None: none yet, or it cannot be read — logged; the next
+    announcement replaces it)."""
     try:
         raw = await js.get_last_msg(bus.stream, bus.subject(WEIGHTS))
     except NotFoundError:
         return None
-    return WeightsAnnouncement.decode(raw.data)
+    try:
+        return WeightsAnnouncement.decode(raw.data)
+    except MessageError as err:
+        log.error("ignoring an unreadable weights announcement: %s", err)
+        return None
+
+
+async def dead_letter(js, bus: JobBus, msg, reason: str) -> None:
+    """Set aside a message no reader can use: a copy goes to the job's dead letters (reason in a
+    header), the message itself is terminated (never redelivered). A copy that cannot be written
+    is logged; the message is terminated all the same, so it cannot wedge its consumer."""
+    try:
+        await js.publish(bus.subject(DEAD), msg.data, timeout=5,
+                         headers={REASON_HEADER: reason[:1000], "Asyncrlhf-Subject": msg.subject or ""})
+    except (nats.errors.Error, asyncio.TimeoutError) as err:
+        log.warning("could not keep a dead letter (%s): %s", reason, err)
+    try:
+        await msg.term()
+    except (nats.errors.Error, asyncio.TimeoutError) as err:
+        log.warning("could not terminate a dead letter (it will come back and be set aside again): %s", err)
 
 
 async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600,

@@ -38,6 +38,7 @@ class LearnerState:
     consumed: int = 0  # rollout groups trained on
     dropped: int = 0
     duplicates: int = 0
+    dead: int = 0  # messages set aside in the dead letters (undecodable, bad values, out of bounds)
     rereleased: dict[str, int] = field(default_factory=dict)  # "batch:index" -> attempts
     staleness_sum: int = 0
     staleness_max: int = 0

@@ -2,9 +2,12 @@
 
 A rollout is kept (with its message, unacked) until its batch is trained, then held until the
 checkpoint that covers that step is durable, then acked: a learner killed at any moment loses no
-rollout, and the ones it had are redelivered. What schedule.classify says is not to be kept is
-acked at once and counted (a rollout too stale is also handed to `on_stale`, which releases its
-prompt again).
+rollout, and the ones it had are redelivered. A redelivery of a message still kept or held (its
+ack deadline passed during a long step) replaces the handle: acking it would delete the only
+durable copy. What schedule.classify says is not to be kept is acked at once and counted (a
+rollout too stale is also handed to `on_stale`, which releases its prompt again). A message that
+cannot be a rollout of this job (undecodable, bad values, a place past the job's shape) goes to
+the dead letters, counted: it never fails or wedges the learner.
 """
 
 from __future__ import annotations
@@ -18,25 +21,30 @@ import nats
 
 from .checkpoints import LearnerState
 from .kv import BUS_ERRORS
-from .messages import RolloutGroup
-from .schedule import Verdict, classify
+from .messages import MessageError, RolloutGroup
+from .schedule import Verdict, classify, implausible
 
 log = logging.getLogger("asyncrlhf.learner")
 STREAM_CHECK_SECONDS = 10.0  # waiting this long for rollouts, the learner checks that its stream is still there
 FETCH_BATCH = 64
 
 Hook = Callable[[], Awaitable[None]]
+DeadLetter = Callable[[object, str], Awaitable[None]]
 
 
 class RolloutIntake:
-    def __init__(self, state: LearnerState, prompts_per_step: int, max_staleness: int) -> None:
-        self.state, self.per, self.n = state, prompts_per_step, max_staleness
+    def __init__(self, state: LearnerState, prompts_per_step: int, max_staleness: int, total_steps: int,
+                 dead_letter: DeadLetter) -> None:
+        self.state, self.per, self.n, self.total = state, prompts_per_step, max_staleness, total_steps
+        self.dead_letter = dead_letter
         self.pending: dict[int, dict[int, tuple[RolloutGroup, object]]] = {}  # batch -> index -> (group, msg)
-        self.held: list = []  # messages of trained steps not yet covered by a checkpoint: acked after it
+        # messages of trained steps not yet covered by a checkpoint (acked after it), by rollout id
+        self.held: dict[str, object] = {}
+        self._dead_reasons: set[str] = set()
 
     def unacked(self) -> list:
         """Every message this learner holds: pending for a later step, or used but not checkpointed."""
-        return [msg for slots in self.pending.values() for _, msg in slots.values()] + self.held
+        return [msg for slots in self.pending.values() for _, msg in slots.values()] + list(self.held.values())
 
     def complete(self, step: int) -> bool:
         return len(self.pending.get(step, {})) >= self.per
@@ -73,11 +81,21 @@ class RolloutIntake:
 
     async def accept(self, msg, step: int):
         """Sort one rollout message; returns the group when it was dropped as too stale."""
-        group = RolloutGroup.decode(msg.data)
-        slot = self.pending.setdefault(group.batch, {})
-        verdict = classify(group.batch, group.index, group.policy_version, step, self.n, slot)
+        try:
+            group = RolloutGroup.decode(msg.data)
+        except MessageError as err:
+            await self.dead(msg, "undecodable rollout", str(err))
+            return None
+        if reason := implausible(group.batch, group.index, self.per, self.total):
+            await self.dead(msg, "rollout out of the job's bounds", f"{group.id}: {reason}")
+            return None
+        slots = self.pending.get(group.batch, {})
+        verdict = classify(group.batch, group.index, group.policy_version, step, self.n, slots,
+                           self.state.published_version)
         if verdict is Verdict.FRESH:
-            slot[group.index] = (group, msg)
+            self.pending.setdefault(group.batch, {})[group.index] = (group, msg)
+            return None
+        if self._redelivered(group, msg, verdict):
             return None
         await msg.ack()
         if verdict is Verdict.STALE:
@@ -88,14 +106,33 @@ class RolloutIntake:
         self.state.duplicates += 1
         return None
 
+    def _redelivered(self, group: RolloutGroup, msg, verdict: Verdict) -> bool:
+        """A redelivery of a message this learner keeps or holds: keep the newest handle, ack nothing."""
+        if verdict is Verdict.DUPLICATE and self.pending[group.batch][group.index][0].id == group.id:
+            self.pending[group.batch][group.index] = (group, msg)
+            return True
+        if verdict is Verdict.TRAINED and group.id in self.held:
+            self.held[group.id] = msg
+            return True
+        return False
+
+    async def dead(self, msg, kind: str, detail: str) -> None:
+        """Set a message aside (dead letters), count it, log each kind of problem once."""
+        self.state.dead += 1
+        if kind not in self._dead_reasons:
+            self._dead_reasons.add(kind)
+            log.error("%s, set aside in the job's dead letters (further ones are counted, not logged): %s",
+                      kind, detail[:500])
+        await self.dead_letter(msg, f"{kind}: {detail}")
+
     def take(self, step: int) -> list[RolloutGroup]:
         slots = self.pending.pop(step)
-        self.held.extend(slots[i][1] for i in range(self.per))
+        self.held.update((slots[i][0].id, slots[i][1]) for i in range(self.per))
         return [slots[i][0] for i in range(self.per)]
 
-    def hold(self, msgs: list) -> None:
-        """Messages to ack with the next checkpoint (e.g. the preferences the reward head learned)."""
-        self.held.extend(msgs)
+    def hold(self, key: str, msg) -> None:
+        """A message to ack with the next checkpoint (e.g. a preference the reward head learned)."""
+        self.held[key] = msg
 
     def forget_held(self) -> None:
         """The stream was recreated: the held messages' acks went with the old one."""
@@ -103,7 +140,7 @@ class RolloutIntake:
 
     async def ack_held(self) -> None:
         """The checkpoint covering the held messages is durable: ack them."""
-        for msg in self.held:
+        for msg in self.held.values():
             try:
                 await msg.ack()
             except BUS_ERRORS as err:  # redelivered later, then skipped

@@ -33,15 +33,13 @@ from safetensors.numpy import save_file as save_numpy
 
 from .api import JobSpec
 from .backends import TrainingBackend, make_backend, to_batch
-from .bus import (
-    LEARNER_CONSUMER, REWARD_CONSUMER, WEIGHTS, JobBus, StreamWatch, close_quietly, connect, ensure_job_resources,
-    keep_alive, publish,
-)
+from .bus import JobBus, close_quietly, connect, keep_alive
 from .checkpoints import Checkpoint, CheckpointStore, LearnerState
 from .feeding import PromptFeeder
 from .intake import RolloutIntake
 from .kv import BUS_ERRORS, JobKV
-from .messages import LearnerProgress, Preference, RolloutGroup, WeightsAnnouncement
+from .learner_link import LearnerLink
+from .messages import LearnerProgress, MessageError, Preference, RolloutGroup, WeightsAnnouncement
 from .models import resolve_model
 from .replay import ReplayBuffer, replay_enabled
 from .replay_sampling import rng_state, set_rng_state, store_and_sample
@@ -64,20 +62,17 @@ class Learner:
         self.checkpoints = CheckpointStore(root)
         self.log = RunLog(run_dir)
         self.feeder = PromptFeeder(spec, bus, self.state)
-        self.intake = RolloutIntake(self.state, spec.learner.prompts_per_step, spec.async_.effective_staleness)
+        self.intake = RolloutIntake(self.state, spec.learner.prompts_per_step, spec.async_.effective_staleness,
+                                    spec.learner.total_steps, self._dead_letter)
+        self.link = LearnerLink(spec, bus, self.feeder, self.intake)
         buffer_spec = spec.async_.replay_buffer
         self.replay = ReplayBuffer.from_spec(buffer_spec) if replay_enabled(buffer_spec, spec.algorithm.loss) else None
         self._replay_rng = random.Random(spec.learner.seed)
         self.stopping = asyncio.Event()
-        self._kv: Optional[JobKV] = None
-        self._pref_sub = None
         # The training clock starts when the first batch is complete (engine start-up is not
         # training time, and is the same in sync and async mode); a resumed learner's clock runs
         # from its start, so recovery time counts.
         self._started: Optional[float] = None
-        self._stream = StreamWatch(bus)
-        self._recreating = False
-        self._announced: Optional[WeightsAnnouncement] = None  # the newest snapshot announced
 
     @classmethod
     def create(cls, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> "Learner":
@@ -120,58 +115,39 @@ class Learner:
             self.head.head.load_state_dict(load_numpy(str(cp.directory / REWARD_HEAD)))
         self.backend.load_weights(Path(cp.snapshot.path))
         self.backend.load_state(cp.directory)
-        # killed between this checkpoint and its announcement, the snapshot was never announced;
-        # generators waiting for it would wait for ever (sync mode): announce it again at start
-        # (the same message id: a no-op when it did go out)
-        self._announced = WeightsAnnouncement(version=self.state.published_version, path=cp.snapshot.path,
-                                              checksum=cp.snapshot.checksum)
+        # announced again when the bus is open (learner_link.LearnerLink.open says why)
+        self.link.announced = WeightsAnnouncement(version=self.state.published_version, path=cp.snapshot.path,
+                                                  checksum=cp.snapshot.checksum)
         self.log.truncate(self.state.step)
         self._started = time.monotonic()
 
     # --- the bus -------------------------------------------------------------------------
 
-    async def check_stream(self, js) -> None:
-        """Waiting long for rollouts: is the stream still the one the prompts went to? A stream
-        deleted or recreated (NATS storage lost) lost the released prompts: recreate what is
-        missing, announce the weights again and release every batch not yet trained on again."""
-        if self._recreating or not await self._stream.lost(js):
-            return
-        self._recreating = True
-        try:
-            log.warning("the job's stream was deleted or recreated; releasing batches %d.. again", self.state.step)
-            await self._ensure_stream(js)
-            self.intake.forget_held()  # their acks went with the old stream (the pending rollouts are still good)
-            if self._announced is not None:  # generators find the weights through the stream too
-                await self.announce(js, self._announced)
-            self.feeder.mark_all_again()
-            await self.feeder.release_due(js, lambda: self.check_stream(js))
-        finally:
-            self._recreating = False
-
-    async def _ensure_stream(self, js) -> None:
-        await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
-        await self._stream.remember(js)
-
-    async def announce(self, js, ann: WeightsAnnouncement) -> None:
-        self._announced = ann
-        await publish(js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{ann.version}-{ann.checksum[:16]}",
-                      recreate=lambda: self.check_stream(js))
-
     async def learn_preferences(self) -> None:
         """One-pass reward head: learn from the labels that arrived, publish θ (acked at checkpoint)."""
-        if self._pref_sub is None:
+        if self.link.preferences is None:
             return
         try:
-            msgs = await self._pref_sub.fetch(256, timeout=0.05)
+            msgs = await self.link.preferences.fetch(256, timeout=0.05)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             return
-        await asyncio.to_thread(self.head.learn, [Preference.decode(m.data) for m in msgs])
-        self.intake.hold(msgs)
-        await self._kv.put_head(self.head.head_message())
+        prefs = []
+        for m in msgs:
+            try:
+                prefs.append(Preference.decode(m.data))
+            except MessageError as err:
+                await self.intake.dead(m, "undecodable preference", str(err))
+                continue
+            self.intake.hold(f"preference-{m.metadata.sequence.stream}", m)
+        await asyncio.to_thread(self.head.learn, prefs)
+        await self.link.kv.put_head(self.head.head_message())
+
+    async def _dead_letter(self, msg, reason: str) -> None:
+        await self.link.dead_letter(msg, reason)
 
     # --- snapshots -----------------------------------------------------------------------
 
-    async def publish_weights(self, js) -> None:
+    async def publish_weights(self) -> None:
         """Snapshot → checkpoint → ack → announce: generators only ever see durable weights."""
         version = self.state.step
         tokenizer_files = [p for p in Path(self.model_path).glob("*") if "token" in p.name] if self.model_path else []
@@ -184,8 +160,8 @@ class Learner:
         await self.intake.ack_held()
         if self.replay is not None:
             self.replay.mark_sync()
-        await self.announce(js, WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum))
-        await self.prune(self._kv)
+        await self.link.announce(WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum))
+        await self.prune(self.link.kv)
 
     async def prune(self, kv: JobKV) -> None:
         """Delete old snapshots, sparing the published one, the checkpoint's and those live generators use."""
@@ -209,13 +185,12 @@ class Learner:
         """TBA: store the new completions, train on K per prompt drawn from the buffer."""
         return store_and_sample(self.replay, groups, step, self.spec.algorithm.samples_per_prompt, self._replay_rng)
 
-    async def train_one(self, js, sub) -> dict:
+    async def train_one(self) -> dict:
         """Collect batch `step`, train on it (or on what the replay buffer draws), record it."""
         step = self.state.step
-        recreate = lambda: self.check_stream(js)  # noqa: E731
         groups = await self.intake.collect(
-            sub, step, self.stopping, check_stream=recreate, between=self.learn_preferences,
-            on_stale=lambda g: self.feeder.again(js, g.batch, g.index, recreate))
+            self.link.rollouts, step, self.stopping, check_stream=self.link.check_stream,
+            between=self.learn_preferences, on_stale=lambda g: self.link.release_again(g.batch, g.index))
         if self._started is None:
             self._started = time.monotonic()
         started = time.monotonic()
@@ -235,7 +210,7 @@ class Learner:
         self.state.staleness_sum += sum(stale)
         self.state.staleness_max = max(self.state.staleness_max, max(stale))
         row = metrics_row(step, groups, metrics, elapsed=self.elapsed(), step_seconds=step_seconds,
-                          consumed=self.state.consumed, dropped=self.state.dropped)
+                          consumed=self.state.consumed, dropped=self.state.dropped, dead=self.state.dead)
         self.log.metrics(row)
         self.log.ledger(step, groups)
         return row
@@ -246,41 +221,30 @@ class Learner:
     def progress(self, row: Optional[dict], done: bool = False) -> LearnerProgress:
         return progress_report(self.state, self.spec, self.elapsed(), row, done=done)
 
-    async def _open(self, js):
-        """The job's stream, KV bucket and subscriptions; the restored snapshot announced again."""
-        await self._ensure_stream(js)
-        self._kv = await JobKV.open(js, self.bus.bucket)
-        sub = await js.pull_subscribe_bind(LEARNER_CONSUMER, self.bus.stream)
-        if self._announced is not None:  # restored: see _load()
-            await self.announce(js, self._announced)
-        if self.head is not None:
-            self._pref_sub = await js.pull_subscribe_bind(REWARD_CONSUMER, self.bus.stream)
-            await self._kv.put_head(self.head.head_message(), attempts=30)
-        return sub
-
     async def run(self) -> LearnerState:
         nc = await connect(self.nats_url, name="learner")
-        js = nc.jetstream()
         try:
-            sub = await self._open(js)
+            await self.link.open(nc.jetstream(), with_preferences=self.head is not None)
+            if self.head is not None:
+                await self.link.kv.put_head(self.head.head_message(), attempts=30)
             async with keep_alive(self.intake.unacked, self.spec.nats.ack_wait_seconds):
-                await self.loop(js, sub)
+                await self.loop()
         except asyncio.CancelledError:
             log.info("learner stopping at step %d (unacked rollouts will be redelivered)", self.state.step)
         finally:
             await close_quietly(nc)
         return self.state
 
-    async def loop(self, js, sub) -> None:
+    async def loop(self) -> None:
         total, row = self.spec.learner.total_steps, None
         while self.state.step < total and not self.stopping.is_set():
-            await self.feeder.release_due(js, lambda: self.check_stream(js))
-            row = await self.train_one(js, sub)
+            await self.link.release_due()
+            row = await self.train_one()
             if self.state.step % self.k == 0 or self.state.step == total:
-                await self.publish_weights(js)
-            await self._kv.put_progress(self.progress(row))
+                await self.publish_weights()
+            await self.link.kv.put_progress(self.progress(row))
         if self.state.step >= total:
-            await self._kv.put_progress(self.progress(row, done=True), attempts=30)
+            await self.link.kv.put_progress(self.progress(row, done=True), attempts=30)
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:

@@ -143,6 +143,7 @@ class LearnerProgress(Message):
     policy_version: int
     rollouts_consumed: int = 0
     rollouts_dropped: int = 0
+    rollouts_dead: int = Field(0, description="Messages set aside in the job's dead letters.")
     duplicates_skipped: int = 0
     staleness_mean: float = 0.0
     staleness_max: int = 0

@@ -43,6 +43,7 @@ def summarize(job, run_dir: Path, wall_seconds: float, produced: int, snapshots:
         "rollouts_produced": produced,
         "rollouts_consumed": rows[-1]["consumed"] if rows else 0,
         "rollouts_dropped": rows[-1]["dropped"] if rows else 0,
+        "rollouts_dead": rows[-1].get("dead", 0) if rows else 0,
         "snapshots_published": snapshots,
         "learner_restarts": restarts,
         "peak_memory_bytes": peak_memory_bytes,

@@ -34,7 +34,7 @@ def truncate_jsonl(path: Path, step: int) -> None:
 
 
 def metrics_row(step: int, groups: list[RolloutGroup], metrics: dict, *, elapsed: float, step_seconds: float,
-                consumed: int, dropped: int) -> dict:
+                consumed: int, dropped: int, dead: int = 0) -> dict:
     """The metrics.jsonl line of step `step` (0-based; written as step + 1: steps done)."""
     scores = [c.score for g in groups for c in g.completions]
     stale = [step - g.policy_version for g in groups]
@@ -45,7 +45,7 @@ def metrics_row(step: int, groups: list[RolloutGroup], metrics: dict, *, elapsed
         "staleness_mean": sum(stale) / len(stale), "staleness_max": max(stale),
         "policy_versions": sorted({g.policy_version for g in groups}),
         "samples": len(scores), "step_seconds": round(step_seconds, 4),
-        "consumed": consumed, "dropped": dropped,
+        "consumed": consumed, "dropped": dropped, "dead": dead,
         **{k: round(v, 6) for k, v in metrics.items()},
     }
 
@@ -57,6 +57,7 @@ def progress_report(st: LearnerState, spec: JobSpec, elapsed: float, row: Option
     return LearnerProgress(
         step=st.step, total_steps=spec.learner.total_steps, policy_version=st.published_version,
         rollouts_consumed=st.consumed, rollouts_dropped=st.dropped, duplicates_skipped=st.duplicates,
+        rollouts_dead=st.dead,
         staleness_mean=st.staleness_sum / max(1, st.consumed), staleness_max=st.staleness_max,
         reward_mean=row["reward_mean"] if row else None,
         samples_per_second=samples / elapsed if elapsed > 0 else 0.0,

@@ -43,16 +43,27 @@ class Verdict(enum.Enum):
 
 
 def classify(batch: int, index: int, policy_version: int, step: int, max_staleness: int,
-             filled: Iterable[int] | set[int]) -> Verdict:
-    """What a rollout of (batch, index) made by `policy_version` is, when the learner is at `step`
-    and batch `batch` has the slots `filled`."""
+             filled: Iterable[int] | set[int], published: int) -> Verdict:
+    """What a rollout of (batch, index) made by `policy_version` is, when the learner is at `step`,
+    has published up to version `published`, and batch `batch` has the slots `filled`. A version
+    newer than any published is not of this run's lineage (weights of a timeline a restarted
+    learner abandoned, or a wrong message): stale too."""
     if batch < step:
         return Verdict.TRAINED
     if index in filled:
         return Verdict.DUPLICATE
-    if max(batch, step) - policy_version > max_staleness:
+    if max(batch, step) - policy_version > max_staleness or policy_version > published:
         return Verdict.STALE
     return Verdict.FRESH
+
+
+def implausible(batch: int, index: int, prompts_per_step: int, total_steps: int) -> str:
+    """Why a rollout's place cannot be right ("" when it can): such a message goes to the dead letters."""
+    if index >= prompts_per_step:
+        return f"index {index} is past learner.promptsPerStep ({prompts_per_step})"
+    if batch >= total_steps:
+        return f"batch {batch} is past learner.totalSteps ({total_steps})"
+    return ""
 
 
 def attempt_key(batch: int, index: int) -> str:

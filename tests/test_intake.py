@@ -1,0 +1,80 @@
+"""The learner's rollout intake without a bus: verdicts applied, redeliveries, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+
+from asyncrlhf.checkpoints import LearnerState
+from asyncrlhf.intake import RolloutIntake
+from asyncrlhf.messages import Completion, RolloutGroup
+
+
+class Msg:
+    """A JetStream message as the intake sees it: data, and what was done with it."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.subject, self.acked = data, "asyncrlhf.default.j.rollouts", False
+
+    async def ack(self) -> None:
+        self.acked = True
+
+
+def rollout(batch: int, index: int, version: int, rid: str = "") -> Msg:
+    group = RolloutGroup(
+        id=rid or f"r-{batch}-{index}", prompt_id="p", batch=batch, index=index, prompt_text="1 2 =",
+        prompt_token_ids=[1, 5, 6], policy_version=version, generator_id="g",
+        completions=[Completion(text="", token_ids=[5, 2], logprobs=[-0.1, -0.2], eos=True, score=1.0)],
+    )
+    return Msg(group.encode())
+
+
+def intake(step: int = 2, published: int = 2, per: int = 2, total: int = 10):
+    dead: list[tuple[Msg, str]] = []
+
+    async def dead_letter(msg, reason):
+        dead.append((msg, reason))
+
+    state = LearnerState(step=step, published_version=published)
+    return RolloutIntake(state, per, max_staleness=1, total_steps=total, dead_letter=dead_letter), dead
+
+
+def accept(it: RolloutIntake, msg: Msg, step: int = 2):
+    return asyncio.run(it.accept(msg, step))
+
+
+def test_messages_that_cannot_be_rollouts_of_this_job_go_to_the_dead_letters():
+    it, dead = intake()
+    bad = [Msg(b"not json"), Msg(b'{"v": 1, "id": "x"}'), rollout(2, 5, 2), rollout(10**8, 0, 2)]
+    for msg in bad:
+        assert accept(it, msg) is None
+    assert [reason.split(":")[0] for _, reason in dead] == [
+        "undecodable rollout", "undecodable rollout", "rollout out of the job's bounds",
+        "rollout out of the job's bounds"]
+    assert "index 5 is past learner.promptsPerStep (2)" in dead[2][1]
+    assert it.state.dead == 4 and not it.pending and not any(m.acked for m in bad)
+
+
+def test_a_redelivery_of_a_kept_or_held_rollout_replaces_its_handle_and_is_not_acked():
+    it, _ = intake()
+    first, again = rollout(2, 0, 2), rollout(2, 0, 2)
+    accept(it, first)
+    accept(it, again)  # its ack deadline passed while the learner waited: same id, new delivery
+    assert not first.acked and not again.acked and it.state.duplicates == 0
+    assert it.unacked() == [again]
+    accept(it, rollout(2, 1, 2))
+    it.take(2)
+    later = rollout(2, 0, 2)  # redelivered after the step trained, before the checkpoint
+    accept(it, later, step=3)
+    assert not later.acked and later in it.held.values() and again not in it.held.values()
+
+
+def test_other_rollouts_are_acked_and_counted():
+    it, dead = intake()
+    accept(it, rollout(2, 0, 2))
+    other = rollout(2, 0, 1, rid="r-2-0-r1")  # a second answer for a filled slot
+    assert accept(it, other) is None and other.acked and it.state.duplicates == 1
+    old = rollout(1, 0, 1)  # batch 1 was trained and checkpointed
+    assert accept(it, old) is None and old.acked and it.state.duplicates == 2
+    future = rollout(3, 0, 7)  # a version this run never published
+    assert accept(it, future).policy_version == 7 and future.acked and it.state.dropped == 1
+    assert not dead
