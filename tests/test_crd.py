@@ -30,6 +30,7 @@ ALLOWED_KEYS = {
     "default", "minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "minLength",
     "maxLength", "pattern", "minItems", "maxItems", "format", "nullable",
     "x-kubernetes-validations", "x-kubernetes-list-type", "x-kubernetes-list-map-keys",
+    "x-kubernetes-int-or-string", "x-kubernetes-preserve-unknown-fields",
 }
 
 
@@ -42,8 +43,13 @@ def structural_violations(node: Any, path: str = "") -> Iterator[str]:
     if not isinstance(node, dict):
         yield f"{path}: not a schema object"
         return
-    if node.get("type") not in TYPES:
+    if node.get("x-kubernetes-int-or-string") is True:
+        if "type" in node:
+            yield f"{path}: x-kubernetes-int-or-string must not have a type"
+    elif node.get("type") not in TYPES:
         yield f"{path or '<root>'}: no valid type ({node.get('type')!r})"
+    if node.get("x-kubernetes-preserve-unknown-fields") is True and "properties" in node:
+        yield f"{path}: preserve-unknown-fields beside properties (open only where Kubernetes is)"
     for key in sorted(set(node) - ALLOWED_KEYS):
         yield f"{path}: keyword {key!r} is not allowed (no $ref, allOf, anyOf, const, title...)"
     if "properties" in node and "additionalProperties" in node:
@@ -165,13 +171,25 @@ def test_names_and_subresources():
         "asyncrlhf.dev", "AsyncRLHFJob", "asyncrlhfjobs")
     assert spec["names"]["shortNames"] == ["arj"]
     version = spec["versions"][0]
-    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
+    assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}, "scale": {
+        "specReplicasPath": ".spec.generator.replicas", "statusReplicasPath": ".status.replicas",
+        "labelSelectorPath": ".status.selector"}}
     columns = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
     assert columns == {
-        "Phase": ".status.phase", "Mode": ".spec.async.mode", "Step": ".status.step",
-        "Version": ".status.policyVersion", "Staleness": ".status.stalenessMean",
-        "Reward": ".status.rewardMean", "Age": ".metadata.creationTimestamp",
+        "Phase": ".status.phase", "Mode": ".spec.async.mode", "Step": ".status.progress",
+        "Generators": ".status.generators", "Version": ".status.policyVersion",
+        "Staleness": ".status.stalenessMean", "Reward": ".status.rewardMean", "Age": ".metadata.creationTimestamp",
     }
+
+
+def test_the_scale_subresource_points_at_schema_fields_of_the_right_types():
+    schema = crd.spec_schema()
+    expected = {"specReplicasPath": "integer", "statusReplicasPath": "integer", "labelSelectorPath": "string"}
+    for key, kind in expected.items():
+        node = schema
+        for part in crd.SCALE[key].strip(".").split("."):
+            node = node["properties"][part]
+        assert node["type"] == kind, key
 
 
 def test_schema_is_structural():
@@ -195,8 +213,12 @@ def test_printer_columns_point_at_schema_fields():
 
 
 def test_every_spec_field_is_documented():
+    from asyncrlhf_operator import podschema
+
     def undocumented(node, path):
-        if "description" not in node:
+        # Kubernetes' own types are described down to podschema.DESCRIBED_DEPTH (the CRD's size)
+        kubernetes_part = path.partition(".podTemplate.spec.")[2]
+        if "description" not in node and kubernetes_part.count(".") < podschema.DESCRIBED_DEPTH:
             yield path
         for name, child in node.get("properties", {}).items():
             yield from undocumented(child, f"{path}.{name}")
@@ -306,8 +328,8 @@ def _node(schema: dict[str, Any], path: str) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("path,old,new", [
-    ("model", {"policy": "a", "reference": "", "tokenizer": "", "dtype": "float32"},
-     {"policy": "b", "reference": "", "tokenizer": "", "dtype": "float32"}),
+    ("model.policy", "a", "b"),
+    ("model.dtype", "float32", "bfloat16"),
     ("learner.promptsPerStep", 16, 32),
 ])
 def test_immutable_fields_have_a_transition_rule_that_rejects_a_change(path, old, new):
@@ -335,7 +357,7 @@ def test_the_operator_refuses_a_changed_immutable_field_and_accepts_it_set_back(
     changed = copy.deepcopy(recorded)
     changed["spec"]["model"]["policy"] = "org/policy-8b"
     job, error = validate(changed)
-    assert job is None and error.startswith("spec.model: is immutable") and "org/policy-1b" in error
+    assert job is None and error.startswith("spec.model.policy: is immutable") and "org/policy-1b" in error
     changed["spec"]["model"]["policy"] = "org/policy-1b"
     changed["spec"]["learner"]["promptsPerStep"] = 16
     assert validate(changed)[1].startswith("spec.learner.promptsPerStep: is immutable")

@@ -8,8 +8,8 @@ The models are the single source of truth; this module only translates their JSO
 - `additionalProperties: false` is dropped (beside `properties` it is not structural; the
   apiserver prunes unknown fields instead, and `kubectl --validate=strict` reports them);
 - numeric `exclusiveMinimum: 0` becomes OpenAPI v3.0's `minimum: 0, exclusiveMinimum: true`;
-- nested objects whose model has a default get `default: {}`, so the apiserver fills every
-  default in (as pydantic does) and the CEL rules always see complete objects.
+- nested objects (and maps, and lists) whose model has a default get `default: {}` (`[]`), so
+  the apiserver fills every default in (as pydantic does) and the CEL rules see complete objects.
 
 Cross-field constraints come from `api.CROSS_FIELD_RULES` as `x-kubernetes-validations`.
 
@@ -29,6 +29,8 @@ import yaml
 
 from asyncrlhf import api
 
+from . import podschema
+
 FILENAME = f"{api.GROUP}_{api.PLURAL}.yaml"
 HEADER = (
     "# Generated from workloads/asyncrlhf/api.py by `asyncrlhf crd` "
@@ -46,8 +48,10 @@ PRINTER_COLUMNS = [
      "description": "Pending, Running, Suspended, Succeeded or Failed."},
     {"name": "Mode", "type": "string", "jsonPath": ".spec.async.mode",
      "description": "async or sync (the on-policy baseline)."},
-    {"name": "Step", "type": "integer", "jsonPath": ".status.step",
-     "description": "Learner optimizer steps done."},
+    {"name": "Step", "type": "string", "jsonPath": ".status.progress",
+     "description": "Learner optimizer steps done / learner.totalSteps."},
+    {"name": "Generators", "type": "string", "jsonPath": ".status.generators",
+     "description": "Generator pods ready / desired."},
     {"name": "Version", "type": "integer", "jsonPath": ".status.policyVersion",
      "description": "Policy version: the latest snapshot published to the generators."},
     {"name": "Staleness", "type": "number", "jsonPath": ".status.stalenessMean",
@@ -56,6 +60,13 @@ PRINTER_COLUMNS = [
      "description": "Mean reward of the rollouts used in the last step."},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
+
+
+# `kubectl scale arj/NAME --replicas=N`, HPA and KEDA scale the generators through this.
+SCALE = {"specReplicasPath": ".spec.generator.replicas", "statusReplicasPath": ".status.replicas",
+         "labelSelectorPath": ".status.selector"}
+# A field whose model is `dict[str, Any]` marked with this gets a schema from Kubernetes' own types.
+KUBERNETES_SCHEMA = "x-asyncrlhf-kubernetes"
 
 
 def generate_crd() -> dict[str, Any]:
@@ -110,7 +121,7 @@ def generate_crd() -> dict[str, Any]:
                 "name": api.VERSION,
                 "served": True,
                 "storage": True,
-                "subresources": {"status": {}},
+                "subresources": {"status": {}, "scale": dict(SCALE)},
                 "additionalPrinterColumns": copy.deepcopy(PRINTER_COLUMNS),
                 "schema": {"openAPIV3Schema": root},
             }],
@@ -173,6 +184,9 @@ def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
 
 def _convert(node: dict[str, Any], defs: dict[str, Any], *, fill_defaults: bool) -> dict[str, Any]:
     node = _resolve(node, defs)
+    if node.get(KUBERNETES_SCHEMA) == "PodSpec":
+        out = {**podschema.schema(), "description": node.get("description", "")}
+        return {**out, "default": {}} if fill_defaults else out
     out: dict[str, Any] = {"type": node["type"] if "type" in node else _type_of_enum(node)}
     for key in _KEPT:
         if key in node:
@@ -200,9 +214,13 @@ def _convert_object(node, out, defs, *, fill_defaults: bool) -> None:
         out["properties"] = {}
         for name, child in node["properties"].items():
             converted = _convert(child, defs, fill_defaults=fill_defaults)
-            if fill_defaults and converted["type"] == "object" and "properties" in converted \
-                    and name not in node.get("required", ()) and "default" not in converted:
-                converted["default"] = {}
+            if fill_defaults and name not in node.get("required", ()) and "default" not in converted:
+                # pydantic's default_factory leaves no default in its schema: objects, maps and
+                # lists start empty, as the models do
+                if converted.get("type") == "object":
+                    converted["default"] = {}
+                elif converted.get("type") == "array":
+                    converted["default"] = []
             out["properties"][name] = converted
         if node.get("required"):
             out["required"] = list(node["required"])

@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 from .spec.algorithm import AlgorithmSpec, AsyncSpec, BetaSchedule, ReplayBufferSpec
 from .spec.base import BUILTIN_MODEL_PREFIX, LossName, SpecModel
 from .spec.plumbing import NatsSpec, VolumeSnapshotSpec, WeightSyncSpec
+from .spec.pods import ModelCacheSpec, PodTemplate, PodTemplateMetadata, SecretKey
 from .spec.processes import (
     GeneratorSpec, LearnerSpec, OptimizerSpec, PodResources, Resources, SamplingSpec,
 )
@@ -36,6 +37,7 @@ __all__ = [
     "BetaSchedule", "AlgorithmSpec", "ReplayBufferSpec", "AsyncSpec",
     "SamplingSpec", "PodResources", "Resources", "GeneratorSpec", "OptimizerSpec", "LearnerSpec",
     "VolumeSnapshotSpec", "WeightSyncSpec", "NatsSpec",
+    "PodTemplate", "PodTemplateMetadata", "SecretKey", "ModelCacheSpec",
     "JobSpec", "CrossFieldRule", "CROSS_FIELD_RULES",
     "IMMUTABLE_FIELDS", "IMMUTABLE_MESSAGE", "immutable_values",
     "ObjectMeta", "Condition", "JobStatus", "AsyncRLHFJob",
@@ -71,6 +73,14 @@ class JobSpec(SpecModel):
         None, ge=0,
         description="Delete the job this many seconds after it finished; unset = keep.",
     )
+    progress_deadline_seconds: Optional[int] = Field(
+        None, ge=60, le=7 * 24 * 3600,
+        description="A running job whose learner step has not advanced for this long gets the Stalled "
+        "condition (and fails when failOnStall); unset = never.",
+    )
+    fail_on_stall: bool = Field(
+        False, description="Fail the job (phase Failed, reason ProgressDeadlineExceeded) once it is Stalled.",
+    )
 
     @model_validator(mode="after")
     def _cross_field(self) -> "JobSpec":
@@ -84,7 +94,9 @@ class JobSpec(SpecModel):
 # state, and the released batches have this many prompts. The CRD rejects a change with a CEL
 # transition rule (`self == oldSelf`); the operator also compares against what it recorded at
 # creation (for an old CRD), and the job fails with SpecInvalid until the field is set back.
-IMMUTABLE_FIELDS: tuple[str, ...] = ("model", "learner.promptsPerStep")
+IMMUTABLE_FIELDS: tuple[str, ...] = (
+    "model.policy", "model.reference", "model.tokenizer", "model.dtype", "learner.promptsPerStep",
+)
 IMMUTABLE_MESSAGE = "is immutable: it cannot change while the job exists (set it back, or create a new job)"
 
 
@@ -151,6 +163,12 @@ class JobStatus(SpecModel):
     volume_snapshots: list[str] = Field(
         default_factory=list, description="VolumeSnapshots taken of the volume and kept, oldest first."
     )
+    total_steps: int = Field(0, description="learner.totalSteps of the spec this status describes.")
+    progress: str = Field("", description="step/totalSteps, for `kubectl get`.")
+    generators: str = Field("", description="Generator pods ready/desired, for `kubectl get`.")
+    replicas: int = Field(0, description="Generator pods ready (the scale subresource's status replicas).")
+    selector: str = Field("", description="Label selector of the generator pods (for HPA/KEDA).")
+    last_progress_time: str = Field("", description="When the learner's step last advanced (RFC 3339).")
 
 
 class AsyncRLHFJob(SpecModel):

@@ -116,6 +116,12 @@ def cmd_crd(args) -> int:
     return crd.run(args)
 
 
+def cmd_render(args) -> int:
+    from asyncrlhf_operator import render
+
+    return render.run(args)
+
+
 def cmd_operator(args) -> int:
     from asyncrlhf_operator.main import run
 
@@ -161,6 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     crd = sub.add_parser("crd", help="regenerate the CRD from the spec models")
     crd_tool.add_arguments(crd).set_defaults(func=cmd_crd)
+    from asyncrlhf_operator import render as render_tool  # no kopf: plan functions only
+
+    render = sub.add_parser("render", help="print every Kubernetes object the operator would apply for a job")
+    render_tool.add_arguments(render).set_defaults(func=cmd_render)
     _add_operator_parser(sub)
     return parser
 

@@ -8,7 +8,8 @@ the modules below are its parts, and none imports another part's caller:
   meta.py     Owner, Names, labels, selectors, owner references
   runtime.py  spec fields the operator applies at run time; which children a change touches
   config.py   the rendered config (ConfigMap) and its hash
-  volumes.py  the snapshot PVC and CSI VolumeSnapshots
+  volumes.py  the snapshot PVC, the model cache PVC and CSI VolumeSnapshots
+  merge.py    strategic merge of a job's podTemplate over the operator's pod
   network.py  ServiceAccount, headless learner Service, NetworkPolicy, the job's NATS URL
   pods.py     the learner Job and the generator Deployment (pod spec, env, volumes)
 
@@ -21,6 +22,7 @@ the job except a retained snapshot volume, which must outlive it):
   weightSync.volumeSnapshots) are left out, so scaling or suspending does not change the config
   and restarts nothing.
 - PVC `<job>-snapshots` (unless spec.weightSync.volumeClaim): snapshots and checkpoints.
+- PVC `<job>-model-cache` (when spec.model.cache.size names no existing claim): the HF cache.
 - Service `<job>-learner` (headless): stable DNS names for multi-node rendezvous.
 - NetworkPolicy `<job>-workload`: egress to NATS and DNS (and HTTPS when a hub model is
   named), traffic among learner pods; no other ingress.
@@ -29,7 +31,8 @@ the job except a retained snapshot volume, which must outlive it):
   operator recreates it (all ranks at once, resuming from the checkpoint) up to
   spec.learner.backoffLimit times. Gang restarts are what distributed training needs, and
   one counter (status.restarts) is easier to reason about than two.
-- Deployment `<job>-generator`: stateless generators, scaled freely.
+- Deployment `<job>-generator`: stateless generators, scaled freely; Recreate, so a new config
+  never needs a spare GPU.
 """
 
 from __future__ import annotations
@@ -49,7 +52,11 @@ from .pods import (
     learner_job,
 )
 from .runtime import REPLICAS, RUNTIME_FIELDS, SUSPEND, TTL, VOLUME_SNAPSHOTS, changed_paths, kinds_for
-from .volumes import snapshot_claim_name, snapshot_pvc, volume_snapshot, volume_snapshot_plan
+from .merge import strategic_merge
+from .volumes import (
+    model_cache_claim_name, model_cache_pvc, snapshot_claim_name, snapshot_pvc, volume_snapshot,
+    volume_snapshot_plan,
+)
 
 __all__ = [
     "CONFIG_DIR", "CONFIG_HASH", "CONFIG_KEY", "CONFIG_PATH", "config_hash", "config_map", "rendered_config",
@@ -60,6 +67,7 @@ __all__ = [
     "generator_replicas", "learner_job",
     "REPLICAS", "RUNTIME_FIELDS", "SUSPEND", "TTL", "VOLUME_SNAPSHOTS", "changed_paths", "kinds_for",
     "snapshot_claim_name", "snapshot_pvc", "volume_snapshot", "volume_snapshot_plan",
+    "model_cache_claim_name", "model_cache_pvc", "strategic_merge",
     "desired_children",
 ]
 
@@ -69,6 +77,7 @@ def desired_children(
 ) -> list[dict[str, Any]]:
     """Every child, in creation order (what pods mount exists before the pods)."""
     children = [service_account(owner), config_map(job, owner), snapshot_pvc(job, owner),
+                model_cache_pvc(job, owner),
                 learner_service(owner), network_policy(job, owner, default_url),
                 learner_job(job, owner, default_url),
                 generator_deployment(job, owner, default_url, finished=finished)]

@@ -36,6 +36,10 @@ class Names:
         return f"{self.job}-snapshots"
 
     @property
+    def model_cache(self) -> str:
+        return f"{self.job}-model-cache"
+
+    @property
     def learner(self) -> str:  # the Job and its headless Service share the name
         return f"{self.job}-learner"
 

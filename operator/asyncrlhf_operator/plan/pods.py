@@ -17,15 +17,17 @@ from typing import Any
 from asyncrlhf import api, workload_env
 
 from .config import CONFIG_DIR, CONFIG_HASH, CONFIG_PATH, config_hash
+from .merge import strategic_merge
 from .meta import Names, Owner, labels, metadata, selector
 from .network import RENDEZVOUS_PORT, nats_url
-from .volumes import snapshot_claim_name
+from .volumes import model_cache_claim_name, snapshot_claim_name
 
 SNAPSHOT_DIR = "/snapshots"
 NATS_CREDS_DIR = "/var/run/asyncrlhf/nats"
 RUN_AS = 1000
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 GPU = "nvidia.com/gpu"
+HF_TOKEN = "HF_TOKEN"
 
 
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
@@ -46,6 +48,9 @@ def _env(job: api.AsyncRLHFJob, default_url: str) -> list[dict[str, Any]]:
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
     ]
+    token = job.spec.model.token_secret
+    if token.name:
+        env.append({"name": HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
     secret = job.spec.nats.credentials_secret
     if secret:
         for var, key in ((workload_env.NATS_USER, "user"), (workload_env.NATS_PASSWORD, "password")):
@@ -60,7 +65,7 @@ def _volumes(job: api.AsyncRLHFJob, owner: Owner) -> tuple[list[dict], list[dict
         {"name": "config", "configMap": {"name": Names(owner.name).config}},
         {"name": "snapshots", "persistentVolumeClaim": {"claimName": snapshot_claim_name(job, owner)}},
         {"name": "tmp", "emptyDir": {}},
-        {"name": "cache", "emptyDir": {}},
+        _cache_volume(job, owner),
         {"name": "dshm", "emptyDir": {"medium": "Memory"}},
     ]
     mounts = [
@@ -76,6 +81,12 @@ def _volumes(job: api.AsyncRLHFJob, owner: Owner) -> tuple[list[dict], list[dict
             "items": [{"key": "creds", "path": "creds"}]}})
         mounts.append({"name": "nats-credentials", "mountPath": NATS_CREDS_DIR, "readOnly": True})
     return volumes, mounts
+
+
+def _cache_volume(job: api.AsyncRLHFJob, owner: Owner) -> dict[str, Any]:
+    """/cache: the job's model cache PVC when it has one, else scratch space."""
+    claim = model_cache_claim_name(job, owner)
+    return {"name": "cache", **({"persistentVolumeClaim": {"claimName": claim}} if claim else {"emptyDir": {}})}
 
 
 def _pod_spec(
@@ -112,10 +123,14 @@ def _pod_spec(
     return spec
 
 
-def _template(job: api.AsyncRLHFJob, owner: Owner, component: str, pod_spec: dict) -> dict[str, Any]:
+def _template(job: api.AsyncRLHFJob, owner: Owner, component: str, pod_spec: dict,
+              custom: api.PodTemplate) -> dict[str, Any]:
+    """The pod template: the operator's pod with the job's podTemplate merged over it (what the
+    operator owns is refused by the spec's validation, so the merge cannot override it)."""
     return {
-        "metadata": {"labels": labels(owner, component), "annotations": {CONFIG_HASH: config_hash(job)}},
-        "spec": pod_spec,
+        "metadata": {"labels": {**custom.metadata.labels, **labels(owner, component)},
+                     "annotations": {**custom.metadata.annotations, CONFIG_HASH: config_hash(job)}},
+        "spec": strategic_merge(pod_spec, custom.spec),
     }
 
 
@@ -148,7 +163,7 @@ def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[s
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]},
             "suspend": job.spec.suspend,
-            "template": _template(job, owner, "learner", pod),
+            "template": _template(job, owner, "learner", pod, learner.pod_template),
         },
     }
 
@@ -174,6 +189,8 @@ def generator_deployment(
             "replicas": generator_replicas(job, finished=finished),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector(owner, "generator")},
-            "template": _template(job, owner, "generator", pod),
+            # Recreate: a new config never needs a spare GPU (a rolling update would surge one)
+            "strategy": {"type": "Recreate"},
+            "template": _template(job, owner, "generator", pod, generator.pod_template),
         },
     }

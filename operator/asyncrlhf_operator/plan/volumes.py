@@ -17,13 +17,31 @@ def snapshot_claim_name(job: api.AsyncRLHFJob, owner: Owner) -> str:
     return job.spec.weight_sync.volume_claim or Names(owner.name).snapshots
 
 
+def model_cache_claim_name(job: api.AsyncRLHFJob, owner: Owner) -> str:
+    """The PVC mounted at /cache, or "" for an emptyDir."""
+    cache = job.spec.model.cache
+    return cache.claim_name or (Names(owner.name).model_cache if cache.size else "")
+
+
+def model_cache_pvc(job: api.AsyncRLHFJob, owner: Owner) -> Optional[dict[str, Any]]:
+    """The model cache PVC to create (owned: deleted with the job), or None."""
+    cache = job.spec.model.cache
+    if cache.claim_name or not cache.size:
+        return None
+    spec: dict[str, Any] = {"accessModes": [cache.access_mode], "resources": {"requests": {"storage": cache.size}}}
+    if cache.storage_class:
+        spec["storageClassName"] = cache.storage_class
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+            "metadata": metadata(owner, Names(owner.name).model_cache, "model-cache"), "spec": spec}
+
+
 def snapshot_pvc(job: api.AsyncRLHFJob, owner: Owner) -> Optional[dict[str, Any]]:
     """The PVC to create, or None when the spec names an existing claim."""
     sync = job.spec.weight_sync
     if sync.volume_claim:
         return None
     spec: dict[str, Any] = {
-        "accessModes": ["ReadWriteMany"],
+        "accessModes": [sync.access_mode],
         "resources": {"requests": {"storage": sync.size}},
     }
     if sync.storage_class:

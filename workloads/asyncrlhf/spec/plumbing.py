@@ -5,6 +5,7 @@ from __future__ import annotations
 from pydantic import Field
 
 from .base import SpecModel
+from .pods import QUANTITY, AccessMode
 
 
 class VolumeSnapshotSpec(SpecModel):
@@ -30,8 +31,13 @@ class WeightSyncSpec(SpecModel):
     volume_claim: str = Field(
         "", description="Existing ReadWriteMany PVC; empty = create one."
     )
-    size: str = Field("20Gi", description="Size of the created PVC.")
+    size: str = Field("20Gi", pattern=QUANTITY, description="Size of the created PVC (a quantity: 20Gi).")
     storage_class: str = Field("", description="Storage class; empty = default.")
+    access_mode: AccessMode = Field(
+        "ReadWriteMany",
+        description="Access mode of the created PVC: ReadWriteMany (pods on several nodes) or "
+        "ReadWriteOnce (every pod of the job on one node).",
+    )
     keep_snapshots: int = Field(
         3, ge=1, le=1000, description="Snapshots kept (plus any still in use)."
     )

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import SpecModel
+from .pods import QUANTITY, PodTemplate
 
 
 class SamplingSpec(SpecModel):
@@ -20,8 +21,8 @@ class SamplingSpec(SpecModel):
 class PodResources(SpecModel):
     """CPU and memory of a pod (a learner pod's GPUs are `learner.gpusPerNode`)."""
 
-    cpu: str = Field("1", description="CPU request.")
-    memory: str = Field("4Gi", description="Memory request and limit.")
+    cpu: str = Field("1", pattern=QUANTITY, description="CPU request (a Kubernetes quantity: 1, 500m).")
+    memory: str = Field("4Gi", pattern=QUANTITY, description="Memory request and limit (a quantity: 4Gi).")
 
 
 class Resources(PodResources):
@@ -43,6 +44,10 @@ class GeneratorSpec(SpecModel):
         0.5, gt=0, le=1024, alias="kvCacheGiB", description="KV cache size in GiB on CPUs (vLLM's CPU build)."
     )
     resources: Resources = Field(default_factory=Resources, description="Per-pod resources.")
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate,
+        description="Merged over the generator pods: scheduling, pull secrets, env, volumes, extra resources.",
+    )
 
 
 class OptimizerSpec(SpecModel):
@@ -83,3 +88,7 @@ class LearnerSpec(SpecModel):
         3, ge=0, le=100, description="Learner restarts before the job fails."
     )
     resources: PodResources = Field(default_factory=PodResources, description="Per-pod CPU and memory.")
+    pod_template: PodTemplate = Field(
+        default_factory=PodTemplate,
+        description="Merged over the learner pods: scheduling, pull secrets, env, volumes, extra resources.",
+    )

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import SpecModel
+from .pods import ModelCacheSpec, SecretKey
 
 
 class ModelSpec(SpecModel):
@@ -25,6 +26,13 @@ class ModelSpec(SpecModel):
     tokenizer: str = Field("", description="Tokenizer id or path; empty means the policy's.", max_length=1024)
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype for generation and training (bfloat16 on GPUs)."
+    )
+    token_secret: SecretKey = Field(
+        default_factory=SecretKey,
+        description="Secret key holding a Hugging Face token (HF_TOKEN in every pod), for gated models.",
+    )
+    cache: ModelCacheSpec = Field(
+        default_factory=ModelCacheSpec, description="Where downloaded models are kept (the HF cache).",
     )
 
 
