@@ -7,11 +7,24 @@ from pathlib import Path
 from typing import Any
 
 
-def read_metrics(run_dir: str | Path) -> list[dict]:
+EVAL_KIND = "eval"  # metrics.jsonl lines of held-out evaluations carry "kind": "eval" (evaluation.py)
+
+
+def _read_lines(run_dir: str | Path) -> list[dict]:
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_metrics(run_dir: str | Path) -> list[dict]:
+    """The training steps' lines of metrics.jsonl (one per step)."""
+    return [row for row in _read_lines(run_dir) if row.get("kind") != EVAL_KIND]
+
+
+def read_evals(run_dir: str | Path) -> list[dict]:
+    """The evaluations' lines of metrics.jsonl (spec.eval), in step order."""
+    return [row for row in _read_lines(run_dir) if row.get("kind") == EVAL_KIND]
 
 
 def _mean(rows: list[dict], key: str) -> float | None:
@@ -44,6 +57,7 @@ def summarize(job, run_dir: Path, wall_seconds: float, produced: int, snapshots:
         "rollouts_consumed": rows[-1]["consumed"] if rows else 0,
         "rollouts_dropped": rows[-1]["dropped"] if rows else 0,
         "rollouts_dead": rows[-1].get("dead", 0) if rows else 0,
+        "updates_skipped": int(sum(r.get("skipped_updates", 0) for r in rows)),  # non-finite loss: not applied
         "snapshots_published": snapshots,
         "learner_restarts": restarts,
         "peak_memory_bytes": peak_memory_bytes,

@@ -38,10 +38,8 @@ from ..losses import merge_metrics
 from .base import Batch
 from .distributed import device_of, init_process_group
 from .micro import MicroPlan, micro_plan, share_rows, shard_groups
-from .optim_state import read_optimizer_state, save_optimizer_state
+from .optim_state import MASTER_WEIGHTS, read_optimizer_state, save_optimizer_state
 from .torch_backend import StepInputs, TorchBackend
-
-MASTER_WEIGHTS = "master.safetensors"  # fp32 master weights, when training in bf16/fp16
 
 
 class TrainModule(torch.nn.Module):
@@ -190,15 +188,25 @@ class DeepSpeedBackend(TorchBackend):
             group["lr"] = lr
 
     def _update(self, batch: Batch, inputs: StepInputs) -> dict[str, float]:
-        parts = []
+        parts, bad = [], False
+        lrs = [g["lr"] for g in self.engine.optimizer.param_groups]
         for rows, real in self.plan(batch).micro_batches:
             loss, m = self._micro_loss(batch, rows, inputs)
-            self.engine.backward(loss * (self.world if real else 0.0), scale_wrt_gas=False)
+            # a non-finite loss on any rank: every rank skips its backward (a collective) and the
+            # optimizer steps with lr 0, so weights are never updated with NaN/Inf
+            bad = self._any_rank(bad or not bool(torch.isfinite(loss)))
+            if not bad:
+                self.engine.backward(loss * (self.world if real else 0.0), scale_wrt_gas=False)
+            else:
+                self._set_lr(0.0)
             self.engine.step()  # DeepSpeed steps the optimizer at the last micro-batch only
             if real:
                 parts.append(m)
+        for group, lr in zip(self.engine.optimizer.param_groups, lrs):
+            group["lr"] = lr
         metrics = self._sum_over_ranks(merge_metrics(parts))
-        metrics["grad_norm"] = float(self.engine.get_global_grad_norm())
+        metrics["grad_norm"] = float(self.engine.get_global_grad_norm() or 0.0)
+        metrics["skipped_updates"] = 1.0 if bad else 0.0
         return metrics
 
     def _sum_over_ranks(self, metrics: dict[str, float]) -> dict[str, float]:
@@ -334,6 +342,11 @@ class DeepSpeedBackend(TorchBackend):
         if self.value_head is not None and (directory / "value_head.safetensors").exists():
             out |= {f"value_head.{k}": v for k, v in load_file(str(directory / "value_head.safetensors")).items()}
         return out
+
+    def _any_rank(self, flag: bool) -> bool:
+        t = torch.tensor([int(flag)], dtype=torch.int64, device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
 
     def _broadcast_int(self, value: int) -> int:
         t = torch.tensor([value], dtype=torch.int64, device=self.device)

@@ -6,11 +6,20 @@ micro-batches of whole groups (micro.micro_plan) accumulated into one optimizer 
 `deepspeed_backend.DeepSpeedBackend` subclasses it: it overrides where the step's rows come from
 (its share of the groups), how a micro-batch is back-propagated and how the optimizer steps, and
 inherits everything else (the full-batch `prepare`, the normaliser, the loss calls, the metrics).
+
+Devices and precision (the torch backend's own; DeepSpeed's engine does its own mixed precision):
+the policy trains on `cuda:LOCAL_RANK` when the learner has GPUs (placement.learner_device: a
+learner given GPUs without CUDA is refused at start, not run on the CPU), with fp32 master weights
+and the forward pass under autocast to `model.dtype` (fp16 adds a gradient scaler); snapshots are
+written in `model.dtype` and the fp32 masters go into the checkpoint. The frozen reference lives in
+`model.dtype` on the same device, or in host memory between its forward passes
+(`learner.offloadReference`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,12 +28,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..api import JobSpec
-from ..logprobs import pack, response_logprobs, token_logprobs
+from ..logprobs import pack, token_logprobs
 from ..losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
 from ..models import load_causal_lm
+from ..placement import learner_device
 from .base import Batch
 from .micro import MicroPlan, micro_plan
-from .optim_state import load_optimizer, save_optimizer
+from .optim_state import MASTER_WEIGHTS, load_optimizer, save_optimizer
+from .weights import save_snapshot_files
 
 
 @dataclass
@@ -50,25 +61,46 @@ def lr_at(spec: JobSpec, step: int) -> float:
     return opt.lr
 
 
+def local_device(spec: JobSpec) -> torch.device:
+    """This learner process's device (cuda:LOCAL_RANK, or cpu), made current; refused when the
+    spec gives the learner GPUs and this process has no CUDA."""
+    device = torch.device(learner_device(spec.learner.gpus_per_node, int(os.environ.get("LOCAL_RANK", 0)),
+                                         torch.cuda.device_count()))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
 class TorchBackend:
     """Single-process training with AdamW."""
 
-    device = torch.device("cpu")
-
     def __init__(self, spec: JobSpec, policy_path: str, reference_path: str) -> None:
+        self.device = local_device(spec)
         self._load_models(spec, policy_path, reference_path)
+        self.model.to(self.device)
         params = list(self.model.parameters())
         if self.value_head is not None:
+            self.value_head.to(self.device)
             params += list(self.value_head.parameters())
         opt = spec.learner.optimizer
         self.optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.model.dtype == "float16")
+
+    def _policy_dtype(self) -> str:
+        """The trained weights' dtype: fp32 masters here (autocast computes in model.dtype)."""
+        return "float32"
+
+    def _autocast(self):
+        dtype = self.spec.model.dtype
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype), enabled=dtype != "float32")
 
     def _load_models(self, spec: JobSpec, policy_path: str, reference_path: str) -> None:
         self.spec = spec
-        dtype = spec.model.dtype
-        self.ref = load_causal_lm(reference_path, dtype).eval().requires_grad_(False)
+        self.ref = load_causal_lm(reference_path, spec.model.dtype).eval().requires_grad_(False)
+        self.ref_home = torch.device("cpu") if spec.learner.offload_reference else self.device
+        self.ref.to(self.ref_home)
         with self._policy_loading():
-            self.model = load_causal_lm(policy_path, dtype).train()
+            self.model = load_causal_lm(policy_path, self._policy_dtype()).train()
         self.loss = get_loss(spec.algorithm.loss)
         self.value_head: Optional[torch.nn.Linear] = None
         if self.loss.needs_value_head:
@@ -87,8 +119,9 @@ class TorchBackend:
 
     def _outputs(self, ids: torch.Tensor, attn: torch.Tensor, with_values: bool):
         """(logits, value-head outputs or None) of the trained model; DeepSpeed runs its engine here."""
-        out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=with_values)
-        values = self.value_head(out.hidden_states[-1].float()).squeeze(-1) if with_values else None
+        with self._autocast():
+            out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=with_values)
+            values = self.value_head(out.hidden_states[-1].float()).squeeze(-1) if with_values else None
         return out.logits, values
 
     def _forward(self, batch: Batch, rows: slice, with_values: bool):
@@ -103,9 +136,22 @@ class TorchBackend:
         return _pad_to(logp, width), values
 
     def _reference(self, batch: Batch, rows: slice) -> torch.Tensor:
-        ref = response_logprobs(self.ref, batch.prompts[rows], batch.responses[rows], self.temperature,
-                                self.pad_id)[0]
-        return _pad_to(ref, batch.mask.shape[1])
+        ids, attn, mask = (t.to(self.device) for t in pack(batch.prompts[rows], batch.responses[rows], self.pad_id))
+        with self._reference_on_device():
+            logits = self.ref(input_ids=ids, attention_mask=attn).logits
+        return _pad_to(token_logprobs(logits, ids, mask, self.temperature), batch.mask.shape[1])
+
+    @contextlib.contextmanager
+    def _reference_on_device(self):
+        """The reference on the training device for the block (offloaded: moved there and back)."""
+        if self.ref_home == self.device:
+            yield
+            return
+        self.ref.to(self.device)
+        try:
+            yield
+        finally:
+            self.ref.to(self.ref_home)
 
     def _loss_batch(self, batch: Batch, rows: slice, logprobs, values, ref, old_values, scores) -> LossBatch:
         return LossBatch(
@@ -153,9 +199,14 @@ class TorchBackend:
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in self.optimizer.param_groups for p in g["params"]], self.spec.learner.optimizer.max_grad_norm
         )
-        self.optimizer.step()
+        finite = bool(torch.isfinite(grad_norm))  # a non-finite loss makes the gradient norm non-finite too
+        if finite:
+            self.optimizer.step()
+        else:  # weights are never updated with NaN/Inf: the step is skipped, counted and reported
+            self.optimizer.zero_grad(set_to_none=True)
         metrics = merge_metrics(parts)
         metrics["grad_norm"] = float(grad_norm)
+        metrics["skipped_updates"] = 0.0 if finite else 1.0
         return metrics
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
