@@ -1,7 +1,8 @@
 """Weight snapshots on the shared volume: written atomically, verified before use, pruned safely.
 
 Layout: `<root>/snapshots/v<version>/` holds what `save_pretrained` writes (config + safetensors
-shards), the tokenizer files, and `MANIFEST.json` (every file's size and sha256). The snapshot's
+shards, in the model's dtype), the tokenizer files, and `MANIFEST.json` (every file's size and
+BLAKE3 digest, computed while the weights were written: weightfiles.py). The snapshot's
 checksum is the sha256 of the manifest bytes, so one short string pins every byte. A snapshot is
 written into a hidden temporary directory, fsynced, then renamed into place: readers see a
 complete snapshot or none. A reader verifies the checksum and every file before loading; a
@@ -16,9 +17,10 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Optional
 
 from .storage import atomic_dir
+from .weightfiles import HASH, HASHES, file_digest
 
 MANIFEST = "MANIFEST.json"
 _VERSION_DIR = re.compile(r"^v(\d+)$")
@@ -40,28 +42,33 @@ def snapshot_dir(root: str | Path, version: int) -> Path:
     return Path(root) / "snapshots" / f"v{version}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _manifest_bytes(directory: Path, version: int) -> bytes:
+def _manifest_bytes(directory: Path, version: int, known: Optional[dict[str, str]] = None) -> bytes:
+    """Every file's size and BLAKE3 digest; `known` digests (computed while the files were
+    written, weightfiles.write_safetensors) spare reading those files back."""
+    known = known or {}
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
-    entries = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}
+    entries = {p.name: {"size": p.stat().st_size, HASH: known.get(p.name) or file_digest(p)} for p in files}
     return json.dumps({"version": version, "files": entries}, indent=1, sort_keys=True).encode()
 
 
+def file_matches(path: Path, entry: dict) -> bool:
+    """Does the file have the size and digest its manifest entry records (BLAKE3, or sha256 in
+    manifests written before BLAKE3)?"""
+    algorithm = next((a for a in HASHES if a in entry), None)
+    if algorithm is None or path.stat().st_size != entry["size"]:
+        return False
+    return file_digest(path, algorithm) == entry[algorithm]
+
+
 def write_snapshot(root: str | Path, version: int, save_into, extra_files: Iterable[Path] = ()) -> SnapshotInfo:
-    """Write a snapshot atomically. `save_into(tmpdir)` writes the model (e.g. save_pretrained)."""
+    """Write a snapshot atomically. `save_into(tmpdir)` writes the model and may return the
+    digests of the files it hashed while writing them ({name: digest}; see backends.weights)."""
     with atomic_dir(snapshot_dir(root, version)) as tmp:
-        save_into(tmp)
+        known = save_into(tmp)
         for extra in extra_files:
             if extra.is_file() and not (tmp / extra.name).exists():
                 shutil.copy2(extra, tmp / extra.name)
-        manifest = _manifest_bytes(tmp, version)
+        manifest = _manifest_bytes(tmp, version, known if isinstance(known, dict) else None)
         (tmp / MANIFEST).write_bytes(manifest)
     return SnapshotInfo(version, str(snapshot_dir(root, version)), hashlib.sha256(manifest).hexdigest())
 
@@ -80,8 +87,8 @@ def verify_snapshot(path: str | Path, checksum: str) -> dict:
         f = path / name
         if not f.is_file():
             raise SnapshotError(f"snapshot {path}: file {name} is missing")
-        if f.stat().st_size != entry["size"] or _sha256(f) != entry["sha256"]:
-            raise SnapshotError(f"snapshot {path}: file {name} is corrupt (size or sha256 differs)")
+        if not file_matches(f, entry):
+            raise SnapshotError(f"snapshot {path}: file {name} is corrupt (size or digest differs)")
     return manifest
 
 

@@ -67,8 +67,9 @@ class TrainingBackend(Protocol):
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         """Train on the step's batch (`algorithm.updatesPerBatch` optimizer steps); its metrics."""
 
-    def save_weights(self, directory: Path) -> None:
-        """Write the policy in HF `save_pretrained` layout (a snapshot generators load)."""
+    def save_weights(self, directory: Path) -> dict[str, str]:
+        """Write the policy in HF `save_pretrained` layout, in the model's dtype (a snapshot
+        generators load); returns {file name: digest} of the files hashed while written."""
 
     def load_weights(self, directory: Path) -> None:
         """Replace the policy's weights with a snapshot's."""

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+MASTER_WEIGHTS = "master.safetensors"  # fp32 master weights, when training in bf16/fp16 (snapshots are in that dtype)
+
 
 def save_optimizer(optimizer: torch.optim.Optimizer, directory: Path) -> None:
     """Optimizer state as safetensors (tensors) + JSON (structure): no pickle."""

@@ -194,16 +194,18 @@ class TorchBackend:
         parts = []
         for rows in self.plan(batch).real:
             loss, m = self._micro_loss(batch, rows, inputs)
-            loss.backward()
+            self.scaler.scale(loss).backward()  # fp16: scaled; otherwise the loss itself
             parts.append(m)
+        self.scaler.unscale_(self.optimizer)
         grad_norm = torch.nn.utils.clip_grad_norm_(
             [p for g in self.optimizer.param_groups for p in g["params"]], self.spec.learner.optimizer.max_grad_norm
         )
         finite = bool(torch.isfinite(grad_norm))  # a non-finite loss makes the gradient norm non-finite too
         if finite:
-            self.optimizer.step()
+            self.scaler.step(self.optimizer)
         else:  # weights are never updated with NaN/Inf: the step is skipped, counted and reported
             self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.update()  # fp16: a smaller scale after an overflow
         metrics = merge_metrics(parts)
         metrics["grad_norm"] = float(grad_norm)
         metrics["skipped_updates"] = 0.0 if finite else 1.0
@@ -222,8 +224,8 @@ class TorchBackend:
 
     # --- state ---------------------------------------------------------------------------
 
-    def save_weights(self, directory: Path) -> None:
-        self.model.save_pretrained(directory, safe_serialization=True)
+    def save_weights(self, directory: Path) -> dict[str, str]:
+        return save_snapshot_files(self.model, directory, self.spec.model.dtype)
 
     def load_weights(self, directory: Path) -> None:
         from ..snapshots import load_snapshot_state
@@ -234,11 +236,18 @@ class TorchBackend:
         save_optimizer(self.optimizer, directory)
         if self.value_head is not None:
             save_file(self.value_head.state_dict(), str(directory / "value_head.safetensors"))
+        if self.spec.model.dtype != "float32":  # the snapshot holds the weights rounded to model.dtype
+            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
+                      str(directory / MASTER_WEIGHTS))
 
     def load_state(self, directory: Path) -> None:
         load_optimizer(self.optimizer, directory)
         if self.value_head is not None:
-            self.value_head.load_state_dict(load_file(str(directory / "value_head.safetensors")))
+            self.value_head.load_state_dict(load_file(str(directory / "value_head.safetensors"),
+                                                      device=str(self.device)))
+        if (directory / MASTER_WEIGHTS).exists():
+            self.model.load_state_dict(load_file(str(directory / MASTER_WEIGHTS), device=str(self.device)),
+                                       strict=True)
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

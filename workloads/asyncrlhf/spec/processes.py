@@ -40,6 +40,11 @@ class GeneratorSpec(SpecModel):
     memory_fraction: float = Field(
         0.85, gt=0, le=1, description="vLLM gpu_memory_utilization on GPUs (weights + KV cache)."
     )
+    tensor_parallel_size: int = Field(
+        0, ge=0, le=64,
+        description="GPUs one vLLM engine spans (tensor parallelism; must divide the model's attention "
+        "heads); 0 = every GPU of the generator not given to a dedicated reward model.",
+    )
     kv_cache_gib: float = Field(
         0.5, gt=0, le=1024, alias="kvCacheGiB", description="KV cache size in GiB on CPUs (vLLM's CPU build)."
     )
@@ -74,6 +79,11 @@ class LearnerSpec(SpecModel):
     backend: Literal["torch", "deepspeed"] = Field("torch", description="Training backend.")
     zero_stage: int = Field(2, ge=0, le=3, description="DeepSpeed ZeRO stage.")
     offload: bool = Field(False, description="DeepSpeed CPU offload of optimizer state.")
+    offload_reference: bool = Field(
+        False,
+        description="Keep the frozen reference model in host memory and move it to the GPU only for its "
+        "forward pass (frees its GPU memory for training; costs two copies of its weights per step).",
+    )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
     prompts_per_step: int = Field(
         16, ge=1, le=65536, description="Prompts per optimizer step."

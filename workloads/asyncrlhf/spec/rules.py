@@ -51,4 +51,43 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "offload needs backend 'deepspeed'",
         lambda s: s.learner.backend == "deepspeed" or not s.learner.offload,
     ),
+    CrossFieldRule(
+        "learner.offloadReference",
+        "!self.learner.offloadReference || self.learner.gpusPerNode > 0",
+        "offloadReference moves the reference model between host and GPU: it needs learner.gpusPerNode > 0 "
+        "(on CPUs the reference is in host memory already)",
+        lambda s: not s.learner.offload_reference or s.learner.gpus_per_node > 0,
+    ),
+    CrossFieldRule(
+        "weightSync.checkpointEverySteps",
+        "self.weightSync.checkpointEverySteps % self.weightSync.everySteps == 0",
+        "a checkpoint is written with a snapshot: set checkpointEverySteps to a multiple of everySteps "
+        "(or 0 to choose it from the model's size)",
+        lambda s: s.weight_sync.checkpoint_every_steps % s.weight_sync.every_steps == 0,
+    ),
+    CrossFieldRule(
+        "task.reward.device",
+        "self.task.reward.device != 'dedicated' || self.generator.resources.gpus >= 2",
+        "a dedicated reward GPU is the generator's last GPU: set generator.resources.gpus to at least 2 "
+        "(one for the engine, one for the reward model), or reward.device to 'generator'",
+        lambda s: s.task.reward.device != "dedicated" or s.generator.resources.gpus >= 2,
+    ),
+    CrossFieldRule(
+        "generator.tensorParallelSize",
+        "self.generator.tensorParallelSize <= self.generator.resources.gpus "
+        "- (self.task.reward.device == 'dedicated' ? 1 : 0)",
+        "tensorParallelSize is more than the generator's GPUs (generator.resources.gpus, minus one for a "
+        "dedicated reward GPU): lower it, or give the generator more GPUs",
+        lambda s: s.generator.tensor_parallel_size
+        <= s.generator.resources.gpus - (1 if s.task.reward.device == "dedicated" else 0),
+    ),
+    CrossFieldRule(
+        "generator.engine",
+        "self.generator.engine == 'vllm' || self.generator.resources.gpus "
+        "- (self.task.reward.device == 'dedicated' ? 1 : 0) <= 1",
+        "engine 'hf' generates on one GPU: give the generator 1 GPU for the engine (2 with a dedicated "
+        "reward GPU), or use engine 'vllm' for tensor parallelism",
+        lambda s: s.generator.engine == "vllm"
+        or s.generator.resources.gpus - (1 if s.task.reward.device == "dedicated" else 0) <= 1,
+    ),
 ]

@@ -77,6 +77,15 @@ class RewardSpec(SpecModel):
     rule: str = Field("sort-digits", description="Verifier name for kind=rule (sort-digits, gsm8k).")
     model: str = Field("", description="Reward model id or path for kind=model.")
     onepass: OnePassHead = Field(default_factory=OnePassHead, description="Settings for kind=onepass.")
+    device: Literal["generator", "dedicated"] = Field(
+        "generator",
+        description="GPU of a reward or feature model (kind model/onepass) on a generator: 'generator' "
+        "shares the generator's first GPU (vLLM keeps 1 - memoryFraction free for it); 'dedicated' "
+        "takes the generator's last GPU (count it in generator.resources.gpus).",
+    )
+    batch_size: int = Field(
+        16, ge=1, le=4096, description="Sequences per reward/feature-model forward pass."
+    )
     no_eos_penalty: float = Field(
         -1.0,
         description="Score given to completions that end without EOS (paper: -1 TL;DR, -10 chatbot).",
