@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
+from .faults import fault_point
 from .snapshots import SnapshotInfo, version_of
 from .storage import atomic_dir, atomic_write_text
 
@@ -80,6 +81,7 @@ class CheckpointStore:
             write_into(tmp)
             saved = asdict(state) | {"weights": snapshot.path, "checksum": snapshot.checksum}
             (tmp / STATE).write_text(json.dumps(saved))
+            fault_point("checkpoint-write")
         atomic_write_text(self.base / LATEST, final.name)
         for old in self.steps()[:-CHECKPOINTS_KEPT]:
             shutil.rmtree(self.directory(old), ignore_errors=True)

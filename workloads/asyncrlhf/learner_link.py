@@ -16,6 +16,7 @@ from .api import JobSpec
 from .bus import (
     LEARNER_CONSUMER, REWARD_CONSUMER, WEIGHTS, JobBus, StreamWatch, dead_letter, ensure_job_resources, publish,
 )
+from .faults import fault_point
 from .feeding import PromptFeeder
 from .intake import RolloutIntake
 from .kv import JobKV
@@ -71,6 +72,7 @@ class LearnerLink:
 
     async def announce(self, ann: WeightsAnnouncement) -> None:
         self.announced = ann
+        fault_point("announce")
         await publish(self.js, self.bus.subject(WEIGHTS), ann.encode(), msg_id=f"w-{ann.version}-{ann.checksum[:16]}",
                       recreate=self.check_stream)
 

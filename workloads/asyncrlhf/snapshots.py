@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
+from .faults import fault_point
 from .storage import atomic_dir
 from .weightfiles import HASH, HASHES, file_digest
 
@@ -70,11 +71,35 @@ def write_snapshot(root: str | Path, version: int, save_into, extra_files: Itera
                 shutil.copy2(extra, tmp / extra.name)
         manifest = _manifest_bytes(tmp, version, known if isinstance(known, dict) else None)
         (tmp / MANIFEST).write_bytes(manifest)
+        fault_point("snapshot-write")
     return SnapshotInfo(version, str(snapshot_dir(root, version)), hashlib.sha256(manifest).hexdigest())
 
 
-def verify_snapshot(path: str | Path, checksum: str) -> dict:
-    """Check the manifest's checksum and every listed file; return the manifest or raise."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")  # files an engine would load weights from
+
+
+def confined(path: str | Path, root: str | Path) -> Path:
+    """`path` resolved, refused unless it is a snapshot directory under `<root>/snapshots`."""
+    resolved, base = Path(path).resolve(), (Path(root) / "snapshots").resolve()
+    if resolved.parent != base or not _VERSION_DIR.match(resolved.name):
+        raise SnapshotError(f"snapshot path {path} is not a snapshot directory under {base}")
+    return resolved
+
+
+def _check_names(path: Path, manifest: dict) -> None:
+    """Manifest names are plain file names; no weight file outside the manifest (an engine would load it)."""
+    listed = set(manifest["files"])
+    for name in listed:
+        if not name or "/" in name or "\\" in name or name.startswith(".") or Path(name).is_absolute():
+            raise SnapshotError(f"snapshot {path}: manifest entry {name!r} is not a plain file name")
+    extra = sorted(p.name for p in path.iterdir() if p.name not in listed and p.suffix in WEIGHT_SUFFIXES)
+    if extra:
+        raise SnapshotError(f"snapshot {path}: weight files not in the manifest: {', '.join(extra)}")
+
+
+def verify_snapshot(path: str | Path, checksum: str, version: Optional[int] = None) -> dict:
+    """Check the manifest's checksum, its names and version, and every listed file; return the
+    manifest or raise SnapshotError (a damaged manifest included)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -82,7 +107,16 @@ def verify_snapshot(path: str | Path, checksum: str) -> dict:
     raw = manifest_path.read_bytes()
     if hashlib.sha256(raw).hexdigest() != checksum:
         raise SnapshotError(f"snapshot {path}: manifest checksum does not match the announcement")
-    manifest = json.loads(raw)
+    try:
+        manifest = json.loads(raw)
+        if not isinstance(manifest.get("files"), dict) or not isinstance(manifest.get("version"), int):
+            raise ValueError("no files or no version")
+    except (ValueError, AttributeError) as err:
+        raise SnapshotError(f"snapshot {path}: {MANIFEST} is not a valid manifest ({err})") from err
+    if version is not None and manifest["version"] != version:
+        raise SnapshotError(f"snapshot {path}: the manifest says version {manifest['version']}, "
+                            f"the announcement {version}")
+    _check_names(path, manifest)
     for name, entry in manifest["files"].items():
         f = path / name
         if not f.is_file():
@@ -97,7 +131,11 @@ def load_snapshot_state(path: str | Path) -> dict:
     from safetensors.torch import load_file
 
     state: dict = {}
-    files = sorted(Path(path).glob("*.safetensors"))
+    path = Path(path)
+    if (path / MANIFEST).is_file():  # only what the manifest lists (verify_snapshot checked it)
+        files = sorted(path / n for n in json.loads((path / MANIFEST).read_text())["files"] if n.endswith(".safetensors"))
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         raise SnapshotError(f"snapshot {path}: no .safetensors files")
     for f in files:

@@ -56,6 +56,19 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def remove_stale_tmp(*directories: Path) -> list[Path]:
+    """Remove the temporary entries a writer killed mid-write left (one model copy per crash).
+    Only for directories with a single writer, called by that writer before it writes."""
+    removed = []
+    for directory in directories:
+        if Path(directory).is_dir():
+            for entry in Path(directory).iterdir():
+                if entry.name.startswith(TMP_PREFIX):
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+                    removed.append(entry)
+    return removed
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a small file so that readers see the old or the new content, durably."""
     path = Path(path)

@@ -58,7 +58,7 @@ class WorkloadEnv:
 
     @classmethod
     def for_generator(cls, env: Mapping[str, str] = os.environ, nats_url: str = "") -> "WorkloadEnv":
-        return cls(nats_url=required(NATS_URL, env, nats_url),
+        return cls(nats_url=required(NATS_URL, env, nats_url), snapshot_dir=env.get(SNAPSHOT_DIR, ""),
                    generator_id=env.get(GENERATOR_ID) or env.get("HOSTNAME") or "gen-0")
 
     def variables(self) -> dict[str, str]:

@@ -1,0 +1,46 @@
+"""Stopping a workload process when told: gracefully if it can, within a bound whatever it is doing.
+
+SIGTERM or SIGINT sets the process's `stopping` event: the learner stops between steps, a
+generator hands back its prompts. Some states cannot notice the event soon — a training step or
+a generation running in a thread, a publish waiting for a bus that is gone — so the first signal
+also starts a watchdog that ends the process after GRACE_SECONDS, and a second signal ends it at
+once. Ending a workload abruptly is safe by design: what a learner has not checkpointed and what
+a generator has not published is redelivered. A pod's grace period (30 s by default) and
+`asyncrlhf run`'s are longer than GRACE_SECONDS, so they never have to SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import threading
+
+log = logging.getLogger("asyncrlhf.shutdown")
+GRACE_SECONDS = 8.0
+
+
+def install(stopping: asyncio.Event, grace: float = GRACE_SECONDS) -> None:
+    """Handle SIGTERM/SIGINT in the running event loop (see the module docstring)."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(signum: int) -> None:
+        if stopping.is_set():
+            log.warning("second %s: exiting now", signal.Signals(signum).name)
+            os._exit(128 + signum)
+        log.info("%s: stopping (at most %.0f s)", signal.Signals(signum).name, grace)
+        stopping.set()
+        timer = threading.Timer(grace, _exit_late, args=(signum, grace))
+        timer.daemon = True
+        timer.start()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+def _exit_late(signum: int, grace: float) -> None:
+    log.warning("still running %.0f s after %s: exiting (unfinished work is redelivered)", grace,
+                signal.Signals(signum).name)
+    logging.shutdown()
+    os._exit(128 + signum)
