@@ -1,0 +1,111 @@
+"""Processes stop when told: `asyncrlhf run` takes its children down with it, and a workload exits
+within ten seconds of SIGTERM even with its bus gone."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+from asyncrlhf.bus import EmbeddedNats, JobBus, connect, ensure_job_resources
+from asyncrlhf.kv import JobKV
+
+pytestmark = pytest.mark.slow
+
+JOB = {
+    "apiVersion": "asyncrlhf.dev/v1alpha1", "kind": "AsyncRLHFJob", "metadata": {"name": "stop-me"},
+    "spec": {
+        "model": {"policy": "builtin:tiny-sort"},
+        "generator": {"engine": "hf", "sampling": {"maxTokens": 6}},
+        "learner": {"promptsPerStep": 4, "totalSteps": 400},
+        "algorithm": {"samplesPerPrompt": 4},
+    },
+}
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+def alive(procs: list[psutil.Process]) -> list[psutil.Process]:
+    out = []
+    for p in procs:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                out.append(p)
+        except psutil.NoSuchProcess:
+            pass
+    return out
+
+
+def test_sigterm_to_asyncrlhf_run_stops_every_child(tmp_path):
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(JOB))
+    run = subprocess.Popen([sys.executable, "-m", "asyncrlhf.cli", "run", str(manifest), "--quiet",
+                            "--runs-dir", str(tmp_path / "runs")], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics = tmp_path / "runs" / "stop-me" / "metrics.jsonl"
+        wait_for(lambda: metrics.exists() and metrics.read_text().count("\n") >= 1, 180, "the first step")
+        family = psutil.Process(run.pid).children(recursive=True)
+        assert len(family) >= 3  # nats-server, a generator, a learner
+        started = time.monotonic()
+        run.send_signal(signal.SIGTERM)
+        run.wait(60)
+        stopped = time.monotonic() - started
+        wait_for(lambda: not alive(family), 10, "the children to be gone")
+    finally:
+        if run.poll() is None:
+            run.kill()
+    assert stopped < 20, f"asyncrlhf run took {stopped:.1f} s to stop"
+
+
+def test_a_generator_whose_bus_is_gone_exits_soon_after_sigterm(tmp_path):
+    manifest = tmp_path / "job.yaml"
+    manifest.write_text(yaml.safe_dump(JOB))
+    server = EmbeddedNats().start()
+    env = dict(os.environ, ASYNCRLHF_NATS_URL=server.url, GENERATOR_ID="g0", ASYNCRLHF_SNAPSHOT_DIR=str(tmp_path))
+    log = open(tmp_path / "generator.log", "wb")
+
+    async def make_stream() -> None:
+        nc = await connect(server.url)
+        await ensure_job_resources(nc.jetstream(), JobBus("default", "stop-me"), 1 << 24, 30)
+        await nc.close()
+
+    asyncio.run(make_stream())
+    gen = subprocess.Popen([sys.executable, "-m", "asyncrlhf.cli", "generator", "--config", str(manifest)],
+                           env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: _reported(server.url), 120, "the generator's first report")
+        server.close()  # the bus is gone
+        time.sleep(2)
+        started = time.monotonic()
+        gen.send_signal(signal.SIGTERM)
+        gen.wait(30)
+        stopped = time.monotonic() - started
+    finally:
+        if gen.poll() is None:
+            gen.kill()
+        server.close()
+    assert stopped < 10, f"the generator took {stopped:.1f} s to exit after SIGTERM"
+
+
+def _reported(url: str) -> bool:
+    async def check() -> bool:
+        nc = await connect(url)
+        try:
+            kv = await JobKV.open(nc.jetstream(), JobBus("default", "stop-me").bucket)
+            return bool(await kv.reports())
+        finally:
+            await nc.close()
+
+    return asyncio.run(check())
