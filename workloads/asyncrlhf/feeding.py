@@ -68,5 +68,6 @@ class PromptFeeder:
         rec = self.records(b)[i]
         pid = f"{self.bus.job}-p{b}-{i}" + (f"-r{attempt}" if attempt else "")
         msg = Prompt(id=pid, batch=b, index=i, text=rec.text, answer=rec.answer, attempt=attempt,
-                     samples=self.spec.algorithm.samples_per_prompt, min_version=min_version(b, self.n))
+                     samples=self.spec.algorithm.samples_per_prompt, min_version=min_version(b, self.n),
+                     messages=rec.messages, columns=rec.columns)
         await publish(js, self.bus.subject(PROMPTS), msg.encode(), msg_id=msg.id, recreate=recreate)

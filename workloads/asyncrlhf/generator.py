@@ -26,7 +26,7 @@ from .messages import (
     GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, Prompt, RolloutGroup, WeightsAnnouncement,
 )
 from .models import encode_prompt, load_tokenizer, resolve_model
-from .rewards import OnePassScorer, make_scorer
+from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, prompt_of, score_batch
 from .snapshots import SnapshotError, verify_snapshot
 
 log = logging.getLogger("asyncrlhf.generator")
@@ -40,6 +40,7 @@ class GeneratorState:
     tokens: int = 0
     busy_seconds: float = 0.0
     refused: set[str] = field(default_factory=set)  # checksums of snapshots that failed verification
+    reward_failures: int = 0  # batches in a row handed back because the reward failed on them
 
 
 class Generator:
@@ -49,7 +50,7 @@ class Generator:
         self.model_path = resolve_model(spec.model.policy)
         self.tokenizer = load_tokenizer(spec.model.tokenizer or self.model_path)
         self.engine = engine or make_engine(spec, self.model_path)
-        self.scorer = make_scorer(spec)
+        self.scorer = make_reward(spec)
         self.fetch_size = fetch_size or spec.learner.prompts_per_step
         self.state = GeneratorState()
         self.stopping = asyncio.Event()
@@ -92,15 +93,16 @@ class Generator:
 
     def _make_groups(self, prompts: list[Prompt]) -> tuple[list[RolloutGroup], int]:
         started = time.monotonic()
-        token_prompts = [encode_prompt(self.tokenizer, p.text) for p in prompts]
+        template = self.spec.model.chat_template
+        token_prompts = [encode_prompt(self.tokenizer, prompt_of(p), template) for p in prompts]
         # the seed depends on the job's seed and the prompt's place, not on who generates it or when:
         # the same job gives the same samples for the same weights (sync == async with N=0)
         seeds = [zlib.crc32(f"{self.spec.learner.seed}:{p.batch}:{p.index}:{p.attempt}".encode()) for p in prompts]
         samples = self.engine.generate(token_prompts, prompts[0].samples, seeds)
         elapsed = time.monotonic() - started
         texts = [[self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group] for group in samples]
-        flat = [(p.text, t, p.answer) for p, ts in zip(prompts, texts) for t in ts]
-        scores = iter(self.scorer.score(*map(list, zip(*flat))))
+        # a reward that fails raises RewardError: nothing is published, the prompts are handed back
+        scores = iter(score_batch(self.scorer, RewardBatch.from_prompts(prompts, texts)))
         groups, tokens = [], 0
         for prompt, ids, group, group_texts in zip(prompts, token_prompts, samples, texts):
             completions = [
@@ -115,6 +117,17 @@ class Generator:
             ))
         self.state.busy_seconds += elapsed
         return groups, tokens
+
+    async def _hand_back(self, err: RewardError, msgs: list) -> None:
+        """The reward failed on these prompts: redeliver them (to any generator) after a delay that
+        doubles with each failure in a row, up to a minute, so a reward server that is down is not
+        hammered and a fixed one is used again soon. Nothing is scored 0 and nothing is lost."""
+        self.state.reward_failures += 1
+        delay = min(60.0, 2.0 ** (self.state.reward_failures - 1))
+        log.error("%s -- the %d prompts go back to the queue, retried in %.0f s (failure %d in a row)",
+                  err, len(msgs), delay, self.state.reward_failures)
+        for m in msgs:
+            await m.nak(delay=delay)
 
     async def report(self, kv: JobKV) -> None:
         st = self.state
@@ -141,13 +154,18 @@ class Generator:
             for m in msgs:
                 await m.nak()
             return
-        if isinstance(self.scorer, OnePassScorer):
+        if isinstance(self.scorer, OnePassReward):
             await self.refresh_head(kv)
         by_k: dict[int, list[int]] = {}  # one engine call per K (a fetch shares K in practice)
         for i, p in enumerate(prompts):
             by_k.setdefault(p.samples, []).append(i)
         for idx in by_k.values():
-            groups, tokens = await asyncio.to_thread(self._make_groups, [prompts[i] for i in idx])
+            try:
+                groups, tokens = await asyncio.to_thread(self._make_groups, [prompts[i] for i in idx])
+            except RewardError as err:
+                await self._hand_back(err, [msgs[i] for i in idx])
+                continue
+            self.state.reward_failures = 0
             for i, group in zip(idx, groups):
                 await publish(js, self.bus.subject(ROLLOUTS), group.encode(), msg_id=group.id)
                 await msgs[i].ack()

@@ -35,6 +35,8 @@ from .api import JobSpec
 from .backends import TrainingBackend, make_backend, to_batch
 from .bus import JobBus, close_quietly, connect, keep_alive
 from .checkpoints import Checkpoint, CheckpointStore, LearnerState
+from .evaluation import Evaluator
+from .export import snapshot_tokenizer
 from .feeding import PromptFeeder
 from .intake import RolloutIntake
 from .kv import BUS_ERRORS, JobKV
@@ -48,6 +50,7 @@ from .runlog import RunLog, metrics_row, progress_report
 from .snapshots import SnapshotInfo, prune_snapshots, write_snapshot
 
 log = logging.getLogger("asyncrlhf.learner")
+from .tracking import open_trackers
 REWARD_HEAD = "reward_head.safetensors"
 
 
@@ -78,6 +81,8 @@ class Learner:
     def create(cls, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> "Learner":
         """Load the models, build the backend, and restore the newest checkpoint if there is one."""
         model_path = resolve_model(spec.model.policy)
+        self.evaluator: Optional[Evaluator] = None  # spec.eval (evaluation.py); made by create
+        self.tokenizer = None  # saved into every snapshot (export.py); loaded by create
         reference = resolve_model(spec.model.reference) if spec.model.reference else model_path
         head = HeadLearner(spec) if spec.task.reward.kind == "onepass" else None
         learner = cls(spec, bus, nats_url, root, run_dir, make_backend(spec, model_path, reference),
@@ -89,6 +94,9 @@ class Learner:
 
     def save_checkpoint(self, snapshot: SnapshotInfo) -> None:
         if self.replay is not None:
+        learner.tokenizer = snapshot_tokenizer(spec, model_path)
+        learner.evaluator = Evaluator.create(spec, model_path, reference, run_dir)
+        learner.log.trackers = open_trackers(spec, run_dir, bus.job, learner.state.step)
             self.state.replay = self.replay.state_dict()
             self.state.replay_rng = rng_state(self._replay_rng)
         self.checkpoints.save(self.state, snapshot, self._write_checkpoint_files)
@@ -150,8 +158,7 @@ class Learner:
     async def publish_weights(self) -> None:
         """Snapshot → checkpoint → ack → announce: generators only ever see durable weights."""
         version = self.state.step
-        tokenizer_files = [p for p in Path(self.model_path).glob("*") if "token" in p.name] if self.model_path else []
-        info = await asyncio.to_thread(write_snapshot, self.root, version, self.backend.save_weights, tokenizer_files)
+        info = await asyncio.to_thread(write_snapshot, self.root, version, self._save_snapshot_files)
         self.state.published_version = version
         self.state.last_snapshot = info.path
         self.state.elapsed = self.elapsed()
@@ -174,6 +181,23 @@ class Learner:
             log.warning("not pruning snapshots this time: cannot read the generators' versions: %s", err)
             return
         # a generator gone for good no longer holds its version's snapshot
+    def _save_snapshot_files(self, directory: Path) -> dict[str, str]:
+        """A complete HF model directory: the weights, config, generation config and tokenizer."""
+        digests = self.backend.save_weights(directory)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(directory)
+        return digests
+
+    async def evaluate(self) -> None:
+        """Held-out evaluation of the step's snapshot when spec.eval says so (evaluation.py)."""
+        if self.evaluator is None or not self.evaluator.due(self.state.step):
+            return
+        head = self.head.head_message() if self.head is not None else None
+        row = await asyncio.to_thread(self.evaluator.evaluate, self.state.step, self.state.last_snapshot,
+                                      self.elapsed(), head)
+        if row is not None:
+            self.log.metrics(row)
+
         in_use |= {status.policy_version for status in reports.values() if status.fresh(now)}
         if (checkpoint := self.checkpoints.load()) is not None:
             in_use.add(checkpoint.snapshot.version)
@@ -245,11 +269,15 @@ class Learner:
             await self.link.kv.put_progress(self.progress(row))
         if self.state.step >= total:
             await self.link.kv.put_progress(self.progress(row, done=True), attempts=30)
+            self.log.close()
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
     learner = Learner.create(spec, bus, nats_url, root, run_dir)
     loop = asyncio.get_running_loop()
+        await self.evaluate()  # the baseline (step 0), or the evaluation a restart cut short
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, learner.stopping.set)
     await learner.run()
+                await self.evaluate()
+            self.log.finish()  # the trackers' run summary

@@ -8,7 +8,7 @@ No pickle: messages are JSON, weights are safetensors files referenced by path.
 from __future__ import annotations
 
 import time
-from typing import ClassVar, Optional, TypeVar
+from typing import Any, ClassVar, Optional, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -53,6 +53,9 @@ class Prompt(Message):
     samples: int = Field(ge=1, description="Completions to generate (K).")
     min_version: int = Field(ge=0, description="Generate with policy version >= this (staleness bound).")
     attempt: int = Field(0, ge=0, description="0, or how many times this prompt was released again.")
+    messages: Optional[list[dict[str, Any]]] = Field(
+        None, description="The prompt as chat messages, when its record holds them (`text` is their plain form).")
+    columns: dict[str, Any] = Field(default_factory=dict, description="The record's other columns, for rewards.")
 
 
 class Completion(BaseModel):

@@ -18,6 +18,7 @@ from pathlib import Path
 from filelock import FileLock
 
 from .api import BUILTIN_MODEL_PREFIX
+from .tasks import prompt_messages, prompt_text, sort_digits_prompt
 
 TINY_SORT = "tiny-sort"
 _TINY_SETTINGS = {
@@ -73,8 +74,6 @@ def build_tiny_sort(target: Path, *, hidden, layers, heads, intermediate, positi
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from .tasks import sort_digits_prompt
-
     tokenizer = build_tokenizer()
     config = LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=intermediate,
@@ -123,11 +122,66 @@ def _sft_batch(tokenizer, rng, size, sorted_fraction, make_prompt):
     return ids, lab
 
 
-def encode_prompt(tokenizer, text: str) -> list[int]:
-    """Prompt token ids as both engines and the learner use them: BOS + the text's tokens."""
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+# --- chat templates ---------------------------------------------------------------------------
+# A prompt is text, or a list of chat messages ({"role": ..., "content": ...}). spec.model.chatTemplate
+# says how it becomes tokens: "auto" (the tokenizer's template for messages, BOS + text for text),
+# "none" (never a template) or an inline Jinja template (for every prompt). Generators encode with
+# it and the learner trains on the tokens they send, so both see the same ids by construction.
+
+AUTO_TEMPLATE, NO_TEMPLATE = "auto", "none"
+
+
+class ChatTemplateError(ValueError):
+    """A prompt that cannot be rendered with the chat template the spec asks for."""
+
+
+def _template_for(tokenizer, prompt, chat_template: str):
+    """The Jinja template to render `prompt` with, or None for plain text."""
+    if chat_template == NO_TEMPLATE or (chat_template == AUTO_TEMPLATE and isinstance(prompt, str)):
+        return None
+    if chat_template != AUTO_TEMPLATE:
+        return chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"spec.model.chatTemplate is 'auto' and the prompt is a list of chat messages, but tokenizer "
+            f"{getattr(tokenizer, 'name_or_path', '?')!r} has no chat template: give one inline in "
+            "spec.model.chatTemplate, or set it to 'none' (the messages' contents joined as plain text)"
+        )
+    return tokenizer.chat_template
+
+
+def render_chat(tokenizer, messages: list[dict], template: str, generation_prompt: bool) -> str:
+    """Messages rendered by a chat template (transformers renders it in a Jinja sandbox)."""
+    try:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    except Exception as err:  # jinja2's errors, or a template raising on unexpected roles
+        raise ChatTemplateError(f"spec.model.chatTemplate: rendering the prompt failed: {err}") from err
+
+
+def encode_prompt(tokenizer, prompt, chat_template: str = NO_TEMPLATE) -> list[int]:
+    """Prompt token ids as the engines generate from and the learner trains on: the chat template
+    with the generation prompt (the template writes its own special tokens), or BOS + text."""
+    template = _template_for(tokenizer, prompt, chat_template)
+    if template is not None:
+        rendered = render_chat(tokenizer, prompt_messages(prompt), template, generation_prompt=True)
+        return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    ids = tokenizer(prompt_text(prompt), add_special_tokens=False)["input_ids"]
     bos = tokenizer.bos_token_id
     return ([bos] if bos is not None else []) + list(ids)
+
+
+def conversation_text(tokenizer, prompt, response: str, chat_template: str) -> tuple[str, bool]:
+    """(text, add_special_tokens) a reward model scores: the conversation rendered with the reward
+    model's own template when it has one (else the policy's inline template), or prompt + response."""
+    if chat_template == NO_TEMPLATE or (chat_template == AUTO_TEMPLATE and isinstance(prompt, str)):
+        return prompt_text(prompt) + response, True
+    template = getattr(tokenizer, "chat_template", None) or (
+        chat_template if chat_template != AUTO_TEMPLATE else None)
+    if template is None:  # messages, but neither the reward model nor the spec has a template
+        return prompt_text(prompt) + response, True
+    messages = prompt_messages(prompt) + [{"role": "assistant", "content": response}]
+    return render_chat(tokenizer, messages, template, generation_prompt=False), False
 
 
 def load_tokenizer(path: str):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 EVAL_KIND = "eval"  # metrics.jsonl lines of held-out evaluations carry "kind": "eval" (evaluation.py)
@@ -62,11 +62,24 @@ def summarize(job, run_dir: Path, wall_seconds: float, produced: int, snapshots:
         "learner_restarts": restarts,
         "peak_memory_bytes": peak_memory_bytes,
         "peak_memory_gib": round(peak_memory_bytes / (1 << 30), 3),
+        **eval_summary(read_evals(run_dir)),
     }
 
 
-def plot_rewards(curves: dict[str, list[dict]], out: Path, title: str) -> None:
-    """Reward against wall-clock, one line per run (headless: Agg backend)."""
+def eval_summary(evals: list[dict]) -> dict[str, Any]:
+    """The held-out evaluations' first and last numbers (none when spec.eval is off)."""
+    if not evals:
+        return {}
+    first, last = evals[0], evals[-1]
+    return {"initial_eval_step": first["step"], "initial_eval_reward_mean": first["eval_reward_mean"],
+            "final_eval_step": last["step"], "final_eval_reward_mean": last["eval_reward_mean"],
+            "final_eval_kl": last["eval_kl"]}
+
+
+def plot_rewards(curves: dict[str, list[dict]], out: Path, title: str,
+                 evals: Optional[dict[str, list[dict]]] = None) -> None:
+    """Reward against wall-clock, one line per run, and each run's held-out evaluations (`evals`,
+    read_evals) as markers in the same colour (headless: Agg backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,7 +88,10 @@ def plot_rewards(curves: dict[str, list[dict]], out: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.2), dpi=110)
     for label, rows in curves.items():
         if rows:
-            ax.plot([r["time"] for r in rows], _smooth([r["reward_mean"] for r in rows]), label=label)
+            line, = ax.plot([r["time"] for r in rows], _smooth([r["reward_mean"] for r in rows]), label=label)
+            if points := (evals or {}).get(label):
+                ax.plot([r["time"] for r in points], [r["eval_reward_mean"] for r in points], "o--",
+                        color=line.get_color(), label=f"{label}: held-out eval")
     ax.set_xlabel("training wall-clock (s)")
     ax.set_ylabel("mean reward (moving average of 5 steps)")
     ax.set_title(title)

@@ -1,6 +1,7 @@
-"""Scoring completions: rule verifiers, reward models, and the one-pass online reward head.
+"""Model-based scorers: reward models and the one-pass online reward head.
 
-Every scorer scores a batch: `score(prompts, responses, answers) -> list[float]`.
+Every scorer scores a batch: `score(prompts, responses, answers) -> list[float]`; reward_kinds.py
+wraps them (and the rule, python, http and sum rewards) behind the one interface the generator uses.
 
 The one-pass head (Li et al. 2025; onepass.py) is linear over frozen features φ(x, a): the last
 layer's hidden state at the last token of prompt+answer, L2-normalised (the head's λ and bound
@@ -13,7 +14,7 @@ like rollouts, so a learner restart loses no label.
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -21,39 +22,46 @@ import torch
 from .api import JobSpec
 from .logprobs import pack
 from .messages import Preference, RewardHead
-from .models import encode_prompt, load_tokenizer, resolve_model
+from .models import conversation_text, encode_prompt, load_tokenizer, resolve_model
 from .onepass import OnePassRewardHead
-from .tasks import rule_reward
 
 
 class Scorer(Protocol):
     def score(self, prompts: list[str], responses: list[str], answers: list[str]) -> list[float]: ...
 
 
-class RuleScorer:
-    def __init__(self, rule: Callable[[str, str, str], float]) -> None:
-        self.rule = rule
-
-    def score(self, prompts, responses, answers) -> list[float]:
-        return [self.rule(p, r, a) for p, r, a in zip(prompts, responses, answers)]
-
-
 class ModelScorer:
-    """A sequence-classification reward model (hub id or path): the first logit is the score."""
+    """A sequence-classification reward model (hub id or path) with one output: its logit is the
+    score. Prompt + response are rendered as a conversation with the reward model's own chat
+    template (models.conversation_text), scored `micro_batch` at a time."""
 
-    def __init__(self, path: str, dtype: str) -> None:
+    def __init__(self, path: str, dtype: str, chat_template: str = "auto", micro_batch: int = 16) -> None:
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = load_tokenizer(path)
         self.model = AutoModelForSequenceClassification.from_pretrained(
             path, dtype=getattr(torch, dtype)
         ).eval()
+        if self.model.config.num_labels != 1:
+            raise ValueError(f"spec.task.reward.model: {path} has {self.model.config.num_labels} outputs; a reward "
+                             "model has one (a sequence-classification head with num_labels=1)")
+        if self.tokenizer.pad_token is None:  # Llama-style tokenizers: pad with EOS, attention masks it
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.chat_template, self.micro_batch = chat_template, micro_batch
 
     @torch.no_grad()
     def score(self, prompts, responses, answers) -> list[float]:
-        batch = self.tokenizer([p + r for p, r in zip(prompts, responses)], return_tensors="pt",
-                               padding=True, truncation=True)
-        return self.model(**batch).logits[:, 0].float().tolist()
+        """`prompts[i]` is text or a list of chat messages."""
+        rendered = [conversation_text(self.tokenizer, p, r, self.chat_template) for p, r in zip(prompts, responses)]
+        scores: list[float] = []
+        for start in range(0, len(rendered), self.micro_batch):
+            chunk = rendered[start:start + self.micro_batch]
+            special = chunk[0][1]  # the same for a whole job: template or not
+            batch = self.tokenizer([text for text, _ in chunk], return_tensors="pt", padding=True,
+                                   truncation=True, add_special_tokens=special)
+            scores += self.model(**batch).logits[:, 0].float().tolist()
+        return scores
 
 
 class FeatureModel:
@@ -94,15 +102,6 @@ class OnePassScorer:
 
     def score(self, prompts, responses, answers) -> list[float]:
         return (self.features.features(prompts, responses) @ self.theta).tolist()
-
-
-def make_scorer(spec: JobSpec) -> Scorer:
-    reward = spec.task.reward
-    if reward.kind == "rule":
-        return RuleScorer(rule_reward(reward))
-    if reward.kind == "model":
-        return ModelScorer(resolve_model(reward.model), spec.model.dtype)
-    return OnePassScorer(spec)
 
 
 class HeadLearner:

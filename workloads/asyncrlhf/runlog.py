@@ -1,4 +1,5 @@
-"""The learner's report files in the run directory: `metrics.jsonl` and `ledger.jsonl`, one line per step.
+"""The learner's report files in the run directory: `metrics.jsonl` and `ledger.jsonl`, one line per step
+(metrics.jsonl also has one line per held-out evaluation, `"kind": "eval"`: report.read_metrics skips them).
 
 metrics.jsonl is what `asyncrlhf run` plots and summarises; ledger.jsonl says which rollout groups
 (id, generator, policy version) each step trained on — an audit trail, never read back by the
@@ -68,6 +69,8 @@ def progress_report(st: LearnerState, spec: JobSpec, elapsed: float, row: Option
 class RunLog:
     def __init__(self, run_dir: str | Path) -> None:
         self.dir = Path(run_dir)
+        # tracking.Trackers (spec.tracking): every metrics line also goes to the experiment trackers
+        self.trackers = None
 
     def _append(self, name: str, line: dict, **dump) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -75,7 +78,19 @@ class RunLog:
             handle.write(json.dumps(line, **dump) + "\n")
 
     def metrics(self, row: dict) -> None:
+        """A step's line, or an evaluation's (`"kind": "eval"`, evaluation.py)."""
         self._append(METRICS, row)
+        if self.trackers is not None:
+            self.trackers.log(row)
+
+    def finish(self) -> None:
+        """The run is done: the trackers get its summary."""
+        if self.trackers is not None:
+            self.trackers.finish()
+
+    def close(self) -> None:
+        if self.trackers is not None:
+            self.trackers.close()
 
     def ledger(self, step: int, groups: list[RolloutGroup]) -> None:
         """Which rollout groups step `step` trained on: id, generator, policy version."""

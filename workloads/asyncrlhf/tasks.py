@@ -13,9 +13,9 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 from .api import PromptSource, RewardSpec
 
@@ -24,8 +24,27 @@ DIGITS = [str(d) for d in range(10)]
 
 @dataclass(frozen=True)
 class PromptRecord:
-    text: str
+    text: str  # the prompt as plain text (a chat prompt's contents joined)
     answer: str
+    messages: Optional[list[dict]] = None  # the prompt as chat messages, when the record holds them
+    columns: dict[str, Any] = field(default_factory=dict)  # the record's other columns (JSON values)
+
+    @property
+    def prompt(self):
+        """What the chat template and reward functions get: the messages, or the text."""
+        return self.messages if self.messages is not None else self.text
+
+
+def prompt_messages(prompt) -> list[dict]:
+    """A prompt (text, or a list of {role, content} messages) as chat messages."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+
+
+def prompt_text(prompt) -> str:
+    """A prompt as plain text: itself, or its messages' contents joined by blank lines."""
+    if isinstance(prompt, str):
+        return prompt
+    return "\n\n".join(str(m.get("content", "")) for m in prompt)
 
 
 # --- the built-in task -----------------------------------------------------------------------
@@ -94,7 +113,7 @@ def prompt_stream(source: PromptSource, seed: int) -> Iterator[PromptRecord]:
             yield make(rng)
     records = _load_records(source)
     if not records:
-        raise ValueError(f"spec.task.prompts: no prompts found in {source.path or source.name}")
+        raise ValueError(f"spec.task.prompts: no prompts found in {describe(source)}")
     while True:
         order = list(range(len(records)))
         rng.shuffle(order)
@@ -102,22 +121,84 @@ def prompt_stream(source: PromptSource, seed: int) -> Iterator[PromptRecord]:
             yield records[i]
 
 
-def _load_records(source: PromptSource) -> list[PromptRecord]:
+FILE_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}  # spec.base.PROMPT_FILE
+
+
+def describe(source: PromptSource) -> str:
+    """The prompt source as errors name it: the file, or the dataset with its config and split."""
+    if source.source == "file":
+        return f"prompt file {source.path}"
+    config = f", config {source.config!r}" if source.config else ""
+    return f"dataset {source.name!r}{config}, split {source.split!r}"
+
+
+def load_rows(source: PromptSource):
+    """The records of a file or dataset, read by `datasets` (a `datasets.Dataset`)."""
+    import datasets  # lazily: the built-in task needs none of it
+
+    datasets.disable_progress_bars()
     if source.source == "file":
         path = Path(source.path)
-        if not path.exists():
+        if not path.is_file():
             raise ValueError(f"spec.task.prompts.path: {path} does not exist (mount it on a volume)")
-        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    else:  # a hub dataset; loaded lazily so the CPU path does not need `datasets`
-        from datasets import load_dataset  # type: ignore[import-not-found]
+        fmt = FILE_FORMATS.get(path.suffix.lower())
+        if fmt is None:
+            raise ValueError(f"spec.task.prompts.path: cannot tell the format of {path} from its extension; "
+                             f"use one of {sorted(FILE_FORMATS)}")
+        args, kwargs = (fmt,), {"data_files": str(path), "split": "train"}
+    else:
+        args = (source.name, source.config or None)
+        kwargs = {"split": source.split, "data_files": source.data_files or None, "revision": source.revision or None}
+    try:
+        return datasets.load_dataset(*args, **kwargs)
+    except Exception as err:  # DatasetNotFoundError, a missing config or split, unreadable files, ...
+        raise ValueError(f"spec.task.prompts: cannot load {describe(source)}: {type(err).__name__}: {err}") from err
 
-        rows = list(load_dataset(source.name, split=source.split))
+
+def _json_value(value):
+    return json.loads(json.dumps(value, default=str))  # dates, decimals, ... as text
+
+
+def _as_messages(value) -> Optional[list[dict]]:
+    """A conversation as the prompt: its messages up to the last non-assistant turn (an SFT
+    dataset's conversations end with the reference reply, which the policy is to write itself)."""
+    if isinstance(value, list) and value and all(isinstance(m, dict) and "role" in m and "content" in m
+                                                 for m in value):
+        messages = [_json_value(m) for m in value]
+        while messages and messages[-1]["role"] == "assistant":
+            messages.pop()
+        return messages or None
+    return None
+
+
+def records_from_rows(rows, source: PromptSource) -> list[PromptRecord]:
+    """PromptRecords from a dataset's rows: the prompt (text or messages), the answer, the rest."""
+    column, spec_field = ((source.messages_field, "messagesField") if source.messages_field
+                          else (source.field, "field"))
+    names = list(rows.column_names)
+    wanted = [(column, spec_field)]
+    if "answer_field" in source.model_fields_set:  # the default 'answer' may be absent: rewards need none
+        wanted.append((source.answer_field, "answerField"))
+    for name, spec_field_name in wanted:
+        if name not in names:
+            raise ValueError(f"spec.task.prompts.{spec_field_name}: {describe(source)} has no column {name!r} "
+                             f"(its columns: {names}); set {spec_field_name} to the right one")
     out = []
     for n, row in enumerate(rows):
-        if source.field not in row:
-            raise ValueError(
-                f"spec.task.prompts.field: record {n} has no field {source.field!r} "
-                f"(fields: {sorted(row)})"
-            )
-        out.append(PromptRecord(text=str(row[source.field]), answer=str(row.get(source.answer_field, ""))))
+        value = row[column]
+        messages = _as_messages(value)
+        if messages is None and (source.messages_field or not isinstance(value, str)):
+            expected = "a list of {role, content} messages" + ("" if source.messages_field else ", or text")
+            raise ValueError(f"spec.task.prompts.{spec_field}: record {n} of {describe(source)}: column "
+                             f"{column!r} holds {type(value).__name__} ({str(value)[:80]!r}), not {expected}")
+        columns = {k: _json_value(v) for k, v in row.items() if k != column}
+        answer = row.get(source.answer_field)
+        out.append(PromptRecord(
+            text=value if messages is None else prompt_text(messages),
+            answer="" if answer is None else str(answer), messages=messages, columns=columns,
+        ))
     return out
+
+
+def _load_records(source: PromptSource) -> list[PromptRecord]:
+    return records_from_rows(load_rows(source), source)

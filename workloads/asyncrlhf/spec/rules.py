@@ -36,7 +36,7 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
     CrossFieldRule(
         "task.prompts.path",
         "self.task.prompts.source != 'file' || self.task.prompts.path != ''",
-        "prompts.source is 'file': set prompts.path to a JSONL file on a mounted volume",
+        "prompts.source is 'file': set prompts.path to a JSONL, JSON, Parquet or CSV file on a mounted volume",
         lambda s: s.task.prompts.source != "file" or s.task.prompts.path != "",
     ),
     CrossFieldRule(
@@ -44,6 +44,32 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "self.task.reward.kind != 'model' || self.task.reward.model != ''",
         "reward.kind is 'model': set reward.model to a reward model id or path",
         lambda s: s.task.reward.kind != "model" or s.task.reward.model != "",
+    ),
+    CrossFieldRule(
+        "task.reward.function",
+        "self.task.reward.kind != 'python' || self.task.reward.function != ''",
+        "reward.kind is 'python': set reward.function to 'package.module:name' of your reward function",
+        lambda s: s.task.reward.kind != "python" or s.task.reward.function != "",
+    ),
+    CrossFieldRule(
+        "task.reward.http.url",
+        "self.task.reward.kind != 'http' || self.task.reward.http.url != ''",
+        "reward.kind is 'http': set reward.http.url to your reward server's endpoint",
+        lambda s: s.task.reward.kind != "http" or s.task.reward.http.url != "",
+    ),
+    CrossFieldRule(
+        "task.reward.terms",
+        "self.task.reward.kind != 'sum' || size(self.task.reward.terms) > 0",
+        "reward.kind is 'sum': list its terms in reward.terms (each a kind, a weight and its settings)",
+        lambda s: s.task.reward.kind != "sum" or len(s.task.reward.terms) > 0,
+    ),
+    CrossFieldRule(
+        "task.reward.terms",
+        "self.task.reward.terms.all(t, (t.kind != 'python' || t.function != '') "
+        "&& (t.kind != 'http' || t.http.url != '') && (t.kind != 'model' || t.model != ''))",
+        "every term needs its kind's setting: function (python), http.url (http), model (model)",
+        lambda s: all((t.kind != "python" or t.function) and (t.kind != "http" or t.http.url)
+                      and (t.kind != "model" or t.model) for t in s.task.reward.terms),
     ),
     CrossFieldRule(
         "learner.offload",
@@ -91,3 +117,24 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         or s.generator.resources.gpus - (1 if s.task.reward.device == "dedicated" else 0) <= 1,
     ),
 ]
+    CrossFieldRule(
+        "eval.everySteps",
+        "self.eval.everySteps % self.weightSync.everySteps == 0",
+        "evaluation samples from the step's snapshot: set eval.everySteps to a multiple of "
+        "weightSync.everySteps (or 0: no evaluation)",
+        lambda s: s.eval_.every_steps % s.weight_sync.every_steps == 0,
+    ),
+    CrossFieldRule(
+        "eval.prompts",
+        "self.eval.everySteps == 0 || self.task.prompts.source == 'builtin' || self.eval.prompts.source != 'builtin'",
+        "evaluation needs held-out prompts of your task: set eval.prompts to its held-out split or file (for "
+        "example the same dataset with split: test); only built-in tasks draw them by themselves",
+        lambda s: s.eval_.every_steps == 0 or s.task.prompts.source == "builtin"
+        or s.eval_.prompts.source != "builtin",
+    ),
+    CrossFieldRule(
+        "eval.prompts.path",
+        "self.eval.prompts.source != 'file' || self.eval.prompts.path != ''",
+        "eval.prompts.source is 'file': set eval.prompts.path to the held-out file on a mounted volume",
+        lambda s: s.eval_.prompts.source != "file" or s.eval_.prompts.path != "",
+    ),

@@ -27,6 +27,15 @@ class ModelSpec(SpecModel):
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype for generation and training (bfloat16 on GPUs)."
     )
+    chat_template: str = Field(
+        "auto", max_length=65536,
+        description="How a prompt becomes tokens. 'auto': a prompt that is a list of chat messages is "
+        "rendered with the tokenizer's chat template (with the generation prompt); a text prompt is BOS + "
+        "text. 'none': never a template (a message list's contents are joined by blank lines). Anything "
+        "else is an inline Jinja chat template used for every prompt (a text prompt becomes one user "
+        "message). Generators encode with it and the learner trains on the same tokens; reward models "
+        "render prompt + answer with their own tokenizer's template.",
+    )
     token_secret: SecretKey = Field(
         default_factory=SecretKey,
         description="Secret key holding a Hugging Face token (HF_TOKEN in every pod), for gated models.",
@@ -37,21 +46,46 @@ class ModelSpec(SpecModel):
 
 
 class PromptSource(SpecModel):
-    """Where prompts come from."""
+    """Where prompts come from, and which columns of a record are the prompt and the answer."""
 
     source: Literal["builtin", "dataset", "file"] = Field(
-        "builtin", description="builtin: a toy task shipped with asyncrlhf; dataset: a hub "
-        "dataset id; file: a JSONL file on a mounted volume."
+        "builtin", description="builtin: a toy task shipped with asyncrlhf; dataset: a Hugging Face "
+        "dataset (hub id or a local dataset directory); file: a JSONL, JSON, Parquet or CSV file on a "
+        "mounted volume."
     )
     name: str = Field(
-        "sort-digits", description="builtin task name (sort-digits) or hub dataset id."
+        "sort-digits", description="builtin task name (sort-digits) or dataset id/directory."
     )
-    path: str = Field("", description="JSONL file path (source=file).")
-    split: str = Field("train", description="Dataset split (source=dataset).")
-    field: str = Field("prompt", description="Record field that holds the prompt text.")
+    path: str = Field(
+        "", description="File path (source=file); its extension names the format: .jsonl, .json, "
+        ".parquet or .csv.",
+    )
+    config: str = Field(
+        "", max_length=253,
+        description="Dataset configuration (subset) name, e.g. 'main' for openai/gsm8k (source=dataset).",
+    )
+    revision: str = Field(
+        "", max_length=253, description="Dataset revision: a branch, tag or commit (source=dataset)."
+    )
+    data_files: list[str] = Field(
+        default_factory=list, max_length=256,
+        description="Files of the dataset to load, names or glob patterns inside it (source=dataset); "
+        "empty = the configuration's own files.",
+    )
+    split: str = Field(
+        "train", description="Split (source=dataset; a file is one split), slices allowed: 'train[:1000]'."
+    )
+    field: str = Field(
+        "prompt", description="Column that holds the prompt: text, or a list of {role, content} messages."
+    )
+    messages_field: str = Field(
+        "", description="Column that holds the prompt as a list of {role, content} chat messages; "
+        "when set it is used instead of `field`.",
+    )
     answer_field: str = Field(
         "answer",
-        description="Record field with the reference answer, passed to rule verifiers.",
+        description="Column with the reference answer, given to rule verifiers and reward functions "
+        "(as `answer`). Every column of the record reaches python and http rewards under its own name.",
     )
 
 
@@ -67,15 +101,89 @@ class OnePassHead(SpecModel):
     eta: float = Field(1.0, gt=0, description="Mirror-descent step size η.")
 
 
-class RewardSpec(SpecModel):
+# Where generator pods mount `task.reward.codeConfigMap` (cluster); python rewards import from it.
+REWARD_CODE_DIR = "/opt/asyncrlhf/reward-code"
+_FUNCTION = r"^$|^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+class HttpAuth(SpecModel):
+    """The credential an http reward sends: an environment variable's value, set from a Secret on a cluster."""
+
+    env: str = Field(
+        "ASYNCRLHF_REWARD_TOKEN", pattern=_ENV_NAME, max_length=253,
+        description="Environment variable holding the credential (export it for local runs); unset or "
+        "empty = no auth header.",
+    )
+    secret: SecretKey = Field(
+        default_factory=SecretKey,
+        description="Secret key with the credential (cluster): generator pods get `env` from it.",
+    )
+    header: str = Field("Authorization", min_length=1, max_length=253, description="HTTP header to send.")
+    scheme: str = Field(
+        "Bearer", max_length=64,
+        description="Prefix of the header value ('Bearer' sends 'Bearer <token>'); empty = the token alone.",
+    )
+
+
+class HttpReward(SpecModel):
+    """A reward server: batched JSON POST {prompts, completions, columns} -> {rewards} (docs/algorithms.md)."""
+
+    url: str = Field(
+        "", max_length=2048, pattern=r"^$|^https?://",
+        description="Endpoint the batch is POSTed to (http:// or https://).",
+    )
+    timeout_seconds: float = Field(30.0, gt=0, le=3600, description="Timeout of one request.")
+    retries: int = Field(
+        3, ge=0, le=20,
+        description="Retries of a failed request (connection error, timeout, HTTP 429 or 5xx), "
+        "with exponential backoff; then the batch's prompts are handed back and retried later.",
+    )
+    batch_size: int = Field(
+        0, ge=0, le=65536, description="Completions per request; 0 = a generator's whole batch in one."
+    )
+    auth: HttpAuth = Field(default_factory=HttpAuth, description="Auth header from a Secret.")
+
+
+class RewardSource(SpecModel):
+    """The settings of each kind of reward (used by `kind` and by the terms of kind=sum)."""
+
+    rule: str = Field("sort-digits", description="Verifier name for kind=rule (sort-digits, gsm8k).")
+    model: str = Field(
+        "", description="Reward model id or path for kind=model."
+    )
+    function: str = Field(
+        "", max_length=512, pattern=_FUNCTION,
+        description="kind=python: 'package.module:name' of a batched reward function "
+        "f(prompts, completions, **columns) -> list of floats, importable from PYTHONPATH, the job "
+        "file's directory (local runs) or codeConfigMap (cluster).",
+    )
+    http: HttpReward = Field(default_factory=HttpReward, description="Settings for kind=http.")
+
+
+class RewardTerm(RewardSource):
+    """One term of a kind=sum reward: weight x the term's reward."""
+
+    kind: Literal["rule", "model", "python", "http"] = Field("rule", description="The term's kind.")
+    weight: float = Field(1.0, description="Weight of the term in the sum.")
+
+
+class RewardSpec(RewardSource):
     """How a completion is scored."""
 
-    kind: Literal["rule", "model", "onepass"] = Field(
+    kind: Literal["rule", "model", "python", "http", "onepass", "sum"] = Field(
         "rule", description="rule: a programmatic verifier; model: a sequence-classification "
-        "reward model; onepass: a linear head learned online from preferences."
+        "reward model; python: your function; http: your reward server; onepass: a linear head "
+        "learned online from preferences; sum: a weighted sum of `terms`."
     )
-    rule: str = Field("sort-digits", description="Verifier name for kind=rule (sort-digits, gsm8k).")
-    model: str = Field("", description="Reward model id or path for kind=model.")
+    code_config_map: str = Field(
+        "", max_length=253,
+        description=f"ConfigMap holding python reward modules (cluster): mounted at {REWARD_CODE_DIR} "
+        "in generator pods, where python rewards import from.",
+    )
+    terms: list[RewardTerm] = Field(
+        default_factory=list, max_length=16, description="The weighted terms of kind=sum."
+    )
     onepass: OnePassHead = Field(default_factory=OnePassHead, description="Settings for kind=onepass.")
     device: Literal["generator", "dedicated"] = Field(
         "generator",
@@ -90,6 +198,16 @@ class RewardSpec(SpecModel):
         -1.0,
         description="Score given to completions that end without EOS (paper: -1 TL;DR, -10 chatbot).",
     )
+
+    def sources(self) -> list[RewardSource]:
+        """Every reward this spec runs: itself, or the terms of a sum."""
+        return list(self.terms) if self.kind == "sum" else [self]
+
+    def http_rewards(self) -> list[HttpReward]:
+        """The reward servers the generators call (the operator opens egress to them and sets
+        each `auth.env` from its Secret)."""
+        kinds = [(t.kind, t.http) for t in self.terms] if self.kind == "sum" else [(self.kind, self.http)]
+        return [http for kind, http in kinds if kind == "http"]
 
 
 class TaskSpec(SpecModel):
