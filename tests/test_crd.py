@@ -126,6 +126,7 @@ def pydantic_error(manifest: dict[str, Any]) -> str | None:
 
 
 def manifest(name: str = "demo", **spec: Any) -> dict[str, Any]:
+    spec.setdefault("model", {"policy": "builtin:tiny-sort"})  # required in a manifest (api.REQUIRED_FIELDS)
     return {"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": name}, "spec": spec}
 
 
@@ -238,7 +239,8 @@ def test_cel_field_paths_exist():
 def test_crd_defaults_equal_pydantic_defaults():
     schema = crd.spec_schema()["properties"]["spec"]
     expected = api.JobSpec().model_dump(by_alias=True, exclude_none=True, mode="json")
-    assert apply_defaults(schema, {}) == expected
+    required = {"model": {"policy": api.JobSpec().model.policy}}  # no default in a manifest
+    assert apply_defaults(schema, required) == expected
 
 
 def test_status_schema_accepts_a_full_status():

@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def manifest(**spec) -> dict:
+    spec.setdefault("model", {"policy": "builtin:tiny-sort"})  # a manifest must name its policy
     return {"apiVersion": "asyncrlhf.dev/v1alpha1", "kind": "AsyncRLHFJob", "metadata": {"name": "t"}, "spec": spec}
 
 
@@ -49,6 +50,15 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ManifestError) as err:
         parse_manifest(manifest(algorithm={"loss": "x", "beta": -1}, learner={"totalSteps": 0}))
     assert len(err.value.problems) == 3
+
+
+def test_a_manifest_without_a_spec_does_not_start_the_toy_job(tmp_path):
+    bare = tmp_path / "bare.yaml"
+    bare.write_text("apiVersion: asyncrlhf.dev/v1alpha1\nkind: AsyncRLHFJob\nmetadata: {name: bare}\n")
+    with pytest.raises(ManifestError) as err:
+        load_manifest(bare)
+    assert [p.split(":")[0] for p in err.value.problems] == ["spec.model.policy"]
+    assert load_manifest(ROOT / "examples" / "local-tiny.yaml").spec.model.policy == "builtin:tiny-sort"
 
 
 def test_wrong_kind_and_bad_yaml(tmp_path):

@@ -57,8 +57,8 @@ def test_not_json_is_refused():
 def test_names_of_a_job():
     bus = JobBus("team-a", "tiny-sort")
     assert bus.subject("rollouts") == "asyncrlhf.team-a.tiny-sort.rollouts"
-    assert bus.stream == "ARJ_team_a_tiny_sort"
-    assert bus.bucket == "arj-team-a-tiny-sort"
+    assert bus.stream == "ARJ_team-a_tiny-sort"
+    assert bus.bucket == "arj_team-a_tiny-sort"
     config = bus.stream_config(1 << 20)
     assert config.retention.value == "workqueue" and config.discard.value == "new"
     assert sorted(c.durable_name for c in bus.consumer_configs(30)) == ["generators", "learner", "reward"]

@@ -75,7 +75,7 @@ def generate_crd() -> dict[str, Any]:
     defs = schema.get("$defs", {})
     props = schema["properties"]
     spec = _convert(props["spec"], defs, fill_defaults=True)
-    spec["default"] = {}
+    _require(spec, api.REQUIRED_FIELDS)
     spec["x-kubernetes-validations"] = [_cel_rule(rule) for rule in api.CROSS_FIELD_RULES]
     for path in api.IMMUTABLE_FIELDS:
         node = spec
@@ -98,6 +98,7 @@ def generate_crd() -> dict[str, Any]:
             "spec": spec,
             "status": status,
         },
+        "required": ["spec"],
     }
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -152,6 +153,18 @@ def _cel_rule(rule: api.CrossFieldRule) -> dict[str, str]:
         "fieldPath": "." + rule.path,
         "reason": "FieldValueInvalid",
     }
+
+
+def _require(spec: dict[str, Any], paths: tuple[str, ...]) -> None:
+    """Each path required, with no default on its way (a default would satisfy `required`)."""
+    for path in paths:
+        node = spec
+        for part in path.split("."):
+            required = node.setdefault("required", [])
+            if part not in required:
+                required.append(part)
+            node = node["properties"][part]
+            node.pop("default", None)
 
 
 def _metadata_schema(defs: dict[str, Any]) -> dict[str, Any]:

@@ -3,6 +3,11 @@
 Names and configurations come from `asyncrlhf.bus` (shared with the workloads). One NATS
 connection per (URL, credentials) is kept and reused across jobs and timer ticks; a closed
 one (the server went away for longer than the reconnect attempts) is replaced on next use.
+
+Credentials stay in memory: a Secret's `.creds` is handed to nats-py as RawCredentials (it signs
+the server's nonce with the seed on every (re)connect; `nkeys` does the signing), never written
+to a file. The operator's own credentials are used only for jobs that name no bus of their own
+(validation.foreign_bus_error refuses the others).
 """
 
 from __future__ import annotations
@@ -11,12 +16,12 @@ import asyncio
 import base64
 import logging
 import os
-import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import kopf
 import nats
+from nats.aio.client import RawCredentials
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from asyncrlhf import api, workload_env
@@ -34,9 +39,9 @@ CONNECT_TIMEOUT = 10.0
 class Credentials:
     """What the job's credentials Secret holds: a .creds file, or user and password."""
 
-    creds: str = ""
+    creds: str = field(default="", repr=False)  # never in a log line or a traceback
     user: str = ""
-    password: str = ""
+    password: str = field(default="", repr=False)
 
 
 def operator_credentials() -> Credentials:
@@ -82,10 +87,7 @@ class Buses:
     async def _connect(self, url: str, credentials: Credentials):
         options: dict[str, Any] = {}
         if credentials.creds:
-            handle, creds_path = tempfile.mkstemp(prefix="nats-", suffix=".creds")
-            with os.fdopen(handle, "w") as f:
-                f.write(credentials.creds)
-            options["user_credentials"] = creds_path
+            options["user_credentials"] = RawCredentials(credentials.creds)
         elif credentials.user:
             options.update(user=credentials.user, password=credentials.password)
 

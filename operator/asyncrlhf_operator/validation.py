@@ -28,6 +28,9 @@ def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
     job, error = validate_spec(body)
     if job is None:
         return job, error
+    error = foreign_bus_error(job.spec.nats)
+    if error:
+        return None, error
     recorded = ((body.get("metadata") or {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION)
     if recorded:
         try:
@@ -40,6 +43,16 @@ def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
                 return None, (f"spec.{path}: {api.IMMUTABLE_MESSAGE}; it was "
                               f"{json.dumps(before[path], sort_keys=True)}")
     return job, ""
+
+
+def foreign_bus_error(nats: api.NatsSpec) -> str:
+    """A job that names its own bus must bring its own credentials: the operator's NATS credentials
+    go to the operator's bus only (a job's URL could be anyone's server, collecting passwords)."""
+    if nats.url and not nats.credentials_secret:
+        return (f"spec.nats.credentialsSecret: this job names its own bus (spec.nats.url {nats.url!r}), so it "
+                "needs a Secret with that bus's credentials (key 'creds', or 'user' and 'password'); the "
+                "operator sends its own credentials only to its own bus (leave spec.nats.url empty to use it)")
+    return ""
 
 
 def validate_spec(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
@@ -65,10 +78,17 @@ def deletion_view(body: Mapping[str, Any]) -> tuple[api.NatsSpec, api.WeightSync
     given (`model_construct`: no validation, the models' defaults for what is missing)."""
     job, _ = validate_spec(body)
     if job is not None:
-        return job.spec.nats, job.spec.weight_sync
-    spec = body.get("spec") or {}
-    nats, sync = (spec.get(key) if isinstance(spec.get(key), dict) else {} for key in ("nats", "weightSync"))
-    return api.NatsSpec.model_construct(**nats), api.WeightSyncSpec.model_construct(**sync)
+        nats, sync = job.spec.nats, job.spec.weight_sync
+    else:
+        spec = body.get("spec") or {}
+        raw_nats, raw_sync = (spec.get(key) if isinstance(spec.get(key), dict) else {}
+                              for key in ("nats", "weightSync"))
+        nats, sync = api.NatsSpec.model_construct(**raw_nats), api.WeightSyncSpec.model_construct(**raw_sync)
+    if foreign_bus_error(nats):
+        # Refused as SpecInvalid, it never made anything on that bus (and the operator's credentials
+        # must not go there): whatever it has is on the operator's own bus, from before the edit.
+        nats = nats.model_copy(update={"url": ""})
+    return nats, sync
 
 
 def describe(err: pydantic.ValidationError) -> str:

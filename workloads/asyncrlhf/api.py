@@ -17,15 +17,16 @@ from __future__ import annotations
 
 from typing import Any, Literal, Optional
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 from pydantic.alias_generators import to_camel
 
 from .spec.algorithm import AlgorithmSpec, AsyncSpec, BetaSchedule, ReplayBufferSpec
-from .spec.base import BUILTIN_MODEL_PREFIX, LossName, SpecModel
+from .spec.base import BUILTIN_MODEL_PREFIX, DNS_LABEL, IMAGE, LossName, SpecModel
 from .spec.plumbing import NatsSpec, VolumeSnapshotSpec, WeightSyncSpec
 from .spec.pods import ModelCacheSpec, PodTemplate, PodTemplateMetadata, SecretKey
-from .spec.processes import (
 from .spec.reporting import EvalSpec, TrackerName, TrackingSpec
+from .spec.processes import (
     GeneratorSpec, LearnerSpec, OptimizerSpec, PodResources, Resources, SamplingSpec,
 )
 from .spec.rules import CROSS_FIELD_RULES, CrossFieldRule
@@ -42,10 +43,11 @@ __all__ = [
     "BetaSchedule", "AlgorithmSpec", "ReplayBufferSpec", "AsyncSpec",
     "SamplingSpec", "PodResources", "Resources", "GeneratorSpec", "OptimizerSpec", "LearnerSpec",
     "VolumeSnapshotSpec", "WeightSyncSpec", "NatsSpec",
-    "PodTemplate", "PodTemplateMetadata", "SecretKey", "ModelCacheSpec",
     "TrackerName", "TrackingSpec", "EvalSpec",
+    "PodTemplate", "PodTemplateMetadata", "SecretKey", "ModelCacheSpec",
     "JobSpec", "CrossFieldRule", "CROSS_FIELD_RULES",
     "IMMUTABLE_FIELDS", "IMMUTABLE_MESSAGE", "immutable_values",
+    "REQUIRED_FIELDS", "REQUIRED_MESSAGE", "missing_required",
     "ObjectMeta", "Condition", "JobStatus", "AsyncRLHFJob",
 ]
 
@@ -71,18 +73,19 @@ class JobSpec(SpecModel):
         default_factory=WeightSyncSpec, description="Weight sync and storage."
     )
     nats: NatsSpec = Field(default_factory=NatsSpec, description="NATS JetStream connection.")
-    image: str = Field(
-        "ghcr.io/asyncrlhf/workloads:0.1.0", description="Container image of generator and learner."
     tracking: TrackingSpec = Field(
         default_factory=TrackingSpec, description="Experiment trackers (TensorBoard, wandb, MLflow)."
     )
     eval_: EvalSpec = Field(
         default_factory=EvalSpec, alias="eval", description="Evaluation on held-out prompts during training."
     )
+    image: str = Field(
+        "ghcr.io/asyncrlhf/workloads:0.1.0", max_length=512, pattern=IMAGE,
+        description="Container image of generator and learner.",
     )
     suspend: bool = Field(False, description="Scale everything to zero, keeping stream and snapshots.")
     ttl_seconds_after_finished: Optional[int] = Field(
-        None, ge=0,
+        None, ge=0, le=10 * 365 * 24 * 3600,
         description="Delete the job this many seconds after it finished; unset = keep.",
     )
     progress_deadline_seconds: Optional[int] = Field(
@@ -96,10 +99,19 @@ class JobSpec(SpecModel):
 
     @model_validator(mode="after")
     def _cross_field(self) -> "JobSpec":
-        for rule in CROSS_FIELD_RULES:
-            if not rule.check(self):
-                raise ValueError(f"{rule.path}: {rule.message}")
+        failed = [rule for rule in CROSS_FIELD_RULES if not rule.check(self)]
+        if failed:  # every failing rule at once, each at its own field (as the CRD's fieldPath)
+            dumped = self.model_dump(by_alias=True, mode="json")
+            raise ValidationError.from_exception_data("JobSpec", [
+                {"type": PydanticCustomError("cross_field", rule.message), "loc": tuple(rule.path.split(".")),
+                 "input": _value_at(dumped, rule.path)} for rule in failed])
         return self
+
+
+def _value_at(data: Any, path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part) if isinstance(data, dict) else None
+    return data
 
 
 # Fields a running job cannot change: the checkpoint holds this model's weights and optimizer
@@ -110,6 +122,27 @@ IMMUTABLE_FIELDS: tuple[str, ...] = (
     "model.policy", "model.reference", "model.tokenizer", "model.dtype", "learner.promptsPerStep",
 )
 IMMUTABLE_MESSAGE = "is immutable: it cannot change while the job exists (set it back, or create a new job)"
+
+
+# Fields a manifest must set although the model has a default (which `JobSpec()` in Python keeps):
+# a job applied with no spec must not start the built-in toy job on a cluster by surprise. The CRD
+# marks them required (no default on their path); `asyncrlhf run` and `validate` refuse a manifest
+# without them (manifest.parse_manifest).
+REQUIRED_FIELDS: tuple[str, ...] = ("model.policy",)
+REQUIRED_MESSAGE = ("required: name the policy to train (a hub id such as org/model, a path on a mounted "
+                    "volume, or builtin:tiny-sort for the built-in toy task)")
+
+
+def missing_required(spec: Any) -> list[str]:
+    """The REQUIRED_FIELDS (as `spec.<path>`) that a manifest's raw spec does not set."""
+    missing = []
+    for path in REQUIRED_FIELDS:
+        value = spec
+        for part in path.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if value is None:
+            missing.append(f"spec.{path}")
+    return missing
 
 
 def immutable_values(spec: JobSpec) -> dict[str, Any]:
@@ -127,13 +160,18 @@ def immutable_values(spec: JobSpec) -> dict[str, Any]:
 class ObjectMeta(SpecModel):
     """The subset of Kubernetes metadata a job manifest uses."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow")
+    # labels and annotations keep Kubernetes' own limits (256 KiB of annotations), not the spec's
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="allow",
+                              str_max_length=256 * 1024)
     name: str = Field(
         ..., min_length=1, max_length=40, pattern=r"^[a-z]([-a-z0-9]*[a-z0-9])?$",
         description="Job name: lower-case letters, digits and '-', starting with a letter (a DNS-1035 "
         "label, as Service names need), at most 40 characters so child names fit.",
     )
-    namespace: str = Field("default", description="Namespace.")
+    namespace: str = Field(
+        "default", max_length=63, pattern=DNS_LABEL,
+        description="Namespace (a DNS-1123 label; it names the job's NATS subjects, so no '.', '*' or '>').",
+    )
     labels: dict[str, str] = Field(default_factory=dict)
     annotations: dict[str, str] = Field(default_factory=dict)
 
@@ -144,7 +182,7 @@ class Condition(SpecModel):
     type: str = Field(description="Ready, Progressing, Suspended, Succeeded, Failed or SpecInvalid.")
     status: Literal["True", "False", "Unknown"] = Field(description="Whether the condition holds.")
     reason: str = Field("", description="CamelCase reason for the last transition.")
-    message: str = Field("", description="What happened, for people.")
+    message: str = Field("", max_length=32768, description="What happened, for people.")
     last_transition_time: str = Field("", description="When the status last changed (RFC 3339).")
 
 

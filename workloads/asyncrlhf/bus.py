@@ -7,7 +7,7 @@ work-queue retention: a prompt or rollout leaves the stream when its consumer ac
 stream holds only outstanding work and `max_bytes` with discard=new turns a slow learner into
 back-pressure on publishers instead of lost data. Weight announcements have no consumer: readers
 fetch the last one directly (a restarted generator finds it at once). Progress goes to the KV
-bucket `arj-<ns>-<job>` (keys `learner`, `generator.<id>`, `reward-head`), read and written through kv.py.
+bucket `arj_<ns>_<job>` (keys `learner`, `generator.<id>`, `reward-head`), read and written through kv.py.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -54,14 +55,25 @@ DEDUP_WINDOW_SECONDS = 3600.0
 PUBLISH_RETRYABLE = (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.ConnectionClosedError,
                      nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 log = logging.getLogger("asyncrlhf.bus")
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
 
 @dataclass(frozen=True)
 class JobBus:
-    """Names of one job's stream, subjects, consumers and KV bucket."""
+    """Names of one job's stream, subjects, consumers and KV bucket.
+
+    Namespace and job are DNS labels (letters, digits, '-'; checked here), so '_' never occurs in
+    either and joins them unambiguously: `team-a/x` is `ARJ_team-a_x`, `team/a-x` is `ARJ_team_a-x`
+    (names that once both read `ARJ_team_a_x`). No '.', '*' or '>' can reach a subject either."""
 
     namespace: str
     job: str
+
+    def __post_init__(self) -> None:
+        for what, value in (("namespace", self.namespace), ("job name", self.job)):
+            if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
+                raise ValueError(f"{what} {value!r} is not a DNS label (lower-case letters, digits and '-', "
+                                 "at most 63): it cannot name a job's stream and subjects")
 
     @property
     def prefix(self) -> str:
@@ -72,11 +84,11 @@ class JobBus:
 
     @property
     def stream(self) -> str:
-        return f"ARJ_{self.namespace}_{self.job}".replace("-", "_").replace(".", "_")
+        return f"ARJ_{self.namespace}_{self.job}"
 
     @property
     def bucket(self) -> str:
-        return f"arj-{self.namespace}-{self.job}".replace(".", "-")
+        return f"arj_{self.namespace}_{self.job}"
 
     @property
     def dead_stream(self) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from .base import SpecModel
+from .base import DNS_SUBDOMAIN_OR_EMPTY, NATS_URL, SpecModel
 from .pods import QUANTITY, AccessMode
 
 
@@ -18,7 +18,7 @@ class VolumeSnapshotSpec(SpecModel):
     )
     keep: int = Field(3, ge=1, le=100, description="VolumeSnapshots kept; older ones are deleted.")
     class_name: str = Field(
-        "", max_length=253, description="VolumeSnapshotClass; empty = the cluster's default class."
+        "", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY, description="VolumeSnapshotClass; empty = the cluster's default class."
     )
 
 
@@ -36,10 +36,10 @@ class WeightSyncSpec(SpecModel):
         "that checkpoints add at most 15% to the average publish (docs/tuning.md).",
     )
     volume_claim: str = Field(
-        "", description="Existing ReadWriteMany PVC; empty = create one."
+        "", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY, description="Existing ReadWriteMany PVC; empty = create one."
     )
     size: str = Field("20Gi", pattern=QUANTITY, description="Size of the created PVC (a quantity: 20Gi).")
-    storage_class: str = Field("", description="Storage class; empty = default.")
+    storage_class: str = Field("", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY, description="Storage class; empty = default.")
     access_mode: AccessMode = Field(
         "ReadWriteMany",
         description="Access mode of the created PVC: ReadWriteMany (pods on several nodes) or "
@@ -63,16 +63,20 @@ class WeightSyncSpec(SpecModel):
 class NatsSpec(SpecModel):
     """The bus. Empty url: the chart's NATS (cluster) or an embedded nats-server (local)."""
 
-    url: str = Field("", description="nats:// URL; empty = default.")
+    url: str = Field(
+        "", max_length=2048, pattern=NATS_URL,
+        description="nats:// URL(s), comma-separated, without credentials; empty = default. A job that "
+        "names its own bus brings its own credentialsSecret (the operator never sends it its credentials).",
+    )
     credentials_secret: str = Field(
-        "",
+        "", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY,
         description="Secret with key 'creds' (a NATS .creds file) or 'user'/'password'.",
     )
     max_bytes: int = Field(
-        1 << 30, ge=1 << 20,
+        1 << 30, ge=1 << 20, le=1 << 50,
         description="Stream size limit; publishers back off when full (no data is discarded).",
     )
     ack_wait_seconds: float = Field(
-        60.0, gt=0,
+        60.0, ge=1, le=86400,
         description="Seconds before an unacknowledged message is redelivered (crash recovery).",
     )

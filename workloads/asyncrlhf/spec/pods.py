@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 from pydantic import Field, field_validator
 
-from .base import SpecModel
+from .base import SpecModel, json_problems
 
 # Kubernetes' resource.Quantity syntax (the pattern controller-gen puts on quantity fields)
 QUANTITY_BODY = (r"(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))"
@@ -67,7 +67,7 @@ class PodTemplate(SpecModel):
     @field_validator("spec")
     @classmethod
     def _only_what_the_operator_does_not_own(cls, spec: dict[str, Any]) -> dict[str, Any]:
-        problems = pod_spec_problems(spec)
+        problems = json_problems(spec) or pod_spec_problems(spec)
         if problems:
             raise ValueError("; ".join(problems))
         return spec

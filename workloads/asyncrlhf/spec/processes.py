@@ -58,13 +58,13 @@ class GeneratorSpec(SpecModel):
 class OptimizerSpec(SpecModel):
     """AdamW settings."""
 
-    lr: float = Field(3e-6, gt=0, description="Peak learning rate.")
-    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    warmup_steps: int = Field(0, ge=0, description="Linear warm-up steps.")
+    lr: float = Field(3e-6, gt=0, le=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.0, ge=0, le=10, description="AdamW weight decay.")
+    warmup_steps: int = Field(0, ge=0, le=10_000_000, description="Linear warm-up steps.")
     schedule: Literal["constant", "linear"] = Field(
         "constant", description="LR after warm-up: constant or linear decay to 0."
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    max_grad_norm: float = Field(1.0, gt=0, le=1e6, description="Gradient-norm clip.")
 
 
 class LearnerSpec(SpecModel):
@@ -89,11 +89,11 @@ class LearnerSpec(SpecModel):
         16, ge=1, le=65536, description="Prompts per optimizer step."
     )
     micro_batch_size: int = Field(
-        0, ge=0,
+        0, ge=0, le=65536,
         description="Sequences per forward/backward (gradient accumulation); 0 = whole batch.",
     )
-    total_steps: int = Field(100, ge=1, description="Optimizer steps to run.")
-    seed: int = Field(0, ge=0, description="Seed for prompts, sampling and initialisation.")
+    total_steps: int = Field(100, ge=1, le=10_000_000, description="Optimizer steps to run.")
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="Seed for prompts, sampling and initialisation.")
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Learner restarts before the job fails."
     )

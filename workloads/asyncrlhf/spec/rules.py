@@ -12,10 +12,26 @@ class CrossFieldRule:
         self.path, self.cel, self.message, self.check = path, cel, message, check
 
 
+# A rollout group (samplesPerPrompt completions: token ids, log-probs, text) travels as one NATS
+# message. Measured: ~31 bytes per generated token (JSON, ASCII text); 48 leaves room for longer
+# token texts. 1 MiB is NATS's default max_payload, the embedded bus's limit (the chart's NATS
+# allows 8MB), 64 KiB of it kept for the prompt and the envelope: at most 20,480 tokens per group.
+MESSAGE_LIMIT_BYTES = 1 << 20
+BYTES_PER_TOKEN = 48
+MAX_GROUP_TOKENS = (MESSAGE_LIMIT_BYTES - (64 << 10)) // BYTES_PER_TOKEN
+
 # Each rule is written twice by necessity — once in CEL for the apiserver, once in Python —
 # and kept side by side so they cannot drift; tests/test_crd.py::test_cel_rules_agree_with_pydantic
 # checks both agree.
 CROSS_FIELD_RULES: list[CrossFieldRule] = [
+    CrossFieldRule(
+        "generator.sampling.maxTokens",
+        f"self.algorithm.samplesPerPrompt * self.generator.sampling.maxTokens <= {MAX_GROUP_TOKENS}",
+        f"a rollout group (samplesPerPrompt x maxTokens tokens) must fit in one bus message: at most "
+        f"{MAX_GROUP_TOKENS} tokens ({MESSAGE_LIMIT_BYTES >> 20} MiB, NATS's default max_payload, at "
+        f"{BYTES_PER_TOKEN} bytes a token); lower maxTokens or algorithm.samplesPerPrompt",
+        lambda s: s.algorithm.samples_per_prompt * s.generator.sampling.max_tokens <= MAX_GROUP_TOKENS,
+    ),
     CrossFieldRule(
         "async.maxStaleness",
         "self.async.mode == 'sync' ? self.weightSync.everySteps == 1 "
@@ -116,7 +132,6 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: s.generator.engine == "vllm"
         or s.generator.resources.gpus - (1 if s.task.reward.device == "dedicated" else 0) <= 1,
     ),
-]
     CrossFieldRule(
         "eval.everySteps",
         "self.eval.everySteps % self.weightSync.everySteps == 0",
@@ -138,3 +153,4 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "eval.prompts.source is 'file': set eval.prompts.path to the held-out file on a mounted volume",
         lambda s: s.eval_.prompts.source != "file" or s.eval_.prompts.path != "",
     ),
+]

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from .base import SpecModel
+from .base import MODEL_REF, PROMPT_FILE, SpecModel
 from .pods import ModelCacheSpec, SecretKey
 
 
@@ -17,13 +17,15 @@ class ModelSpec(SpecModel):
         "builtin:tiny-sort",
         description="Policy to train: a Hugging Face hub id, a path on a mounted volume, or "
         "'builtin:tiny-sort' (a tiny Llama built locally, for the built-in task).",
-        min_length=1, max_length=1024,
+        min_length=1, max_length=1024, pattern=MODEL_REF,
     )
     reference: str = Field(
         "", description="Frozen reference policy for the KL terms; empty means the initial policy.",
-        max_length=1024,
+        max_length=1024, pattern=MODEL_REF,
     )
-    tokenizer: str = Field("", description="Tokenizer id or path; empty means the policy's.", max_length=1024)
+    tokenizer: str = Field(
+        "", description="Tokenizer id or path; empty means the policy's.", max_length=1024, pattern=MODEL_REF
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Parameter dtype for generation and training (bfloat16 on GPUs)."
     )
@@ -54,10 +56,11 @@ class PromptSource(SpecModel):
         "mounted volume."
     )
     name: str = Field(
-        "sort-digits", description="builtin task name (sort-digits) or dataset id/directory."
+        "sort-digits", max_length=1024, pattern=MODEL_REF,
+        description="builtin task name (sort-digits) or dataset id/directory."
     )
     path: str = Field(
-        "", description="File path (source=file); its extension names the format: .jsonl, .json, "
+        "", max_length=1024, pattern=PROMPT_FILE, description="File path (source=file); its extension names the format: .jsonl, .json, "
         ".parquet or .csv.",
     )
     config: str = Field(
@@ -93,12 +96,12 @@ class OnePassHead(SpecModel):
     """Online one-pass reward head (Li et al. 2025) over a frozen model's features."""
 
     feature_model: str = Field(
-        "",
+        "", max_length=1024, pattern=MODEL_REF,
         description="Frozen model whose last-layer embedding is the feature map; empty = policy.",
     )
-    lambda_: float = Field(1.0, alias="lambda", gt=0, description="Initial Hessian λI.")
-    bound: float = Field(10.0, gt=0, description="Projection radius B on the head's norm.")
-    eta: float = Field(1.0, gt=0, description="Mirror-descent step size η.")
+    lambda_: float = Field(1.0, alias="lambda", gt=0, le=1e6, description="Initial Hessian λI.")
+    bound: float = Field(10.0, gt=0, le=1e6, description="Projection radius B on the head's norm.")
+    eta: float = Field(1.0, gt=0, le=1e6, description="Mirror-descent step size η.")
 
 
 # Where generator pods mount `task.reward.codeConfigMap` (cluster); python rewards import from it.
@@ -150,7 +153,7 @@ class RewardSource(SpecModel):
 
     rule: str = Field("sort-digits", description="Verifier name for kind=rule (sort-digits, gsm8k).")
     model: str = Field(
-        "", description="Reward model id or path for kind=model."
+        "", max_length=1024, pattern=MODEL_REF, description="Reward model id or path for kind=model."
     )
     function: str = Field(
         "", max_length=512, pattern=_FUNCTION,
@@ -165,7 +168,7 @@ class RewardTerm(RewardSource):
     """One term of a kind=sum reward: weight x the term's reward."""
 
     kind: Literal["rule", "model", "python", "http"] = Field("rule", description="The term's kind.")
-    weight: float = Field(1.0, description="Weight of the term in the sum.")
+    weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of the term in the sum.")
 
 
 class RewardSpec(RewardSource):
@@ -195,7 +198,7 @@ class RewardSpec(RewardSource):
         16, ge=1, le=4096, description="Sequences per reward/feature-model forward pass."
     )
     no_eos_penalty: float = Field(
-        -1.0,
+        -1.0, ge=-1e6, le=1e6,
         description="Score given to completions that end without EOS (paper: -1 TL;DR, -10 chatbot).",
     )
 
