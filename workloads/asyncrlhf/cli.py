@@ -106,20 +106,20 @@ def cmd_learner(args) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if Rendezvous.from_env().rank > 0:  # only rank 0 talks to the bus; the others follow it
         return follower_main(job.spec)
+    from .tracking import TrackingError
+
     try:
         asyncio.run(main_async(job.spec, bus, env.nats_url, env.snapshot_dir, env.run_dir))
+    except TrackingError as err:  # a tracker's library or credentials are missing: a restart cannot fix it
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     finally:
         release_followers()
     return 0
 
 
-    from .tracking import TrackingError
-
 def cmd_generator(args) -> int:
     job, bus, env = _workload_context(args, WorkloadEnv.for_generator)  # before vLLM loads: fail fast
-    except TrackingError as err:  # a tracker's library or credentials are missing: a restart cannot fix it
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_BAD_INPUT
     from .generator import main_async
     from .models import ChatTemplateError
     from .reward_kinds import RewardConfigError
@@ -162,7 +162,6 @@ def cmd_crd(args) -> int:
     return crd.run(args)
 
 
-def cmd_render(args) -> int:
 def cmd_export(args) -> int:
     from .export import ExportError, describe, export
 
@@ -176,6 +175,7 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_render(args) -> int:
     from asyncrlhf_operator import render
 
     return render.run(args)
@@ -228,6 +228,13 @@ def build_parser() -> argparse.ArgumentParser:
     label.add_argument("--nats-url", default="", help=f"the job's NATS (default: ${NATS_URL}, else spec.nats.url)")
     label.set_defaults(func=cmd_label)
 
+    exp = sub.add_parser("export", help="write the trained model as a Hugging Face directory (transformers, vLLM)")
+    exp.add_argument("source", help="a run directory (runs/<job>), a volume, or a snapshot directory")
+    exp.add_argument("out_dir", help="where to write the model (a new or empty directory)")
+    exp.add_argument("--version", type=int, help="the snapshot version (step) to export; default: the newest")
+    exp.add_argument("--tokenizer", default="", help="tokenizer path or hub id, for a snapshot without one")
+    exp.set_defaults(func=cmd_export)
+
     from asyncrlhf_operator import crd as crd_tool  # no kopf: the CRD generator and its options
 
     crd = sub.add_parser("crd", help="regenerate the CRD from the spec models")
@@ -239,13 +246,6 @@ def build_parser() -> argparse.ArgumentParser:
     _add_operator_parser(sub)
     return parser
 
-
-    exp = sub.add_parser("export", help="write the trained model as a Hugging Face directory (transformers, vLLM)")
-    exp.add_argument("source", help="a run directory (runs/<job>), a volume, or a snapshot directory")
-    exp.add_argument("out_dir", help="where to write the model (a new or empty directory)")
-    exp.add_argument("--version", type=int, help="the snapshot version (step) to export; default: the newest")
-    exp.add_argument("--tokenizer", default="", help="tokenizer path or hub id, for a snapshot without one")
-    exp.set_defaults(func=cmd_export)
 
 def _add_operator_parser(sub) -> None:
     # The defaults shown are the operator's own (its settings module loads no kopf).

@@ -48,9 +48,9 @@ from .replay_sampling import rng_state, set_rng_state, store_and_sample
 from .rewards import HeadLearner
 from .runlog import RunLog, metrics_row, progress_report
 from .snapshots import SnapshotInfo, prune_snapshots, write_snapshot
+from .tracking import open_trackers
 
 log = logging.getLogger("asyncrlhf.learner")
-from .tracking import open_trackers
 REWARD_HEAD = "reward_head.safetensors"
 
 
@@ -76,27 +76,27 @@ class Learner:
         # training time, and is the same in sync and async mode); a resumed learner's clock runs
         # from its start, so recovery time counts.
         self._started: Optional[float] = None
+        self.evaluator: Optional[Evaluator] = None  # spec.eval (evaluation.py); made by create
+        self.tokenizer = None  # saved into every snapshot (export.py); loaded by create
 
     @classmethod
     def create(cls, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> "Learner":
         """Load the models, build the backend, and restore the newest checkpoint if there is one."""
         model_path = resolve_model(spec.model.policy)
-        self.evaluator: Optional[Evaluator] = None  # spec.eval (evaluation.py); made by create
-        self.tokenizer = None  # saved into every snapshot (export.py); loaded by create
         reference = resolve_model(spec.model.reference) if spec.model.reference else model_path
         head = HeadLearner(spec) if spec.task.reward.kind == "onepass" else None
         learner = cls(spec, bus, nats_url, root, run_dir, make_backend(spec, model_path, reference),
                       model_path=model_path, head=head)
         learner.restore()
+        learner.tokenizer = snapshot_tokenizer(spec, model_path)
+        learner.evaluator = Evaluator.create(spec, model_path, reference, run_dir)
+        learner.log.trackers = open_trackers(spec, run_dir, bus.job, learner.state.step)
         return learner
 
     # --- checkpoints ---------------------------------------------------------------------
 
     def save_checkpoint(self, snapshot: SnapshotInfo) -> None:
         if self.replay is not None:
-        learner.tokenizer = snapshot_tokenizer(spec, model_path)
-        learner.evaluator = Evaluator.create(spec, model_path, reference, run_dir)
-        learner.log.trackers = open_trackers(spec, run_dir, bus.job, learner.state.step)
             self.state.replay = self.replay.state_dict()
             self.state.replay_rng = rng_state(self._replay_rng)
         self.checkpoints.save(self.state, snapshot, self._write_checkpoint_files)
@@ -170,17 +170,6 @@ class Learner:
         await self.link.announce(WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum))
         await self.prune(self.link.kv)
 
-    async def prune(self, kv: JobKV) -> None:
-        """Delete old snapshots, sparing the published one, the checkpoint's and those live generators use."""
-        in_use = {self.state.published_version}
-        now = time.time()
-        try:
-            reports = await kv.reports()
-            await kv.fold_retired(reports, now)
-        except BUS_ERRORS as err:
-            log.warning("not pruning snapshots this time: cannot read the generators' versions: %s", err)
-            return
-        # a generator gone for good no longer holds its version's snapshot
     def _save_snapshot_files(self, directory: Path) -> dict[str, str]:
         """A complete HF model directory: the weights, config, generation config and tokenizer."""
         digests = self.backend.save_weights(directory)
@@ -198,6 +187,17 @@ class Learner:
         if row is not None:
             self.log.metrics(row)
 
+    async def prune(self, kv: JobKV) -> None:
+        """Delete old snapshots, sparing the published one, the checkpoint's and those live generators use."""
+        in_use = {self.state.published_version}
+        now = time.time()
+        try:
+            reports = await kv.reports()
+            await kv.fold_retired(reports, now)
+        except BUS_ERRORS as err:
+            log.warning("not pruning snapshots this time: cannot read the generators' versions: %s", err)
+            return
+        # a generator gone for good no longer holds its version's snapshot
         in_use |= {status.policy_version for status in reports.values() if status.fresh(now)}
         if (checkpoint := self.checkpoints.load()) is not None:
             in_use.add(checkpoint.snapshot.version)
@@ -256,28 +256,28 @@ class Learner:
         except asyncio.CancelledError:
             log.info("learner stopping at step %d (unacked rollouts will be redelivered)", self.state.step)
         finally:
+            self.log.close()
             await close_quietly(nc)
         return self.state
 
     async def loop(self) -> None:
         total, row = self.spec.learner.total_steps, None
+        await self.evaluate()  # the baseline (step 0), or the evaluation a restart cut short
         while self.state.step < total and not self.stopping.is_set():
             await self.link.release_due()
             row = await self.train_one()
             if self.state.step % self.k == 0 or self.state.step == total:
                 await self.publish_weights()
+                await self.evaluate()
             await self.link.kv.put_progress(self.progress(row))
         if self.state.step >= total:
+            self.log.finish()  # the trackers' run summary
             await self.link.kv.put_progress(self.progress(row, done=True), attempts=30)
-            self.log.close()
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
     learner = Learner.create(spec, bus, nats_url, root, run_dir)
     loop = asyncio.get_running_loop()
-        await self.evaluate()  # the baseline (step 0), or the evaluation a restart cut short
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, learner.stopping.set)
     await learner.run()
-                await self.evaluate()
-            self.log.finish()  # the trackers' run summary
