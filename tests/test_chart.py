@@ -75,6 +75,7 @@ NAMESPACED_RULES = {
     ("networking.k8s.io", "networkpolicies"): APPLIED,
     ("snapshot.storage.k8s.io", "volumesnapshots"): APPLIED | {"delete"},
     ("", "secrets"): {"get"},
+    ("", "pods"): {"list"},
     ("", "events"): {"create"},
 }
 CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
@@ -742,7 +743,7 @@ def _operator_api_calls() -> set[tuple[str, str, str]]:
     read from its source: get/delete with a literal (apiVersion, kind), apply of planned children."""
     from asyncrlhf_operator import kube
 
-    verbs = {"get": ["get"], "delete": ["delete"], "apply": ["patch", "create"]}
+    verbs = {"get": ["get"], "delete": ["delete"], "apply": ["patch", "create"], "list": ["list"]}
     calls: set[tuple[str, str, str]] = set()
     for path in sorted((REPO / "operator" / "asyncrlhf_operator").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):

@@ -366,3 +366,47 @@ def test_the_operator_refuses_a_changed_immutable_field_and_accepts_it_set_back(
     changed["spec"]["learner"]["promptsPerStep"] = 8
     changed["spec"]["learner"]["totalSteps"] = 5000  # other fields may change
     assert validate(changed)[1] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# podTemplate: a schema from the Kubernetes OpenAPI types
+
+
+def test_the_pod_spec_schema_is_fresh_from_the_kubernetes_types():
+    from asyncrlhf_operator import podschema
+
+    assert podschema.main(["--check"]) == 0, "run `python -m asyncrlhf_operator.podschema`"
+
+
+POD_TEMPLATES = [
+    ("good", {"spec": {"nodeSelector": {"pool": "gpu"}, "tolerations": [{"key": "a", "operator": "Exists"}],
+                       "containers": [{"name": "generator", "resources": {"limits": {"rdma/hca": 1}},
+                                       "envFrom": [{"secretRef": {"name": "s"}}]}]}}, None),
+    ("bad quantity", {"spec": {"containers": [{"name": "generator", "resources": {"limits": {"x/y": "4 GB"}}}]}},
+     "resources.limits.x/y"),
+    ("wrong type", {"spec": {"nodeSelector": ["pool"]}}, "nodeSelector"),
+    ("container without a name", {"spec": {"containers": [{"env": []}]}}, "containers.0"),
+]
+
+
+@pytest.mark.parametrize("case,template,error_at", POD_TEMPLATES, ids=[p[0] for p in POD_TEMPLATES])
+def test_the_crd_checks_pod_templates_with_kubernetes_types(case, template, error_at):
+    errors = schema_errors(manifest(generator={"podTemplate": template}))
+    if error_at is None:
+        assert errors == []
+    else:
+        assert any(error_at in e for e in errors), errors
+
+
+def test_pod_template_schema_has_no_open_object_but_kubernetes_own():
+    def open_nodes(node, path):
+        if node.get("x-kubernetes-preserve-unknown-fields"):
+            yield path
+        for name, child in node.get("properties", {}).items():
+            yield from open_nodes(child, f"{path}.{name}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                yield from open_nodes(node[key], f"{path}[]")
+
+    spec = crd.spec_schema()["properties"]["spec"]["properties"]["generator"]["properties"]["podTemplate"]
+    assert {p.rsplit(".", 1)[-1] for p in open_nodes(spec, "podTemplate")} == {"metadata"}  # ephemeral volume claim

@@ -5,7 +5,13 @@ Needs the current kubeconfig context to reach a cluster where the operator runs 
 applied from crds/ here (idempotent). Each run works in a fresh namespace, deleted at the end.
 Skipped without --with-e2e or when no cluster answers.
 
+The example names `spec.nats.credentialsSecret: nats-credentials`: the fixture copies the chart's
+NATS Secret into the test namespace under that name (docs/install.md, step 3), as a user would.
+
 Environment: ASYNCRLHF_E2E_TIMEOUT (seconds to wait for Running, default 900),
+ASYNCRLHF_E2E_NATS_SECRET (the chart's NATS Secret as NAMESPACE/NAME, default
+asyncrlhf-system/asyncrlhf-nats-auth; empty when the chart runs NATS without auth),
+ASYNCRLHF_E2E_IMAGE (the workloads image, default the example's),
 ASYNCRLHF_KUBECTL (a kubectl to use instead of the one on PATH or from tests/helm_tools.py).
 """
 
@@ -25,6 +31,7 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "local-tiny.yaml"
 TIMEOUT = float(os.environ.get("ASYNCRLHF_E2E_TIMEOUT", "900"))
+NATS_SECRET = os.environ.get("ASYNCRLHF_E2E_NATS_SECRET", "asyncrlhf-system/asyncrlhf-nats-auth")
 
 pytestmark = pytest.mark.e2e
 
@@ -51,8 +58,30 @@ def namespace():
     kubectl("wait", "--for=condition=Established", "crd/asyncrlhfjobs.asyncrlhf.dev", "--timeout=60s")
     name = f"arj-e2e-{uuid.uuid4().hex[:6]}"
     kubectl("create", "namespace", name)
+    copy_nats_credentials(name)
     yield name
     kubectl("delete", "namespace", name, "--wait=false", check=False)
+
+
+def copy_nats_credentials(namespace: str) -> None:
+    """The Secret the example's spec.nats.credentialsSecret names, from the chart's NATS Secret."""
+    if not NATS_SECRET:
+        kubectl("create", "secret", "generic", "nats-credentials", "-n", namespace)
+        return
+    source_namespace, source = NATS_SECRET.split("/", 1)
+    data = json.loads(kubectl("get", "secret", source, "-n", source_namespace, "-o", "json").stdout)["data"]
+    secret = {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+              "metadata": {"name": "nats-credentials", "namespace": namespace}, "data": data}
+    kubectl("apply", "-f", "-", stdin=json.dumps(secret))
+
+
+def example_manifest() -> dict:
+    manifest = yaml.safe_load(EXAMPLE.read_text())
+    if os.environ.get("ASYNCRLHF_E2E_IMAGE"):
+        manifest["spec"]["image"] = os.environ["ASYNCRLHF_E2E_IMAGE"]
+    # a pod template, to see it reach real pods
+    manifest["spec"]["generator"]["podTemplate"] = {"metadata": {"labels": {"e2e": "yes"}}}
+    return manifest
 
 
 def job(namespace: str, name: str) -> dict:
@@ -70,14 +99,15 @@ def wait_for(predicate, timeout: float, what: str):
 
 
 def test_example_runs_and_shows_in_kubectl_get(namespace):
-    manifest = yaml.safe_load(EXAMPLE.read_text())
+    manifest = example_manifest()
     name = manifest["metadata"]["name"]
-    kubectl("apply", "-n", namespace, "-f", str(EXAMPLE))
+    kubectl("apply", "--server-side", "-n", namespace, "-f", "-", stdin=json.dumps(manifest))
     wait_for(lambda: job(namespace, name).get("status", {}).get("phase") in ("Running", "Succeeded"),
              TIMEOUT, f"{name} to be Running")
     table = kubectl("get", "arj", "-n", namespace).stdout
     header = table.splitlines()[0].split()
-    assert header[:8] == ["NAME", "PHASE", "MODE", "STEP", "VERSION", "STALENESS", "REWARD", "AGE"], table
+    assert header[:9] == ["NAME", "PHASE", "MODE", "STEP", "GENERATORS", "VERSION", "STALENESS", "REWARD",
+                          "AGE"], table
     assert name in table
     for kind, child in [("configmap", f"{name}-config"), ("job", f"{name}-learner"),
                         ("deployment", f"{name}-generator"), ("service", f"{name}-learner"),
@@ -85,6 +115,16 @@ def test_example_runs_and_shows_in_kubectl_get(namespace):
         kubectl("get", kind, child, "-n", namespace)
     wait_for(lambda: job(namespace, name).get("status", {}).get("step", 0) >= 1, TIMEOUT,
              "the first learner step in .status")
+    pods = kubectl("get", "pods", "-n", namespace, "-l", "e2e=yes", "-o", "name").stdout.split()
+    assert pods, "the generator pods carry the podTemplate's label"
+
+
+def test_kubectl_scale_sets_the_generators(namespace):
+    name = yaml.safe_load(EXAMPLE.read_text())["metadata"]["name"]
+    kubectl("scale", f"arj/{name}", "-n", namespace, "--replicas=2")
+    wait_for(lambda: kubectl("get", "deployment", f"{name}-generator", "-n", namespace,
+                             "-o", "jsonpath={.spec.replicas}").stdout == "2", 120, "2 generator replicas")
+    kubectl("scale", f"arj/{name}", "-n", namespace, "--replicas=1")
 
 
 def test_suspend_scales_generators_to_zero(namespace):

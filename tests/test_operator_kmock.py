@@ -43,6 +43,7 @@ RESOURCES = {
     "v1/services": dict(kind="Service"),
     "v1/serviceaccounts": dict(kind="ServiceAccount"),
     "v1/secrets": dict(kind="Secret"),
+    "v1/pods": dict(kind="Pod"),
     "v1/events": dict(kind="Event"),
     "batch/v1/jobs": dict(kind="Job"),
     "apps/v1/deployments": dict(kind="Deployment"),
@@ -424,7 +425,7 @@ def test_a_changed_immutable_field_fails_the_job_until_it_is_set_back(cluster):
     kube.call("PATCH", f"{CR}/kappa", {"spec": {"model": {"policy": "org/other-model"}}})
     status = eventually(lambda: (s := job_status(kube, "kappa")).get("phase") == "Failed" and s, what="Failed")
     invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
-    assert invalid["status"] == "True" and invalid["message"].startswith("spec.model: is immutable")
+    assert invalid["status"] == "True" and invalid["message"].startswith("spec.model.policy: is immutable")
     handled(kube, "kappa", lambda spec: spec["model"]["policy"] == "org/other-model")
     status_passes_for(kube, "kappa", 2 * RESYNC)  # neither the update nor a resync replaced the learner
     assert kube.get(job_path)["metadata"]["uid"] == learner["metadata"]["uid"]
@@ -492,3 +493,117 @@ def test_metrics_count_reconciles_and_phases(cluster):
     assert REGISTRY.get_sample_value("asyncrlhf_operator_reconciles_total", {"handler": "delete"}) >= 1
     assert REGISTRY.get_sample_value("asyncrlhf_operator_errors_total", {"handler": "status"}) is not None
     assert REGISTRY.get_sample_value("asyncrlhf_operator_jobs", {"phase": "Failed"}) is not None
+
+
+# --- pods that fit real clusters, failures you can see ----------------------------------------
+
+
+def pod_template_of(kube: ApiThread, kind: str, name: str) -> dict[str, Any]:
+    return kube.get(CHILDREN[kind].format(name))["spec"]["template"]
+
+
+def test_a_pod_template_reaches_the_pods_of_both_workloads(cluster):
+    kube, _ = cluster
+    template = {"metadata": {"labels": {"team": "rl"}, "annotations": {"cost-center": "42"}},
+                "spec": {"nodeSelector": {"pool": "h100"},
+                         "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "rl", "effect": "NoSchedule"}],
+                         "containers": [{"name": "generator", "envFrom": [{"secretRef": {"name": "wandb"}}],
+                                         "env": [{"name": "WANDB_MODE", "value": "offline"}]}]}}
+    learner = {"spec": {"nodeSelector": {"pool": "h100"},
+                        "containers": [{"name": "learner", "envFrom": [{"secretRef": {"name": "wandb"}}]}]}}
+    create_job(kube, "mu", generator={"resources": {"gpus": 1}, "podTemplate": template},
+               learner={"podTemplate": learner}, model={"tokenSecret": {"name": "hf", "key": "token"}})
+    eventually(lambda: kube.get(CHILDREN["Deployment"].format("mu")) and kube.get(CHILDREN["Job"].format("mu")),
+               what="the workloads")
+    generator = pod_template_of(kube, "Deployment", "mu")
+    assert generator["metadata"]["labels"]["team"] == "rl"
+    assert generator["metadata"]["labels"]["app.kubernetes.io/component"] == "generator"
+    assert generator["metadata"]["annotations"]["cost-center"] == "42"
+    pod = generator["spec"]
+    assert pod["nodeSelector"] == {"pool": "h100"}
+    assert [t["key"] for t in pod["tolerations"]] == ["nvidia.com/gpu", "dedicated"]  # appended, GPU kept
+    (container,) = pod["containers"]
+    assert container["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+    env = {e["name"]: e for e in container["env"]}
+    assert env["WANDB_MODE"]["value"] == "offline" and "ASYNCRLHF_NATS_URL" in env
+    assert env["HF_TOKEN"]["valueFrom"] == {"secretKeyRef": {"name": "hf", "key": "token"}}
+    assert container["args"][0] == "generator"  # the operator's command survives the merge
+    assert kube.get(CHILDREN["Deployment"].format("mu"))["spec"]["strategy"] == {"type": "Recreate"}
+    learner_pod = pod_template_of(kube, "Job", "mu")["spec"]
+    assert learner_pod["nodeSelector"] == {"pool": "h100"} and learner_pod["restartPolicy"] == "Never"
+    assert learner_pod["containers"][0]["envFrom"] == [{"secretRef": {"name": "wandb"}}]
+
+
+def test_a_pod_template_that_overrides_what_the_operator_owns_is_refused(cluster):
+    kube, _ = cluster
+    create_job(kube, "nu", generator={"podTemplate": {"spec": {"containers": [
+        {"name": "generator", "command": ["sleep"], "env": [{"name": "ASYNCRLHF_NATS_URL", "value": "nats://evil"}]}]}}})
+    status = eventually(lambda: (s := job_status(kube, "nu")).get("phase") == "Failed" and s, what="Failed")
+    invalid = next(c for c in status["conditions"] if c["type"] == "SpecInvalid")
+    assert invalid["message"].startswith("spec.generator.podTemplate.spec: containers[0].command: owned by the operator")
+    assert "ASYNCRLHF_NATS_URL is set by the operator" in invalid["message"]
+    assert kube.get(CHILDREN["Deployment"].format("nu")) is None
+
+
+def events_of(kube: ApiThread, name: str) -> list[dict[str, Any]]:
+    events = kube.get("/api/v1/namespaces/default/events") or {"items": []}
+    return [e for e in events["items"] if (e.get("involvedObject") or {}).get("name") == name]
+
+
+def test_a_crash_looping_generator_becomes_a_condition_and_an_event(cluster):
+    kube, _ = cluster
+    create_job(kube, "xi", generator={"replicas": 1})
+    eventually(lambda: kube.get(CHILDREN["Job"].format("xi")), what="learner Job")
+    mark_learner(kube, "xi", {"active": 1, "ready": 1})
+    labels = {"app.kubernetes.io/name": "asyncrlhf", "app.kubernetes.io/instance": "xi",
+              "app.kubernetes.io/component": "generator"}
+    kube.call("POST", "/api/v1/namespaces/default/pods", {
+        "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "xi-generator-abc", "labels": labels},
+        "spec": {"containers": [{"name": "generator", "image": "x"}]},
+        "status": {"phase": "Running", "containerStatuses": [{
+            "name": "generator", "ready": False, "restartCount": 4,
+            "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 40s restarting"}},
+            "lastState": {"terminated": {"reason": "OOMKilled", "exitCode": 137}}}]}})
+    status = eventually(lambda: (s := job_status(kube, "xi")) and any(
+        c["type"] == "Ready" and c["reason"] == "OOMKilled" for c in s.get("conditions", [])) and s,
+        what="Ready False with reason OOMKilled")
+    ready = next(c for c in status["conditions"] if c["type"] == "Ready")
+    assert ready["status"] == "False" and "xi-generator-abc" in ready["message"] and "exit code 137" in ready["message"]
+    event = eventually(lambda: next((e for e in events_of(kube, "xi") if e.get("reason") == "OOMKilled"), None),
+                       what="an OOMKilled event")
+    assert event["type"] == "Warning" and "resources.memory" in event["message"]
+    kube.call("DELETE", "/api/v1/namespaces/default/pods/xi-generator-abc")
+
+
+def test_a_job_whose_step_does_not_advance_is_stalled_and_fails_when_asked(cluster):
+    kube, url = cluster
+    create_job(kube, "omicron", progressDeadlineSeconds=600, failOnStall=True)
+    eventually(lambda: kube.get(CHILDREN["Job"].format("omicron")), what="learner Job")
+    mark_learner(kube, "omicron", {"active": 1, "ready": 1})
+    put_kv(url, "omicron", "learner", LearnerProgress(step=7, total_steps=100, policy_version=7).encode())
+    status = eventually(lambda: (s := job_status(kube, "omicron")).get("step") == 7 and s.get("phase") == "Running"
+                        and s, what="Running at step 7")
+    assert status["progress"] == "7/100" and status["lastProgressTime"]
+    assert not any(c["type"] == "Stalled" for c in status["conditions"])
+    # the step last advanced 11 minutes ago (past the 600 s deadline), and it is still 7
+    kube.call("PATCH", f"{CR}/omicron/status", {"status": {"lastProgressTime": "2020-01-01T00:00:00Z"}})
+    status = eventually(lambda: (s := job_status(kube, "omicron")).get("phase") == "Failed" and s, what="Failed")
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    stalled = next(c for c in status["conditions"] if c["type"] == "Stalled")
+    assert failed["reason"] == stalled["reason"] == "ProgressDeadlineExceeded" and stalled["status"] == "True"
+    assert "step has not advanced from 7" in failed["message"]
+
+
+def test_kubectl_scale_through_the_subresource_reaches_the_generators(cluster):
+    kube, _ = cluster
+    create_job(kube, "pi", generator={"replicas": 1})
+    eventually(lambda: replicas(kube, "pi") == 1, what="1 replica")
+    # what the apiserver does for `kubectl scale arj/pi --replicas=3` (specReplicasPath in the CRD)
+    kube.call("PATCH", f"{CR}/pi", {"spec": {"generator": {"replicas": 3}}})
+    eventually(lambda: replicas(kube, "pi") == 3, what="3 replicas")
+    kube.call("PATCH", CHILDREN["Deployment"].format("pi") + "/status", {"status": {"readyReplicas": 2}})
+    status = eventually(lambda: (s := job_status(kube, "pi")).get("generators") == "2/3" and s,
+                        what="generators 2/3 in status")
+    assert status["replicas"] == 2
+    assert status["selector"] == ("app.kubernetes.io/name=asyncrlhf,app.kubernetes.io/instance=pi,"
+                                  "app.kubernetes.io/component=generator")

@@ -101,7 +101,7 @@ def test_children_are_labelled_and_owned(name, j):
         assert meta["namespace"] == OWNER.namespace
         assert set(meta["labels"]) == {"app.kubernetes.io/name", "app.kubernetes.io/instance",
                                        "app.kubernetes.io/component", "app.kubernetes.io/managed-by"}
-        retained = child["kind"] == "PersistentVolumeClaim" and j.spec.weight_sync.retain_volume
+        retained = meta["name"] == "demo-snapshots" and j.spec.weight_sync.retain_volume  # the model cache is owned
         owners = meta.get("ownerReferences", [])
         assert owners == ([] if retained else [plan.owner_reference(OWNER)]), child["kind"]
 
@@ -656,3 +656,255 @@ def test_retired_generators_count_in_rollouts_produced_but_are_not_live():
     status = compute_status(obs(reports=(live, retired)), {})
     assert status["generatorVersions"] == {"demo-generator-abc": 4}
     assert status["rolloutsProduced"] == 100 and status["tokensPerSecond"] == 50.0
+
+
+# --- pod templates, the model cache, failures you can see --------------------------------------
+
+from asyncrlhf_operator import health  # noqa: E402
+from asyncrlhf_operator.plan import strategic_merge  # noqa: E402
+
+MERGES = [
+    ("maps merge", {"nodeSelector": {"a": "1"}}, {"nodeSelector": {"b": "2"}}, {"nodeSelector": {"a": "1", "b": "2"}}),
+    ("scalar replaced", {"schedulerName": "default"}, {"schedulerName": "volcano"}, {"schedulerName": "volcano"}),
+    ("env merged by name, new appended",
+     {"containers": [{"name": "g", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "2"}]}]},
+     {"containers": [{"name": "g", "env": [{"name": "B", "value": "3"}, {"name": "C", "value": "4"}]}]},
+     {"containers": [{"name": "g", "env": [{"name": "A", "value": "1"}, {"name": "B", "value": "3"},
+                                           {"name": "C", "value": "4"}]}]}),
+    ("mounts merged by mountPath",
+     {"containers": [{"name": "g", "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}]}]},
+     {"containers": [{"name": "g", "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"},
+                                                    {"name": "data", "mountPath": "/data"}]}]},
+     {"containers": [{"name": "g", "volumeMounts": [{"name": "scratch", "mountPath": "/tmp"},
+                                                    {"name": "data", "mountPath": "/data"}]}]}),
+    ("volume redefined keeps only its new source (retainKeys)",
+     {"volumes": [{"name": "cache", "emptyDir": {}}]},
+     {"volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf"}}]},
+     {"volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hf"}}]}),
+    ("tolerations appended", {"tolerations": [{"key": "gpu"}]}, {"tolerations": [{"key": "spot"}, {"key": "gpu"}]},
+     {"tolerations": [{"key": "gpu"}, {"key": "spot"}]}),
+    ("resources merged", {"containers": [{"name": "g", "resources": {"limits": {"memory": "4Gi"}}}]},
+     {"containers": [{"name": "g", "resources": {"limits": {"rdma/hca": 1}}}]},
+     {"containers": [{"name": "g", "resources": {"limits": {"memory": "4Gi", "rdma/hca": 1}}}]}),
+    ("atomic list replaced", {"affinity": {"nodeAffinity": {"x": [1, 2]}}}, {"affinity": {"nodeAffinity": {"x": [3]}}},
+     {"affinity": {"nodeAffinity": {"x": [3]}}}),
+]
+
+
+@pytest.mark.parametrize("case,base,overlay,merged", MERGES, ids=[m[0] for m in MERGES])
+def test_strategic_merge(case, base, overlay, merged):
+    before = yaml.safe_dump(base)
+    assert strategic_merge(base, overlay) == merged
+    assert yaml.safe_dump(base) == before  # the operator's pod is not modified
+
+
+OWNED = [
+    ("command", {"containers": [{"name": "generator", "command": ["sh"]}]}, "containers[0].command: owned by the operator"),
+    ("image", {"containers": [{"name": "learner", "image": "x"}]}, "containers[0].image: owned by the operator"),
+    ("bus env", {"containers": [{"name": "generator", "env": [{"name": "ASYNCRLHF_NATS_URL", "value": "x"}]}]},
+     "containers[0].env[0]: ASYNCRLHF_NATS_URL is set by the operator"),
+    ("rank env", {"containers": [{"name": "learner", "env": [{"name": "RANK", "value": "0"}]}]},
+     "containers[0].env[0]: RANK is set by the operator"),
+    ("snapshot mount", {"containers": [{"name": "generator", "volumeMounts": [{"name": "x", "mountPath": "/snapshots"}]}]},
+     "containers[0].volumeMounts[0]: /snapshots is mounted by the operator"),
+    ("config volume", {"volumes": [{"name": "config", "emptyDir": {}}]}, "volumes[0]: volume 'config' is the operator's"),
+    ("cpu", {"containers": [{"name": "generator", "resources": {"requests": {"cpu": "8"}}}]},
+     "containers[0].resources.requests.cpu: set the job's resources.cpu instead"),
+    ("gpu", {"containers": [{"name": "generator", "resources": {"limits": {"nvidia.com/gpu": 2}}}]},
+     "containers[0].resources.limits.nvidia.com/gpu: set the job's the GPU count instead"),
+    ("sidecar", {"containers": [{"name": "proxy", "image": "envoy"}]}, "containers[0].name: only the workload's container"),
+    ("host network", {"hostNetwork": True}, "hostNetwork: not supported in a pod template"),
+    ("root", {"securityContext": {"runAsUser": 0}}, "securityContext: the workloads run as non-root"),
+]
+
+
+@pytest.mark.parametrize("case,spec,message", OWNED, ids=[o[0] for o in OWNED])
+def test_what_the_operator_owns_is_refused_naming_the_field(case, spec, message):
+    j, error = validate({"metadata": {"name": "demo"}, "spec": {"generator": {"podTemplate": {"spec": spec}}}})
+    assert j is None and error.startswith(f"spec.generator.podTemplate.spec: {message}"), error
+
+
+def test_owned_labels_are_refused():
+    j, error = validate({"metadata": {"name": "demo"}, "spec": {"learner": {"podTemplate": {
+        "metadata": {"labels": {"app.kubernetes.io/component": "x"}}}}}})
+    assert j is None and error.startswith("spec.learner.podTemplate.metadata.labels: "), error
+
+
+def test_the_owned_lists_cover_everything_the_operator_sets():
+    """The refusal rules (spec/pods.py) and the pods the operator builds cannot drift apart."""
+    from asyncrlhf.spec import pods as rules
+
+    for kind in ("Job", "Deployment"):
+        pod = children(job(model={"tokenSecret": {"name": "hf"}}, nats={"credentialsSecret": "s"}))[kind]
+        container = pod["spec"]["template"]["spec"]["containers"][0]
+        for var in container["env"]:
+            assert var["name"] in rules.OWNED_ENV or var["name"].startswith(rules.OWNED_ENV_PREFIX) \
+                or var["name"] == plan.HF_TOKEN, var["name"]
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert rules.OWNED_MOUNT_PATHS <= mounts | {plan.NATS_CREDS_DIR}
+        assert set(container) - set(rules.CONTAINER_FIELDS) >= {"command", "args", "image"}
+
+
+def test_hf_token_is_refused_in_a_template_only_when_token_secret_is_set():
+    # HF_TOKEN from model.tokenSecret wins over nothing: a template may set it when tokenSecret is empty
+    mine = job(generator={"podTemplate": {"spec": {"containers": [{"name": "generator", "env": [
+        {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "mine", "key": "t"}}}]}]}}})
+    assert env_of(children(mine)["Deployment"])["HF_TOKEN"] == {"secretKeyRef": {"name": "mine", "key": "t"}}
+
+
+CACHE = [
+    ("scratch by default", {}, {"emptyDir": {}}, None),
+    ("existing claim", {"claimName": "hf-cache"}, {"persistentVolumeClaim": {"claimName": "hf-cache"}}, None),
+    ("created claim", {"size": "200Gi", "storageClass": "filestore"},
+     {"persistentVolumeClaim": {"claimName": "demo-model-cache"}},
+     {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "200Gi"}},
+      "storageClassName": "filestore"}),
+]
+
+
+@pytest.mark.parametrize("case,cache,volume,pvc", CACHE, ids=[c[0] for c in CACHE])
+def test_model_cache(case, cache, volume, pvc):
+    planned = plan.desired_children(job(model={"cache": cache}), OWNER, NATS)
+    for kind in ("Job", "Deployment"):
+        pod = next(c for c in planned if c["kind"] == kind)["spec"]["template"]["spec"]
+        assert {k: v for k, v in next(v for v in pod["volumes"] if v["name"] == "cache").items() if k != "name"} == volume
+    claims = [c for c in planned if c["kind"] == "PersistentVolumeClaim" and c["metadata"]["name"] == "demo-model-cache"]
+    assert [c["spec"] for c in claims] == ([pvc] if pvc else [])
+    assert all(c["metadata"]["ownerReferences"] for c in claims)  # deleted with the job
+
+
+def test_access_mode_of_the_snapshot_volume():
+    assert children(job(weightSync={"accessMode": "ReadWriteOnce"}))["PersistentVolumeClaim"]["spec"][
+        "accessModes"] == ["ReadWriteOnce"]
+
+
+def test_generators_are_recreated_never_surged():
+    assert children(job())["Deployment"]["spec"]["strategy"] == {"type": "Recreate"}
+
+
+BAD_QUANTITIES = [("learner", {"learner": {"resources": {"memory": "4 GB"}}}, "spec.learner.resources.memory"),
+                  ("generator", {"generator": {"resources": {"cpu": "two"}}}, "spec.generator.resources.cpu"),
+                  ("volume", {"weightSync": {"size": "20gb"}}, "spec.weightSync.size"),
+                  ("cache", {"model": {"cache": {"size": "lots"}}}, "spec.model.cache.size")]
+
+
+@pytest.mark.parametrize("case,spec,where", BAD_QUANTITIES, ids=[b[0] for b in BAD_QUANTITIES])
+def test_bad_quantities_are_refused_by_validation(case, spec, where):
+    j, error = validate({"metadata": {"name": "demo"}, "spec": spec})
+    assert j is None and error.startswith(f"{where}: ") and "quantity" in error, error
+
+
+def pod(name="p", waiting=None, last=None, unschedulable=None) -> dict:
+    status: dict[str, Any] = {}
+    if waiting or last:
+        status["containerStatuses"] = [{"name": "generator", "restartCount": 3,
+                                        "state": {"waiting": {"reason": waiting, "message": "m"}} if waiting else {},
+                                        "lastState": {"terminated": {"reason": last, "exitCode": 137}} if last else {}}]
+    if unschedulable:
+        status["conditions"] = [{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                 "message": unschedulable}]
+    return {"metadata": {"name": name}, "status": status}
+
+
+PROBLEMS = [
+    ("healthy", [pod()], None),
+    ("image pull", [pod(waiting="ImagePullBackOff")], "ImagePullBackOff"),
+    ("pull error", [pod(waiting="ErrImagePull")], "ErrImagePull"),
+    ("missing secret", [pod(waiting="CreateContainerConfigError")], "CreateContainerConfigError"),
+    ("crash loop", [pod(waiting="CrashLoopBackOff")], "CrashLoopBackOff"),
+    ("crash loop from OOM", [pod(waiting="CrashLoopBackOff", last="OOMKilled")], "OOMKilled"),
+    ("unschedulable", [pod(unschedulable="0/4 nodes: insufficient nvidia.com/gpu")], "Unschedulable"),
+    ("worst first", [pod("a", unschedulable="x"), pod("b", waiting="ImagePullBackOff")], "ImagePullBackOff"),
+    ("restarted fine", [pod(last="OOMKilled")], None),  # an old crash, running now
+]
+
+
+@pytest.mark.parametrize("case,pods,reason", PROBLEMS, ids=[p[0] for p in PROBLEMS])
+def test_pod_problems(case, pods, reason):
+    found = health.pod_problem(pods)
+    assert (found.reason if found else None) == reason
+
+
+def claim(phase, modes=("ReadWriteMany",)) -> dict:
+    return {"metadata": {"name": "demo-snapshots"}, "spec": {"accessModes": list(modes)}, "status": {"phase": phase}}
+
+
+def test_an_unbound_volume_is_the_reason_when_pods_wait_for_it():
+    waiting = obs(pods=(pod(unschedulable="pod has unbound immediate PersistentVolumeClaims"),),
+                  claims=(claim("Pending"),))
+    status = compute_status(waiting, {})
+    progressing = next(c for c in status["conditions"] if c["type"] == "Progressing")
+    assert (status["phase"], progressing["reason"]) == ("Pending", "VolumeNotBound")
+    assert "ReadWriteMany" in progressing["message"] and "docs/install.md" in progressing["message"]
+    bound = compute_status(obs(pods=(pod(unschedulable="insufficient cpu"),), claims=(claim("Bound"),)), {})
+    assert next(c for c in bound["conditions"] if c["type"] == "Progressing")["reason"] == "Unschedulable"
+    # Pending while pods are not yet scheduled (WaitForFirstConsumer) is no problem on its own
+    assert next(c for c in compute_status(obs(claims=(claim("Pending"),)), {})["conditions"]
+                if c["type"] == "Progressing")["reason"] == "Starting"
+
+
+STALL_SPEC = job(progressDeadlineSeconds=600).spec
+STALLS = [
+    ("advanced", dict(progress=progress(11)), "2026-03-01T11:00:00Z", False),
+    ("within the deadline", dict(progress=progress(10)), "2026-03-01T11:55:00Z", False),
+    ("past the deadline", dict(progress=progress(10)), "2026-03-01T11:49:59Z", True),
+    ("bus silent past the deadline", {}, "2026-03-01T11:00:00Z", True),
+]
+
+
+@pytest.mark.parametrize("case,kw,since,expected", STALLS, ids=[s[0] for s in STALLS])
+def test_stalled(case, kw, since, expected):
+    previous = {**RUNNING, "step": 10, "lastProgressTime": since}
+    status = compute_status(obs(spec=STALL_SPEC, learner=learner_job(active=2, ready=2), **kw), previous)
+    stalled = next((c for c in status["conditions"] if c["type"] == "Stalled"), None)
+    assert (stalled is not None and stalled["status"] == "True") == expected
+    assert status["phase"] == "Running"  # failOnStall is off
+    if case == "advanced":
+        assert status["lastProgressTime"] == "2026-03-01T12:00:00Z"
+
+
+def test_fail_on_stall_fails_the_job():
+    previous = {**RUNNING, "step": 10, "lastProgressTime": "2026-03-01T10:00:00Z"}
+    spec = job(progressDeadlineSeconds=600, failOnStall=True).spec
+    status = compute_status(obs(spec=spec, learner=learner_job(active=2, ready=2), progress=progress(10)), previous)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (status["phase"], failed["reason"]) == ("Failed", "ProgressDeadlineExceeded")
+
+
+def test_kubectl_get_columns_and_scale_status():
+    status = compute_status(obs(learner=learner_job(active=2, ready=2), progress=progress(10),
+                                generators={"readyReplicas": 2}, generator_selector="a=b"), {})
+    assert (status["progress"], status["generators"], status["replicas"], status["selector"]) == ("10/50", "2/3", 2, "a=b")
+
+
+def test_render_prints_every_child_and_each_example_validates_strictly(capsys):
+    from asyncrlhf import cli
+
+    paths = sorted((ROOT / "examples").glob("*.yaml"))
+    assert paths
+    for path in paths:
+        assert cli.main(["render", str(path), "--namespace", "team"]) == 0
+        objects = [o for o in yaml.safe_load_all(capsys.readouterr().out) if o]
+        expected = plan.desired_children(api.AsyncRLHFJob.model_validate(yaml.safe_load(path.read_text())),
+                                         plan.Owner(objects[0]["metadata"]["name"].rsplit("-", 1)[0], "team", ""), NATS)
+        assert [o["kind"] for o in objects] == [c["kind"] for c in expected], path
+        for obj in objects:
+            assert obj["metadata"]["namespace"] == "team" and "ownerReferences" not in obj["metadata"]
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+
+
+def test_render_refuses_a_bad_manifest(tmp_path, capsys):
+    from asyncrlhf import cli
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"apiVersion": api.API_VERSION, "kind": api.KIND, "metadata": {"name": "x"},
+                                   "spec": {"generator": {"podTemplate": {"spec": {"hostPID": True}}}}}))
+    assert cli.main(["render", str(bad)]) == 2
+    assert "hostPID" in capsys.readouterr().err
+
+
+def test_hf_token_twice_is_refused():
+    body = {"metadata": {"name": "demo"}, "spec": {"model": {"tokenSecret": {"name": "hf"}}, "learner": {
+        "podTemplate": {"spec": {"containers": [{"name": "learner", "env": [{"name": "HF_TOKEN", "value": "x"}]}]}}}}}
+    j, error = validate(body)
+    assert j is None and error.startswith("spec.learner.podTemplate.spec.containers[0].env[0]: HF_TOKEN comes from")

@@ -34,7 +34,10 @@ from .jetstream import Buses, Credentials, job_bus, read_credentials
 from .kube import Kube, KubeError
 from .metrics import instrumented, record_phase
 from .settings import OperatorConfig
-from .status import TERMINAL, Observed, compute_status, is_finished, learner_action, status_patch, ttl_expired
+from .health import POD_REASONS, Problem, pod_problem
+from .status import (
+    TERMINAL, Observed, compute_status, is_finished, learner_action, learner_state, status_patch, ttl_expired,
+)
 from .validation import IMMUTABLE_ANNOTATION, deletion_view, recorded_immutables, validate
 
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
@@ -267,11 +270,31 @@ async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observe
         progress, reports = None, ()  # the bus is away: keep the last known progress
     learner = await ctx.kube.get("batch/v1", "Job", owner.namespace, names.learner)
     deployment = await ctx.kube.get("apps/v1", "Deployment", owner.namespace, names.generator)
-    return Observed(
+    o = Observed(
         now=now(), generation=body["metadata"].get("generation", 0), spec=job.spec, learner=learner,
         generators=(deployment or {}).get("status") or {}, progress=progress, reports=reports,
         restarts=previous_status(body).get("restarts", 0),
+        generator_selector=",".join(f"{k}={v}" for k, v in plan.selector(owner, "generator").items()),
     )
+    if all_ready(o):
+        return o
+    # Something is not up: read the pods to say why (only then), and the volumes when a pod
+    # cannot be scheduled (an unbound PVC is one reason why)
+    pods = await ctx.kube.list("v1", "Pod", owner.namespace, plan.selector(owner))
+    claims = []
+    if (pod_problem(pods) or Problem("", "")).reason == "Unschedulable":
+        claims = [c for c in [await ctx.kube.get("v1", "PersistentVolumeClaim", owner.namespace, name)
+                              for name in plan.claim_names(job, owner)] if c is not None]
+    return dataclasses.replace(o, pods=tuple(pods), claims=tuple(claims))
+
+
+def all_ready(o: Observed) -> bool:
+    """Learner running and every generator ready (or none wanted: suspended)."""
+    if o.spec is None or o.spec.suspend:
+        return True
+    ready = (o.generators or {}).get("readyReplicas", 0) or 0
+    return learner_state(o.learner, o.spec.learner.nodes) in ("running", "succeeded") \
+        and ready >= o.spec.generator.replicas
 
 
 async def restart_learner(ctx: Context, body, o: Observed) -> Observed:
@@ -282,6 +305,17 @@ async def restart_learner(ctx: Context, body, o: Observed) -> Observed:
               message=f"the learner failed; restarting it from its checkpoint "
               f"(restart {o.restarts + 1} of {o.spec.learner.backoff_limit})")
     return dataclasses.replace(o, restarts=o.restarts + 1, learner=None)
+
+
+def post_problem(body, before: dict[str, Any], after: dict[str, Any]) -> None:
+    """A Warning Event when pods start failing for a new reason (the Ready condition's)."""
+    def ready_reason(status: dict[str, Any]) -> str:
+        return next((c.get("reason", "") for c in status.get("conditions") or [] if c["type"] == "Ready"), "")
+
+    reason = ready_reason(after)
+    if reason != ready_reason(before) and (reason in POD_REASONS or reason.startswith("Volume")):
+        message = next(c["message"] for c in after["conditions"] if c["type"] == "Ready")
+        kopf.warn(body, reason=reason, message=message)
 
 
 def post_transition(body, before: str, after: dict[str, Any]) -> None:
@@ -319,6 +353,7 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
                                                              previous.get("volumeSnapshots", []))
     patch.status.update(status_patch(previous, new))
     post_transition(body, previous.get("phase", ""), new)
+    post_problem(body, previous, new)
     record_phase(job.metadata.namespace, job.metadata.name, new["phase"])
     if new["phase"] in TERMINAL:
         return

@@ -26,6 +26,7 @@ PLURALS = {
     ("v1", "Service"): "services",
     ("v1", "ServiceAccount"): "serviceaccounts",
     ("v1", "Secret"): "secrets",
+    ("v1", "Pod"): "pods",
     ("batch/v1", "Job"): "jobs",
     ("apps/v1", "Deployment"): "deployments",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
@@ -100,6 +101,15 @@ class Kube:
             if err.status == 404:
                 return None
             raise
+
+    async def list(self, api_version: str, kind: str, namespace: str,
+                   labels: dict[str, str]) -> list[dict[str, Any]]:
+        """Objects whose labels include `labels` (filtered here too: API emulators ignore selectors)."""
+        selector = ",".join(f"{k}={v}" for k, v in labels.items())
+        found = await self._request("GET", path(api_version, kind, namespace), params={"labelSelector": selector})
+        items = (found or {}).get("items") or []
+        return [item for item in items
+                if labels.items() <= ((item.get("metadata") or {}).get("labels") or {}).items()]
 
     async def delete(self, api_version: str, kind: str, namespace: str, name: str,
                      propagation: str = "Background") -> bool:

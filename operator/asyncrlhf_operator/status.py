@@ -19,10 +19,12 @@ from typing import Any, Literal, Optional
 from asyncrlhf import api
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 
+from .health import Problem, claim_problem, pod_problem
+
 # Generators that have not reported for this long are gone (scaled down, crashed, replaced).
 TERMINAL = ("Succeeded", "Failed")
 ALWAYS_SHOWN = ("Ready", "Progressing", "Suspended")
-SHOWN_ONCE_TRUE = ("Succeeded", "Failed", "SpecInvalid")
+SHOWN_ONCE_TRUE = ("Succeeded", "Failed", "SpecInvalid", "Stalled")
 
 LearnerState = Literal["absent", "deleting", "pending", "running", "succeeded", "failed"]
 Action = Literal["none", "restart", "fail"]
@@ -41,6 +43,9 @@ class Observed:
     progress: Optional[LearnerProgress] = None
     reports: tuple[GeneratorStatus, ...] = field(default_factory=tuple)
     restarts: int = 0
+    pods: tuple[dict[str, Any], ...] = ()  # the job's pods, read only when something is not ready
+    claims: tuple[dict[str, Any], ...] = ()  # its PVCs, read with the pods
+    generator_selector: str = ""  # label selector of the generator pods (the scale subresource's)
 
 
 def timestamp(moment: datetime) -> str:
@@ -108,6 +113,24 @@ class Verdict:
     message: str
 
 
+def problem(obs: Observed) -> Optional[Problem]:
+    """Why pods are not coming up: an unbound volume when pods cannot be scheduled (or it is lost;
+    Pending alone is normal before the first pod is scheduled), else the most telling pod problem."""
+    pods, claims = pod_problem(obs.pods), claim_problem(obs.claims)
+    if claims and (claims.reason == "VolumeLost" or (pods is not None and pods.reason == "Unschedulable")):
+        return claims
+    return pods
+
+
+def stalled(obs: Observed, previous: dict[str, Any]) -> bool:
+    """A running job whose step has not advanced for spec.progressDeadlineSeconds."""
+    deadline = obs.spec.progress_deadline_seconds if obs.spec else None
+    since = parse_timestamp(previous.get("lastProgressTime", ""))
+    if deadline is None or since is None or previous.get("phase") != "Running":
+        return False
+    return _step(obs) <= previous.get("step", 0) and obs.now >= since + timedelta(seconds=deadline)
+
+
 def verdict(obs: Observed, previous: dict[str, Any]) -> Verdict:
     """The phase, with the reason and message its conditions carry."""
     before = previous.get("phase", "")
@@ -124,6 +147,8 @@ def verdict(obs: Observed, previous: dict[str, Any]) -> Verdict:
         return Verdict("Failed", "BackoffLimitExceeded",
                        f"the learner failed after {obs.restarts} restarts "
                        f"(learner.backoffLimit {spec.learner.backoff_limit}): {learner_failure(obs)}")
+    if spec.fail_on_stall and stalled(obs, previous):
+        return Verdict("Failed", "ProgressDeadlineExceeded", _stall_message(obs))
     if spec.suspend:
         return Verdict("Suspended", "Suspended", "suspended: learner and generators scaled to zero")
     if state in ("failed", "deleting", "absent") and before == "Running":
@@ -131,7 +156,15 @@ def verdict(obs: Observed, previous: dict[str, Any]) -> Verdict:
                        f"restarting the learner from its checkpoint ({obs.restarts} restarts)")
     if state == "running" or (state == "pending" and obs.progress is not None and before == "Running"):
         return Verdict("Running", "Training", f"step {_step(obs)}/{spec.learner.total_steps}")
+    found = problem(obs)
+    if found:
+        return Verdict("Pending", found.reason, found.message)
     return Verdict("Pending", "Starting", "waiting for the learner pods")
+
+
+def _stall_message(obs: Observed) -> str:
+    return (f"the learner's step has not advanced from {_step(obs)} for progressDeadlineSeconds "
+            f"({obs.spec.progress_deadline_seconds}s)")
 
 
 def _step(obs: Observed) -> int:
@@ -161,6 +194,9 @@ def _ready(obs: Observed, v: Verdict) -> tuple[bool, str, str]:
         return False, v.reason, v.message
     want = obs.spec.generator.replicas if obs.spec else 0
     ready = (obs.generators or {}).get("readyReplicas", 0) or 0
+    found = problem(obs)
+    if found:
+        return False, found.reason, found.message
     if ready < want:
         return False, "GeneratorsNotReady", f"{ready}/{want} generators ready"
     return True, "AllReady", f"learner and {ready} generators ready"
@@ -180,6 +216,7 @@ def conditions(obs: Observed, v: Verdict, previous: dict[str, Any]) -> list[dict
                    v.message if v.phase == "Failed" else ""),
         "SpecInvalid": (obs.spec is None, "InvalidField" if obs.spec is None else "Valid",
                         obs.spec_error if obs.spec is None else ""),
+        "Stalled": _stalled_condition(obs, v, previous),
     }
     result = []
     for kind, (value, reason, message) in wanted.items():
@@ -194,6 +231,12 @@ def conditions(obs: Observed, v: Verdict, previous: dict[str, Any]) -> list[dict
             or timestamp(obs.now),
         })
     return result
+
+
+def _stalled_condition(obs: Observed, v: Verdict, previous: dict[str, Any]) -> tuple[bool, str, str]:
+    if v.reason == "ProgressDeadlineExceeded" or (v.phase == "Running" and stalled(obs, previous)):
+        return True, "ProgressDeadlineExceeded", _stall_message(obs)
+    return False, "Progressing", ""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -217,7 +260,20 @@ def progress_fields(obs: Observed) -> dict[str, Any]:
     fields["generatorVersions"] = {r.generator_id: r.policy_version for r in fresh}
     fields["rolloutsProduced"] = sum(r.rollouts for r in obs.reports)
     fields["tokensPerSecond"] = round(sum(r.tokens_per_second for r in fresh), 3)
+    if obs.spec is not None:
+        ready = (obs.generators or {}).get("readyReplicas", 0) or 0
+        fields.update(totalSteps=obs.spec.learner.total_steps, replicas=ready,
+                      generators=f"{ready}/{obs.spec.generator.replicas}", selector=obs.generator_selector)
     return fields
+
+
+def _progress_time(obs: Observed, previous: dict[str, Any], phase: str) -> Optional[str]:
+    """When the step last advanced (first: when the job started running)."""
+    if phase != "Running":
+        return previous.get("lastProgressTime")
+    if "lastProgressTime" not in previous or _step(obs) > previous.get("step", 0):
+        return timestamp(obs.now)
+    return previous["lastProgressTime"]
 
 
 OPERATOR_KEYS = ("phase", "conditions", "observedGeneration", "restarts")
@@ -243,6 +299,10 @@ def compute_status(obs: Observed, previous: Optional[dict[str, Any]]) -> dict[st
     )
     if v.phase == "Running" and "startTime" not in status:
         status["startTime"] = timestamp(obs.now)
+    if obs.spec is not None:
+        status["progress"] = f"{status.get('step', 0)}/{obs.spec.learner.total_steps}"
+    if _progress_time(obs, previous, v.phase):
+        status["lastProgressTime"] = _progress_time(obs, previous, v.phase)
     if v.phase in TERMINAL and "completionTime" not in status:
         status["completionTime"] = timestamp(obs.now)
     if v.phase not in TERMINAL:

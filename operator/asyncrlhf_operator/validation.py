@@ -28,6 +28,9 @@ def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
     job, error = validate_spec(body)
     if job is None:
         return job, error
+    error = token_conflict(job)
+    if error:
+        return None, error
     error = foreign_bus_error(job.spec.nats)
     if error:
         return None, error
@@ -52,6 +55,19 @@ def foreign_bus_error(nats: api.NatsSpec) -> str:
         return (f"spec.nats.credentialsSecret: this job names its own bus (spec.nats.url {nats.url!r}), so it "
                 "needs a Secret with that bus's credentials (key 'creds', or 'user' and 'password'); the "
                 "operator sends its own credentials only to its own bus (leave spec.nats.url empty to use it)")
+    return ""
+
+
+def token_conflict(job: api.AsyncRLHFJob) -> str:
+    """HF_TOKEN set both by model.tokenSecret and by a pod template: say which to remove."""
+    if not job.spec.model.token_secret.name:
+        return ""
+    for role in ("generator", "learner"):
+        for i, container in enumerate(getattr(job.spec, role).pod_template.spec.get("containers") or []):
+            for j, var in enumerate(container.get("env") or []):
+                if var.get("name") == "HF_TOKEN":
+                    return (f"spec.{role}.podTemplate.spec.containers[{i}].env[{j}]: HF_TOKEN comes from "
+                            "spec.model.tokenSecret; remove one of the two")
     return ""
 
 
@@ -96,6 +112,8 @@ def describe(err: pydantic.ValidationError) -> str:
     first = err.errors()[0]
     where = ".".join(str(part) for part in first["loc"])
     message = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "string_pattern_mismatch" and "KMGTPE" in str((first.get("ctx") or {}).get("pattern")):
+        message = f"{first['input']!r} is not a Kubernetes quantity (write e.g. 500m, 4Gi, 20Gi)"
     for rule in api.CROSS_FIELD_RULES:
         if message.startswith(f"{rule.path}: "):
             return f"spec.{rule.path}: {message[len(rule.path) + 2:]}"

@@ -48,13 +48,13 @@ from .network import (
     service_account,
 )
 from .pods import (
-    COMPLETION_INDEX, GPU, NATS_CREDS_DIR, RUN_AS, SNAPSHOT_DIR, generator_deployment, generator_replicas,
+    COMPLETION_INDEX, GPU, HF_TOKEN, NATS_CREDS_DIR, RUN_AS, SNAPSHOT_DIR, generator_deployment, generator_replicas,
     learner_job,
 )
 from .runtime import REPLICAS, RUNTIME_FIELDS, SUSPEND, TTL, VOLUME_SNAPSHOTS, changed_paths, kinds_for
 from .merge import strategic_merge
 from .volumes import (
-    model_cache_claim_name, model_cache_pvc, snapshot_claim_name, snapshot_pvc, volume_snapshot,
+    claim_names, model_cache_claim_name, model_cache_pvc, snapshot_claim_name, snapshot_pvc, volume_snapshot,
     volume_snapshot_plan,
 )
 
@@ -63,11 +63,11 @@ __all__ = [
     "MANAGER", "Names", "Owner", "labels", "metadata", "owner_reference", "selector",
     "DEFAULT_NATS_PORT", "RENDEZVOUS_PORT", "learner_service", "nats_ports", "nats_url", "needs_hub",
     "network_policy", "service_account",
-    "COMPLETION_INDEX", "GPU", "NATS_CREDS_DIR", "RUN_AS", "SNAPSHOT_DIR", "generator_deployment",
+    "COMPLETION_INDEX", "GPU", "HF_TOKEN", "NATS_CREDS_DIR", "RUN_AS", "SNAPSHOT_DIR", "generator_deployment",
     "generator_replicas", "learner_job",
     "REPLICAS", "RUNTIME_FIELDS", "SUSPEND", "TTL", "VOLUME_SNAPSHOTS", "changed_paths", "kinds_for",
     "snapshot_claim_name", "snapshot_pvc", "volume_snapshot", "volume_snapshot_plan",
-    "model_cache_claim_name", "model_cache_pvc", "strategic_merge",
+    "claim_names", "model_cache_claim_name", "model_cache_pvc", "strategic_merge",
     "desired_children",
 ]
 

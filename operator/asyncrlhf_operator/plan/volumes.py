@@ -35,6 +35,11 @@ def model_cache_pvc(job: api.AsyncRLHFJob, owner: Owner) -> Optional[dict[str, A
             "metadata": metadata(owner, Names(owner.name).model_cache, "model-cache"), "spec": spec}
 
 
+def claim_names(job: api.AsyncRLHFJob, owner: Owner) -> list[str]:
+    """Every PVC the job's pods mount."""
+    return [name for name in (snapshot_claim_name(job, owner), model_cache_claim_name(job, owner)) if name]
+
+
 def snapshot_pvc(job: api.AsyncRLHFJob, owner: Owner) -> Optional[dict[str, Any]]:
     """The PVC to create, or None when the spec names an existing claim."""
     sync = job.spec.weight_sync
