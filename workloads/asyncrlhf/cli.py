@@ -50,10 +50,17 @@ def cmd_run(args) -> int:
         job.spec.learner.total_steps = args.steps
     from .local import ResumeError
 
+    from .placement import PlacementError
+
     run_dir = Path(args.runs_dir) / job.metadata.name
     try:
-        result = run_job(job, run_dir, quiet=args.quiet, resume=args.resume)
-    except ResumeError as err:
+        if args.dry_run:  # the plan: every process, its devices and environment; nothing starts
+            from .local import dry_run
+
+            print("\n".join(dry_run(job, run_dir, gpus=args.gpus)))
+            return 0
+        result = run_job(job, run_dir, quiet=args.quiet, resume=args.resume, gpus=args.gpus)
+    except (ResumeError, PlacementError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(result.summary, indent=2))
@@ -204,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--resume", action="store_true",
                      help="continue runs/<job>/ from its last checkpoint (e.g. after Ctrl-C, or with more "
                      "--steps); without it an earlier run is moved aside to runs/<job>-<time>/")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every process that would start, with its GPUs, devices and environment "
+                     "(secrets masked), and start nothing")
+    run.add_argument("--gpus", type=int, metavar="N",
+                     help="plan as if this machine had N GPUs (default: those CUDA_VISIBLE_DEVICES / torch see)")
     run.set_defaults(func=cmd_run)
 
     comp = sub.add_parser("compare", help="run a job in sync and async mode and compare")

@@ -47,6 +47,7 @@ from .replay import ReplayBuffer, replay_enabled
 from .replay_sampling import rng_state, set_rng_state, store_and_sample
 from .rewards import HeadLearner
 from .runlog import RunLog, metrics_row, progress_report
+from .sizing import checkpoint_every_steps
 from .snapshots import SnapshotInfo, prune_snapshots, write_snapshot
 from .tracking import open_trackers
 
@@ -61,6 +62,8 @@ class Learner:
         self.spec, self.bus, self.nats_url = spec, bus, nats_url
         self.root, self.backend, self.model_path, self.head = Path(root), backend, model_path, head
         self.k = spec.weight_sync.every_steps
+        # checkpoints (optimizer state: 4-6x a snapshot's bytes) come every C steps (sizing.py)
+        self.checkpoint_every = checkpoint_every_steps(spec, getattr(backend, "parameter_count", 0))
         self.state = LearnerState()  # shared with the feeder and the intake (restore updates it in place)
         self.checkpoints = CheckpointStore(root)
         self.log = RunLog(run_dir)
@@ -155,6 +158,10 @@ class Learner:
 
     # --- snapshots -----------------------------------------------------------------------
 
+    def checkpoint_due(self, step: int) -> bool:
+        """Is the snapshot of `step` also a checkpoint? Every checkpointEverySteps, and the last step."""
+        return step % self.checkpoint_every == 0 or step >= self.spec.learner.total_steps
+
     async def publish_weights(self) -> None:
         """Snapshot → checkpoint → ack → announce: generators only ever see durable weights."""
         version = self.state.step
@@ -163,8 +170,9 @@ class Learner:
         self.state.last_snapshot = info.path
         self.state.elapsed = self.elapsed()
         self._started = time.monotonic()
-        await asyncio.to_thread(self.save_checkpoint, info)
-        await self.intake.ack_held()
+        if self.checkpoint_due(version):  # else the held rollouts wait (deadlines extended) for the next one
+            await asyncio.to_thread(self.save_checkpoint, info)
+            await self.intake.ack_held()
         if self.replay is not None:
             self.replay.mark_sync()
         await self.link.announce(WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum))

@@ -31,7 +31,9 @@ from .checkpoints import CheckpointStore
 from .kv import JobKV
 from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
+from .devicereport import read_reports
 from .models import resolve_model
+from .placement import Placement, describe, learner_processes, machine_gpus, plan
 from .report import plot_rewards, read_metrics, summarize, write_json
 from .workload_env import GENERATOR_ID, WorkloadEnv
 
@@ -68,6 +70,7 @@ class LocalRun:
     children: list[Child] = field(default_factory=list)
     restarts: int = 0
     peak_memory: int = 0
+    gpus: Optional[int] = None  # plan as if the machine had this many GPUs (--gpus); None = count them
 
     def __post_init__(self) -> None:
         self.spec = self.job.spec
@@ -79,6 +82,10 @@ class LocalRun:
         self.url = self.spec.nats.url
         cores = sorted(os.sched_getaffinity(0))
         self.learner_cores, self.generator_cores = cpu_plan(cores, self.spec.generator.replicas)
+        # every process's GPUs (disjoint) and CUDA_VISIBLE_DEVICES; refused (PlacementError) before
+        # anything starts when the machine has too few
+        gpus = machine_gpus(os.environ, count_gpus()) if self.gpus is None else [str(i) for i in range(self.gpus)]
+        self.placement: Placement = plan(self.spec, gpus)
 
     # --- processes -----------------------------------------------------------------------
 
@@ -95,6 +102,9 @@ class LocalRun:
             cores = self.generator_cores[index % len(self.generator_cores)]  # index past the plan: added mid-run
             extra = {GENERATOR_ID: f"gen-{index}-{attempt}", "OMP_NUM_THREADS": str(len(cores)),
                      "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
+            # a generator added mid-run (index past the plan) has no GPUs of its own: it runs where its plan slot's does
+            if self.spec.generator.replicas:
+                extra |= self.placement.of("generator", index % self.spec.generator.replicas).env
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
             env=self._env(extra), stdout=log, stderr=subprocess.STDOUT,
@@ -107,17 +117,10 @@ class LocalRun:
 
     def spawn_learners(self, attempt: int = 0) -> None:
         """The learner: one process, or a group of ranks that rendezvous on a fresh local port."""
-        n = self.spec.learner.nodes * self.spec.learner.processes_per_node
-        if n == 1:
-            self.spawn("learner", 0, attempt)
-            return
-        port = str(free_port())
-        for rank in range(n):
-            self.spawn("learner", rank, attempt, {
-                "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n),
-                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-            })
+        n = learner_processes(self.spec)
+        port = {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())} if n > 1 else {}
+        for rank in range(n):  # RANK, LOCAL_RANK, ..., CUDA_VISIBLE_DEVICES: placement.py
+            self.spawn("learner", rank, attempt, self.placement.of("learner", rank).env | port)
 
     def learner_group(self) -> list[Child]:
         """The processes of the current learner attempt, rank 0 first."""
@@ -186,6 +189,8 @@ class LocalRun:
         summary = summarize(self.job, self.run_dir, time.monotonic() - started, produced, snapshots,
                             self.peak_memory, self.restarts)
         summary["ok"] = ok
+        if devices := read_reports(self.run_dir):  # GPU processes: CUDA memory each allocated (devicereport.py)
+            summary["cuda_max_memory_allocated"] = devices
         write_json(self.run_dir / "summary.json", summary)
         plot_rewards({f"{self.spec.async_.mode} (N={self.spec.async_.effective_staleness})": read_metrics(self.run_dir)},
                      self.run_dir / "reward.png", f"{self.job.metadata.name}: reward vs wall-clock")
@@ -278,12 +283,44 @@ def _signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
+def count_gpus() -> int:
+    """GPUs this machine offers to `asyncrlhf run` (those CUDA_VISIBLE_DEVICES leaves visible)."""
+    import torch
+
+    return torch.cuda.device_count()
+
+
+def dry_run(job: AsyncRLHFJob, run_dir: Path, gpus: Optional[int] = None) -> list[str]:
+    """`asyncrlhf run --dry-run`: what would start, on which devices, with which environment
+    (secrets masked); starts nothing. Raises PlacementError as the real run would."""
+    from .engines.vllm_engine import attention_heads
+    from .placement import generator_layout
+
+    run = LocalRun(job, run_dir, quiet=True, gpus=gpus)
+    heads = None if job.spec.model.policy.startswith("builtin:") else attention_heads(job.spec.model.policy)
+    if heads and generator_layout(job.spec).gpus:
+        plan(job.spec, run.placement.machine_gpus, heads)  # raises when TP does not divide the heads
+    envs = {}
+    command = [sys.executable, "-m", "asyncrlhf.cli", "<role>", "--config", str(run.config)]
+    for p in run.placement.processes:
+        cores = run.learner_cores if p.role == "learner" else run.generator_cores[p.index % len(run.generator_cores)]
+        runner = WorkloadEnv(nats_url=run.url or "<embedded nats-server>", snapshot_dir=str(run.volume),
+                             run_dir=str(run.run_dir)).variables()
+        envs[p.name] = runner | {"CPU_CORES": ",".join(map(str, cores))} | {
+            k: v for k, v in os.environ.items() if k.startswith(("ASYNCRLHF_", "NATS_", "HF_"))}
+    head = [f"dry run of {job.metadata.name}: nothing is started", "command: " + " ".join(command)]
+    if heads is None and generator_layout(job.spec).tensor_parallel > 1:
+        head.append(f"(tensor parallelism not checked: {job.spec.model.policy}'s config is not on this machine)")
+    return head + describe(run.placement, envs)
+
+
 class ResumeError(ValueError):
     """`--resume` with nothing to resume."""
 
 
-def run_job(job: AsyncRLHFJob, run_dir: Path, quiet: bool = False, resume: bool = False) -> RunResult:
-    run = LocalRun(job, run_dir, quiet, resume=resume)
+def run_job(job: AsyncRLHFJob, run_dir: Path, quiet: bool = False, resume: bool = False,
+            gpus: Optional[int] = None) -> RunResult:
+    run = LocalRun(job, run_dir, quiet, resume=resume, gpus=gpus)
     result = asyncio.run(run.run())
     if run.previous is not None and not quiet:
         print(f"(the earlier run of this job was moved to {run.previous})", file=sys.stderr)

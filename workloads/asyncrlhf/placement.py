@@ -188,9 +188,13 @@ def _generator(spec: JobSpec, i: int, layout: GeneratorLayout, gpus: list[str], 
 
 
 def machine_gpus(env: Mapping[str, str], count: int) -> list[str]:
-    """The GPU ids this machine offers: those CUDA_VISIBLE_DEVICES names, else 0 .. count-1."""
+    """The GPU ids this machine offers (`count`: CUDA devices torch sees): those CUDA_VISIBLE_DEVICES
+    names, else 0 .. count-1. A GPU named twice (CUDA_VISIBLE_DEVICES=0,0) is shared on purpose by two
+    processes (one GPU for a learner and a generator: scripts/gpu-smoke.sh)."""
     if CUDA_VISIBLE_DEVICES in env:
-        return [g.strip() for g in env[CUDA_VISIBLE_DEVICES].split(",") if g.strip()][:count or None]
+        listed = [g.strip() for g in env[CUDA_VISIBLE_DEVICES].split(",") if g.strip()]
+        shared = len(set(listed)) < len(listed)  # torch counts such a list as no device at all
+        return listed if count or shared else []
     return [str(i) for i in range(count)]
 
 

@@ -34,12 +34,15 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..api import JobSpec
+from ..devicereport import report_at_exit
 from ..losses import merge_metrics
 from .base import Batch
-from .distributed import device_of, init_process_group
+from ..placement import learner_device
+from .distributed import init_process_group
 from .micro import MicroPlan, micro_plan, share_rows, shard_groups
 from .optim_state import MASTER_WEIGHTS, read_optimizer_state, save_optimizer_state
 from .torch_backend import StepInputs, TorchBackend
+from .weights import save_snapshot_files
 
 
 class TrainModule(torch.nn.Module):
@@ -111,16 +114,19 @@ class DeepSpeedBackend(TorchBackend):
         if spec.learner.zero_stage not in (1, 2, 3):
             raise ValueError(f"learner.zeroStage: {spec.learner.zero_stage} with backend 'deepspeed'; use 1, 2 or 3 "
                              "(or learner.backend 'torch' for one process without ZeRO)")
-        rdv = init_process_group()
+        rdv = init_process_group(cuda=spec.learner.gpus_per_node > 0)
         import deepspeed
 
         self.rank, self.world = rdv.rank, rdv.world_size
         if spec.learner.prompts_per_step < self.world:
             raise ValueError(f"learner.promptsPerStep ({spec.learner.prompts_per_step}) is smaller than the "
                              f"{self.world} learner processes: every process needs at least one prompt group")
-        self.device = device_of(rdv)
+        self.device = torch.device(learner_device(spec.learner.gpus_per_node, rdv.local_rank,
+                                                  torch.cuda.device_count()))
         if self.device.type == "cpu":
             _skip_shm_comm_build()
+        else:
+            report_at_exit(f"learner-{rdv.rank}", lambda: torch.cuda.max_memory_allocated(self.device))
         deepspeed.init_distributed(dist_backend=dist.get_backend())
         self.zero3 = spec.learner.zero_stage == 3
         config = ds_config(spec, self.world)
@@ -129,10 +135,13 @@ class DeepSpeedBackend(TorchBackend):
         # under ZeRO-3 the policy was loaded already partitioned (zero.Init): no rank ever held all
         # of it. The reference, only run forward, is whole on each rank.
         self.partitioned_at_load = self.zero3 and all(hasattr(p, "ds_id") for p in self.model.parameters())
-        self.ref.to(self.device)
         self.steps = config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=TrainModule(self.model, self.value_head), config=config)
+
+    def _policy_dtype(self) -> str:
+        """DeepSpeed keeps the fp32 masters itself: the module is in model.dtype (bf16 on GPUs)."""
+        return self.spec.model.dtype
 
     @contextlib.contextmanager
     def _policy_loading(self):
@@ -228,10 +237,11 @@ class DeepSpeedBackend(TorchBackend):
             return None
         return {name[len("policy."):]: t for name, t in state.items() if name.startswith("policy.")}
 
-    def save_weights(self, directory: Path) -> None:
+    def save_weights(self, directory: Path) -> dict[str, str]:
         state = self._policy_state()
-        if self.rank == 0:
-            self.model.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        if self.rank != 0:
+            return {}
+        return save_snapshot_files(self.model, directory, self.spec.model.dtype, state)
 
     def load_weights(self, directory: Path) -> None:
         from ..snapshots import load_snapshot_state

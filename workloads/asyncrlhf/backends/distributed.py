@@ -153,17 +153,18 @@ def run_node(envs: list[dict[str, str]], argv: list[str]) -> int:
 _COMMAND_GROUP = None
 
 
-def init_process_group() -> Rendezvous:
+def init_process_group(cuda: Optional[bool] = None) -> Rendezvous:
     """Join the learner group described by the environment (idempotent); also the command group.
 
-    NCCL on GPUs, gloo on CPUs; DS_ACCELERATOR=cpu is set on CPU machines before DeepSpeed is
-    imported (DeepSpeed otherwise probes for accelerators and may pick the wrong one).
+    NCCL when the learner trains on GPUs (`cuda`: learner.gpusPerNode > 0; unset = whether CUDA
+    is there), gloo on CPUs; DS_ACCELERATOR is set to match before DeepSpeed is imported
+    (DeepSpeed otherwise probes for accelerators and may pick the wrong one).
     """
     global _COMMAND_GROUP
     rdv = Rendezvous.from_env()
     if rdv.world_size == 1 and "MASTER_PORT" not in os.environ:
         rdv = Rendezvous(master_port=free_port())
-    cuda = torch.cuda.is_available()
+    cuda = torch.cuda.is_available() if cuda is None else cuda
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
     if not dist.is_initialized():
         os.environ.update(rdv.env())
@@ -173,10 +174,6 @@ def init_process_group() -> Rendezvous:
         _COMMAND_GROUP = dist.new_group(backend="gloo", timeout=COMMAND_TIMEOUT)
     return Rendezvous(dist.get_rank(), dist.get_world_size(), rdv.local_rank, rdv.local_world_size,
                       rdv.master_addr, rdv.master_port)
-
-
-def device_of(rdv: Rendezvous) -> torch.device:
-    return torch.device(f"cuda:{rdv.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
 
 
 # --- commands ----------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from ..api import JobSpec
+from ..devicereport import report_at_exit
 from ..logprobs import pack, token_logprobs
 from ..losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
 from ..models import load_causal_lm
@@ -68,6 +69,7 @@ def local_device(spec: JobSpec) -> torch.device:
                                          torch.cuda.device_count()))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        report_at_exit(f"learner-{os.environ.get('RANK', 0)}", lambda: torch.cuda.max_memory_allocated(device))
     return device
 
 

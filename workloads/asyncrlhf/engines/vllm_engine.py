@@ -3,38 +3,79 @@
 Log-probs are requested in `processed_logprobs` mode, i.e. after temperature scaling, so they
 match what the learner computes (logits / T, then log-softmax). After an in-place weight reload
 the prefix cache is reset: cached KV blocks were computed with the old weights.
+
+On GPUs (`vllm_options`): tensor parallelism over the generator's engine GPUs
+(placement.generator_layout; checked against the model's attention heads before vLLM starts),
+CUDA graphs, `gpu_memory_utilization` = `generator.memoryFraction`. On CPUs: eager mode (no CUDA
+graphs to capture) and a KV cache of `generator.kvCacheGiB`.
 """
 
 from __future__ import annotations
 
+import os
+from typing import Optional
+
 from ..api import JobSpec
+from ..devicereport import report_at_exit
+from ..workload_env import GENERATOR_ID
+from ..placement import check_tensor_parallel, generator_devices, generator_layout
 from .base import Sample
+from .verified import verify_during
+
+
+def vllm_options(spec: JobSpec, on_cpu: bool) -> dict:
+    """The `vllm.LLM` arguments a spec asks for, on a CPU build or on GPUs."""
+    options = dict(dtype=spec.model.dtype, seed=spec.learner.seed, max_model_len=None,
+                   logprobs_mode="processed_logprobs", disable_log_stats=True, enforce_eager=on_cpu)
+    if on_cpu:
+        return options | {"kv_cache_memory_bytes": int(spec.generator.kv_cache_gib * (1 << 30))}
+    tp = generator_layout(spec).tensor_parallel
+    options |= {"gpu_memory_utilization": spec.generator.memory_fraction, "tensor_parallel_size": tp}
+    if tp > 1:
+        options["distributed_executor_backend"] = "mp"  # one process per GPU, in this generator's pod
+    return options
+
+
+def attention_heads(model_path: str) -> Optional[tuple[int, int]]:
+    """(attention heads, key/value heads) from the model's config, when it can be read without a download."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    heads = getattr(config, "num_attention_heads", None)
+    return (heads, getattr(config, "num_key_value_heads", None) or heads) if heads else None
+
+
+def _max_memory_allocated(worker) -> int:
+    """Run in each vLLM worker (collective_rpc): the CUDA memory it allocated at most."""
+    import torch
+
+    return torch.cuda.max_memory_allocated()
 
 
 class VLLMEngine:
     def __init__(self, spec: JobSpec, model_path: str) -> None:
+        import torch
         from vllm import LLM
-
-        self.spec = spec
-        sampling = spec.generator.sampling
         from vllm.platforms import current_platform
 
-        memory = (
-            {"kv_cache_memory_bytes": int(spec.generator.kv_cache_gib * (1 << 30))}
-            if current_platform.is_cpu()
-            else {"gpu_memory_utilization": spec.generator.memory_fraction}
-        )
-        self.llm = LLM(
-            model=model_path,
-            tokenizer=spec.model.tokenizer or model_path,
-            dtype=spec.model.dtype,
-            seed=spec.learner.seed,
-            max_model_len=None,
-            **memory,
-            logprobs_mode="processed_logprobs",
-            enforce_eager=True,
-            disable_log_stats=True,
-        )
+        self.spec = spec
+        on_cpu = current_platform.is_cpu()
+        if not on_cpu or spec.generator.resources.gpus:
+            generator_devices(spec, torch.cuda.device_count())  # refuses GPUs asked for and not there
+        options = vllm_options(spec, on_cpu)
+        heads = attention_heads(model_path)
+        if heads and options.get("tensor_parallel_size", 1) > 1:
+            check_tensor_parallel(options["tensor_parallel_size"], *heads, where=model_path)
+        self.llm = LLM(model=model_path, tokenizer=spec.model.tokenizer or model_path, **options)
+        self.loaded = model_path  # what `reload` falls back to when a snapshot fails verification
+        if not on_cpu:  # the weights live in vLLM's worker processes: ask them
+            report_at_exit(f"generator-{os.environ.get(GENERATOR_ID, '0')}",
+                           lambda: sum(self.llm.collective_rpc(_max_memory_allocated)))
+        sampling = spec.generator.sampling
         self._temperature = sampling.temperature
         self._top_p = sampling.top_p
         self._max_tokens = sampling.max_tokens
@@ -61,9 +102,18 @@ class VLLMEngine:
         logprobs = [step[tok].logprob for step, tok in zip(completion.logprobs, ids)]
         return Sample(token_ids=ids, logprobs=logprobs, eos=completion.finish_reason == "stop")
 
-    def reload(self, snapshot_dir: str) -> None:
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": snapshot_dir})
+    def _load(self, directory: str) -> None:
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_path": directory})
         self.llm.reset_prefix_cache()
+
+    def reload(self, snapshot_dir: str, checksum: Optional[str] = None) -> None:
+        """Load a snapshot in place. With its checksum, verified while vLLM reads it (the previous
+        weights are loaded back if it does not match): engines/verified.py."""
+        if checksum:
+            verify_during(snapshot_dir, checksum, lambda: self._load(snapshot_dir), lambda: self._load(self.loaded))
+        else:
+            self._load(snapshot_dir)
+        self.loaded = snapshot_dir
 
     def close(self) -> None:
         del self.llm
