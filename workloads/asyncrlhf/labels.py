@@ -70,7 +70,10 @@ async def publish_preferences(url: str, bus: JobBus, prefs: list[Preference]) ->
     holding the head's update); fails fast when the job's stream is not on that server."""
     import nats
 
-    nc = await connect(url, name="asyncrlhf-label", max_reconnect_attempts=0)
+    try:
+        nc = await connect(url, name="asyncrlhf-label")
+    except (OSError, nats.errors.Error) as err:
+        raise LabelError(f"cannot reach NATS at {url}: {type(err).__name__}: {err}") from None
     try:
         js = nc.jetstream()
         try:

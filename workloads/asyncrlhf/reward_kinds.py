@@ -232,7 +232,8 @@ class ModelReward:
         from .models import resolve_model
         from .rewards import ModelScorer
 
-        self.scorer = ModelScorer(resolve_model(source.model), spec.model.dtype, spec.model.chat_template)
+        self.scorer = ModelScorer(resolve_model(source.model), spec.model.dtype, spec.model.chat_template,
+                                  micro_batch=spec.task.reward.batch_size)
         self.name = f"reward model {source.model}"
 
     def __call__(self, batch: RewardBatch) -> list[float]:
