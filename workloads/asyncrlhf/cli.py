@@ -113,11 +113,12 @@ def cmd_learner(args) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if Rendezvous.from_env().rank > 0:  # only rank 0 talks to the bus; the others follow it
         return follower_main(job.spec)
+    from .placement import PlacementError
     from .tracking import TrackingError
 
     try:
         asyncio.run(main_async(job.spec, bus, env.nats_url, env.snapshot_dir, env.run_dir))
-    except TrackingError as err:  # a tracker's library or credentials are missing: a restart cannot fix it
+    except (TrackingError, PlacementError) as err:  # no tracker library / credentials, no GPUs: a restart cannot help
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
@@ -129,11 +130,12 @@ def cmd_generator(args) -> int:
     job, bus, env = _workload_context(args, WorkloadEnv.for_generator)  # before vLLM loads: fail fast
     from .generator import main_async
     from .models import ChatTemplateError
+    from .placement import PlacementError
     from .reward_kinds import RewardConfigError
 
     try:
         asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id))
-    except (RewardConfigError, ChatTemplateError) as err:  # a restart cannot fix the spec
+    except (RewardConfigError, ChatTemplateError, PlacementError) as err:  # a restart cannot fix the spec
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
