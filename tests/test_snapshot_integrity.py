@@ -93,3 +93,12 @@ def test_stale_temporaries_of_a_killed_writer_are_removed(tmp_path):
     removed = remove_stale_tmp(tmp_path / "snapshots", tmp_path / "checkpoints", tmp_path / "absent")
     assert sorted(p.name for p in removed) == [".tmp-LATEST-9", ".tmp-v4-123"]
     assert [p.name for p in (tmp_path / "snapshots").iterdir()] == ["v3"]
+
+
+def test_a_local_model_path_that_is_not_there_is_refused_at_once(tmp_path):
+    from asyncrlhf.models import ModelNotFoundError, resolve_model
+
+    with pytest.raises(ModelNotFoundError, match="no such directory on this machine"):
+        resolve_model(str(tmp_path / "missing-model"))
+    assert resolve_model(str(tmp_path)) == str(tmp_path)
+    assert resolve_model("org/hub-model") == "org/hub-model"  # a hub id is left to transformers

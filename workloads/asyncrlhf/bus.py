@@ -267,13 +267,19 @@ async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: in
 
 
 @asynccontextmanager
-async def keep_alive(messages: Callable[[], Iterable], ack_wait: float):
+async def keep_alive(messages: Callable[[], Iterable], ack_wait: float, limit: float = float("inf")):
     """While the block runs (a long training step, a long generation), tell the server every
-    ack_wait/3 seconds that the messages are still being worked on, so they are not redelivered."""
+    ack_wait/3 seconds that the messages are still being worked on, so they are not redelivered.
+    After `limit` seconds it stops: a process that hangs (an engine stuck in a kernel) does not
+    hold its messages for ever — they go to another consumer one ack wait later."""
 
     async def beat() -> None:
+        deadline = time.monotonic() + limit
         while True:
             await asyncio.sleep(ack_wait / 3)
+            if time.monotonic() > deadline:
+                log.warning("held messages for %.0f s: no longer extending their ack deadlines", limit)
+                return
             for msg in list(messages()):
                 try:
                     await msg.in_progress()

@@ -113,12 +113,13 @@ def cmd_learner(args) -> int:
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     if Rendezvous.from_env().rank > 0:  # only rank 0 talks to the bus; the others follow it
         return follower_main(job.spec)
+    from .models import ModelNotFoundError
     from .placement import PlacementError
     from .tracking import TrackingError
 
     try:
         asyncio.run(main_async(job.spec, bus, env.nats_url, env.snapshot_dir, env.run_dir))
-    except (TrackingError, PlacementError) as err:  # no tracker library / credentials, no GPUs: a restart cannot help
+    except (TrackingError, PlacementError, ModelNotFoundError) as err:  # no tracker library / credentials, no GPUs: a restart cannot help
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
@@ -129,13 +130,13 @@ def cmd_learner(args) -> int:
 def cmd_generator(args) -> int:
     job, bus, env = _workload_context(args, WorkloadEnv.for_generator)  # before vLLM loads: fail fast
     from .generator import main_async
-    from .models import ChatTemplateError
+    from .models import ChatTemplateError, ModelNotFoundError
     from .placement import PlacementError
     from .reward_kinds import RewardConfigError
 
     try:
-        asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id))
-    except (RewardConfigError, ChatTemplateError, PlacementError) as err:  # a restart cannot fix the spec
+        asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id, env.snapshot_dir))
+    except (RewardConfigError, ChatTemplateError, PlacementError, ModelNotFoundError) as err:  # a restart cannot help
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0
@@ -165,12 +166,6 @@ def cmd_label(args) -> int:
     return 0
 
 
-def cmd_crd(args) -> int:
-    from asyncrlhf_operator import crd
-
-    return crd.run(args)
-
-
 def cmd_export(args) -> int:
     from .export import ExportError, describe, export
 
@@ -182,6 +177,12 @@ def cmd_export(args) -> int:
     print(json.dumps(describe(out), indent=2))
     print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or vllm.LLM({str(out)!r})")
     return 0
+
+
+def cmd_crd(args) -> int:
+    from asyncrlhf_operator import crd
+
+    return crd.run(args)
 
 
 def cmd_render(args) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -19,17 +18,25 @@ from typing import Optional
 import nats
 
 from .api import JobSpec
-from .bus import GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, keep_alive, latest_weights, publish
+from . import shutdown
+from .bus import (
+    GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, dead_letter, keep_alive, latest_weights, publish,
+)
 from .engines import Engine, make_engine
 from .kv import JobKV
 from .messages import (
-    GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, Prompt, RolloutGroup, WeightsAnnouncement,
+    GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, MessageError, Prompt, RolloutGroup,
+    WeightsAnnouncement,
 )
 from .models import encode_prompt, load_tokenizer, resolve_model
 from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, prompt_of, score_batch
-from .snapshots import SnapshotError, verify_snapshot
+from .refusals import RefusalLog
+from .snapshots import SnapshotError, confined, verify_snapshot
 
 log = logging.getLogger("asyncrlhf.generator")
+WEIGHTS_WAIT_ACK_WAITS = 3  # waiting longer than this many ack waits for weights, prompts are handed back
+WEIGHTS_WAIT_RETRY_SECONDS = 5.0  # ... and redelivered after this delay
+HOLD_LIMIT_MIN_SECONDS, HOLD_LIMIT_ACK_WAITS = 1800.0, 30  # a generation holds its prompts at most this long
 
 
 @dataclass
@@ -39,14 +46,15 @@ class GeneratorState:
     rollouts: int = 0
     tokens: int = 0
     busy_seconds: float = 0.0
-    refused: set[str] = field(default_factory=set)  # checksums of snapshots that failed verification
+    refusals: RefusalLog = field(default_factory=RefusalLog)  # snapshots that failed, and when to retry
     reward_failures: int = 0  # batches in a row handed back because the reward failed on them
 
 
 class Generator:
     def __init__(self, spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str,
-                 engine: Optional[Engine] = None, fetch_size: Optional[int] = None) -> None:
+                 engine: Optional[Engine] = None, fetch_size: Optional[int] = None, snapshot_root: str = "") -> None:
         self.spec, self.bus, self.nats_url, self.id = spec, bus, nats_url, generator_id
+        self.snapshot_root = snapshot_root  # when set, announced snapshots must lie under it
         self.model_path = resolve_model(spec.model.policy)
         self.tokenizer = load_tokenizer(spec.model.tokenizer or self.model_path)
         self.engine = engine or make_engine(spec, self.model_path)
@@ -58,16 +66,23 @@ class Generator:
     # --- weights -------------------------------------------------------------------------
 
     def try_reload(self, ann: WeightsAnnouncement) -> bool:
-        """Verify and load a snapshot; on any problem keep the current weights."""
-        if ann.checksum in self.state.refused:
+        """Verify and load a snapshot; on any problem keep the current weights, report the refusal
+        (the learner writes a damaged snapshot again) and try it again later (refusals.py)."""
+        refusals = self.state.refusals
+        if not refusals.may_try(ann.checksum, time.monotonic()):
             return False
         try:
-            verify_snapshot(ann.path, ann.checksum)
-            self.engine.reload(ann.path)
+            if self.snapshot_root:
+                confined(ann.path, self.snapshot_root)
+            verify_snapshot(ann.path, ann.checksum, ann.version)
         except (SnapshotError, OSError) as err:
-            log.error("refusing snapshot v%d: %s (keeping v%d)", ann.version, err, self.state.version)
-            self.state.refused.add(ann.checksum)
-            return False
+            return self._refuse(ann, str(err))
+        try:
+            self.engine.reload(ann.path)
+        except Exception as err:  # noqa: BLE001 -- whatever the engine raises, the generator keeps serving
+            log.exception("the engine failed to load snapshot v%d", ann.version)
+            return self._refuse(ann, f"the engine failed to load it: {type(err).__name__}: {err}")
+        refusals.loaded(ann.checksum)
         self.state.version, self.state.checksum = ann.version, ann.checksum
         log.info("generator %s loaded policy v%d", self.id, ann.version)
         return True
@@ -81,12 +96,22 @@ class Generator:
             return False
         return await asyncio.to_thread(self.try_reload, ann)
 
-    async def sync_weights(self, js, need: int) -> None:
-        """Load the newest snapshot; wait until version >= need."""
+    def _refuse(self, ann: WeightsAnnouncement, reason: str) -> bool:
+        refusal = self.state.refusals.refuse(ann.version, ann.checksum, reason, time.monotonic())
+        log.error("refusing snapshot v%d: %s (keeping v%d; trying it again in %.0f s)", ann.version, reason,
+                  self.state.version, refusal.retry_at - time.monotonic())
+        return False
+
+    async def sync_weights(self, js, need: int, limit: float = float("inf")) -> bool:
+        """Load the newest snapshot until version >= need (True); False when stopping or after
+        `limit` seconds (the caller hands its prompts back rather than hold them for ever)."""
+        deadline = time.monotonic() + limit
         while True:
             await self.reload_latest(js)
-            if self.state.version >= need or self.stopping.is_set():
-                return
+            if self.state.version >= need:
+                return True
+            if self.stopping.is_set() or time.monotonic() > deadline:
+                return False
             await asyncio.sleep(0.05)
 
     # --- work ----------------------------------------------------------------------------
@@ -131,9 +156,12 @@ class Generator:
 
     async def report(self, kv: JobKV) -> None:
         st = self.state
+        refused = st.refusals.latest
         await kv.put_report(GeneratorStatus(
             generator_id=self.id, policy_version=st.version, rollouts=st.rollouts, tokens=st.tokens,
             tokens_per_second=st.tokens / st.busy_seconds if st.busy_seconds else 0.0,
+            refused_version=refused.version if refused else None, refused_checksum=refused.checksum if refused else "",
+            refused_reason=refused.reason[:500] if refused else "",
         ))
 
     async def refresh_head(self, kv: JobKV) -> None:
@@ -144,15 +172,18 @@ class Generator:
 
     async def handle(self, js, kv: JobKV, msgs: list) -> None:
         # held prompts stay ours while we wait for weights and generate (however long that takes)
-        async with keep_alive(lambda: msgs, self.spec.nats.ack_wait_seconds):
+        async with keep_alive(lambda: msgs, self.spec.nats.ack_wait_seconds, limit=self.hold_limit):
             await self._handle(js, kv, msgs)
 
     async def _handle(self, js, kv: JobKV, msgs: list) -> None:
-        prompts = [Prompt.decode(m.data) for m in msgs]
-        await self.sync_weights(js, max(p.min_version for p in prompts))
-        if self.stopping.is_set():
+        msgs, prompts = await self._decode(js, msgs)
+        if not prompts:
+            return
+        if not await self.sync_weights(js, max(p.min_version for p in prompts), self.weights_wait_limit):
+            # stopping, or the weights it needs are not loadable yet: hand the prompts back (to
+            # any generator) instead of holding them for ever
             for m in msgs:
-                await m.nak()
+                await m.nak(delay=None if self.stopping.is_set() else WEIGHTS_WAIT_RETRY_SECONDS)
             return
         if isinstance(self.scorer, OnePassReward):
             await self.refresh_head(kv)
@@ -171,6 +202,28 @@ class Generator:
                 await msgs[i].ack()
             self.state.rollouts += len(groups)
             self.state.tokens += tokens
+
+    async def _decode(self, js, msgs: list) -> tuple[list, list[Prompt]]:
+        """The prompts that can be read; the others go to the job's dead letters (never redelivered)."""
+        good, prompts = [], []
+        for m in msgs:
+            try:
+                prompts.append(Prompt.decode(m.data))
+                good.append(m)
+            except MessageError as err:
+                log.error("undecodable prompt set aside in the job's dead letters: %s", str(err)[:500])
+                await dead_letter(js, self.bus, m, f"undecodable prompt: {err}")
+        return good, prompts
+
+    @property
+    def hold_limit(self) -> float:
+        """The longest a generator keeps prompts (waiting for weights, generating, scoring): past it
+        they go to another generator, so a hung engine cannot hold a batch for ever."""
+        return max(HOLD_LIMIT_MIN_SECONDS, HOLD_LIMIT_ACK_WAITS * self.spec.nats.ack_wait_seconds)
+
+    @property
+    def weights_wait_limit(self) -> float:
+        return WEIGHTS_WAIT_ACK_WAITS * self.spec.nats.ack_wait_seconds
 
     async def run(self) -> GeneratorState:
         nc = await connect(self.nats_url, name=f"generator-{self.id}")
@@ -223,14 +276,8 @@ class Generator:
             await self.report(kv)
 
 
-def install_signal_handlers(stopping: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stopping.set)
-
-
-async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str) -> None:
-    gen = Generator(spec, bus, nats_url, generator_id)
-    install_signal_handlers(gen.stopping)
+async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str, snapshot_root: str = "") -> None:
+    gen = Generator(spec, bus, nats_url, generator_id, snapshot_root=snapshot_root)
+    shutdown.install(gen.stopping)
     state = await gen.run()
     log.info("generator %s done: %d rollout groups, %d tokens", generator_id, state.rollouts, state.tokens)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-import signal
 import time
 from pathlib import Path
 from typing import Optional
@@ -31,12 +30,14 @@ import nats
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
+from . import shutdown
 from .api import JobSpec
 from .backends import TrainingBackend, make_backend, to_batch
 from .bus import JobBus, close_quietly, connect, keep_alive
 from .checkpoints import Checkpoint, CheckpointStore, LearnerState
 from .evaluation import Evaluator
 from .export import snapshot_tokenizer
+from .faults import fault_point
 from .feeding import PromptFeeder
 from .intake import RolloutIntake
 from .kv import BUS_ERRORS, JobKV
@@ -49,6 +50,7 @@ from .rewards import HeadLearner
 from .runlog import RunLog, metrics_row, progress_report
 from .sizing import checkpoint_every_steps
 from .snapshots import SnapshotInfo, prune_snapshots, write_snapshot
+from .storage import remove_stale_tmp
 from .tracking import open_trackers
 
 log = logging.getLogger("asyncrlhf.learner")
@@ -90,6 +92,7 @@ class Learner:
         head = HeadLearner(spec) if spec.task.reward.kind == "onepass" else None
         learner = cls(spec, bus, nats_url, root, run_dir, make_backend(spec, model_path, reference),
                       model_path=model_path, head=head)
+        remove_stale_tmp(learner.root / "snapshots", learner.checkpoints.base)  # left by a writer killed mid-write
         learner.restore()
         learner.tokenizer = snapshot_tokenizer(spec, model_path)
         learner.evaluator = Evaluator.create(spec, model_path, reference, run_dir)
@@ -209,6 +212,7 @@ class Learner:
         in_use |= {status.policy_version for status in reports.values() if status.fresh(now)}
         if (checkpoint := self.checkpoints.load()) is not None:
             in_use.add(checkpoint.snapshot.version)
+        fault_point("prune")
         prune_snapshots(self.root, self.spec.weight_sync.keep_snapshots, in_use)
 
     # --- the loop ------------------------------------------------------------------------
@@ -228,6 +232,7 @@ class Learner:
         started = time.monotonic()
         train_on = self.replay_sample(groups, step) if self.replay is not None else groups
         metrics = await asyncio.to_thread(self.backend.train_step, to_batch(train_on, self.backend.pad_id), step)
+        fault_point("after-train")
         if self.replay is not None:
             metrics["replay_items"] = float(len(self.replay))
             metrics["replay_version_mean"] = sum(g.policy_version for g in train_on) / len(train_on)
@@ -285,7 +290,5 @@ class Learner:
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
     learner = Learner.create(spec, bus, nats_url, root, run_dir)
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, learner.stopping.set)
+    shutdown.install(learner.stopping)
     await learner.run()

@@ -108,7 +108,7 @@ class LocalRun:
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
             env=self._env(extra), stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: os.sched_setaffinity(0, cores),
+            preexec_fn=lambda: _child_setup(cores),
             start_new_session=True,  # its own process group: engine subprocesses are stopped with it
         )
         child = Child(role, index, proc, attempt)
@@ -168,6 +168,8 @@ class LocalRun:
 
     async def run(self) -> RunResult:
         started = time.monotonic()
+        # SIGTERM stops a run as Ctrl-C does: the run is cancelled and every child is stopped
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
         self.prepare()
         nc = await connect(self.url, name="asyncrlhf-run")
         js = nc.jetstream()
@@ -274,6 +276,16 @@ class LocalRun:
                 pass
             _signal_group(c.proc, signal.SIGKILL)  # leftovers of the group (e.g. vLLM's engine core)
             c.proc.wait()
+
+
+def _child_setup(cores: list[int]) -> None:
+    """In a child, before exec: its CPU cores, and death with `asyncrlhf run` even when that is
+    SIGKILLed (Linux: PR_SET_PDEATHSIG), so no generator or learner outlives the run."""
+    os.sched_setaffinity(0, cores)
+    if sys.platform == "linux":
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:

@@ -155,6 +155,9 @@ class GeneratorStatus(Message):
     rollouts: int = 0
     tokens: int = 0
     tokens_per_second: float = 0.0
+    refused_version: Optional[int] = Field(None, description="The newest snapshot this generator refused, if any.")
+    refused_checksum: str = ""
+    refused_reason: str = ""
     updated: float = Field(default_factory=time.time)
 
     def fresh(self, now: float) -> bool:

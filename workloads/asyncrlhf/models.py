@@ -34,10 +34,19 @@ def cache_root() -> Path:
     return Path(os.environ.get("ASYNCRLHF_CACHE", Path.home() / ".cache" / "asyncrlhf"))
 
 
+class ModelNotFoundError(ValueError):
+    """A model named by a local path that is not there (a restart cannot help)."""
+
+
 def resolve_model(name: str) -> str:
-    """A path or hub id that transformers and vLLM can load; builds built-in models on demand."""
+    """A path or hub id that transformers and vLLM can load; builds built-in models on demand.
+    A local path (absolute, or starting with . or ~) that does not exist is refused at once
+    (transformers would take it for a hub id and fail later, less clearly)."""
     if not name.startswith(BUILTIN_MODEL_PREFIX):
-        return name
+        if name.startswith(("/", ".", "~")) and not os.path.exists(os.path.expanduser(name)):
+            raise ModelNotFoundError(f"model {name!r}: no such directory on this machine (on a cluster: is the "
+                                     "volume that holds it mounted, e.g. through spec.model.cache or a podTemplate?)")
+        return os.path.expanduser(name)
     which = name[len(BUILTIN_MODEL_PREFIX):]
     if which != TINY_SORT:
         raise ValueError(
