@@ -143,3 +143,26 @@ def test_bf16_learner_publishes_bf16_and_keeps_fp32_masters_in_its_checkpoint(tm
     assert not all(torch.equal(fresh.model.state_dict()[k], masters[k]) for k in masters)  # bf16-rounded
     fresh.load_state(tmp_path / "ckpt")
     assert all(torch.equal(fresh.model.state_dict()[k], masters[k]) for k in masters)  # exact after the checkpoint
+
+
+def test_hf_engine_reloads_a_verified_snapshot_and_keeps_its_weights_on_a_corrupt_one(tmp_path) -> None:
+    from asyncrlhf.engines.hf import HFEngine
+    from asyncrlhf.models import load_causal_lm, resolve_model
+
+    path = resolve_model("builtin:tiny-sort")
+    engine = HFEngine(JobSpec.model_validate({"generator": {"engine": "hf"}}), path)
+    trained = load_causal_lm(path)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.01)
+    good = write_snapshot(tmp_path, 1, lambda d: save_snapshot_files(trained, d, "float32"))
+    engine.reload(good.path, good.checksum)
+    assert all(torch.equal(engine.model.state_dict()[k], v) for k, v in trained.state_dict().items())
+    assert engine.generate([[1, 5, 6]], 2, [0])[0][0].token_ids  # generates with the loaded weights
+    bad = write_snapshot(tmp_path, 2, lambda d: save_snapshot_files(load_causal_lm(path), d, "float32"))
+    data = bytearray((Path(bad.path) / "model.safetensors").read_bytes())
+    data[-1] ^= 1
+    (Path(bad.path) / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(SnapshotError):
+        engine.reload(bad.path, bad.checksum)
+    assert all(torch.equal(engine.model.state_dict()[k], v) for k, v in trained.state_dict().items())

@@ -86,21 +86,26 @@ def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], d
     """Write `tensors` (name, tensor) as one safetensors file, floating tensors cast to `dtype`;
     returns the file's digest, computed from the bytes as they were written. Not fsynced (the
     caller's atomic directory write does that)."""
-    items = list(tensors)
+    named = list(tensors)
+    items = [t for _, t in named]
     hasher = new_hasher(algorithm)
-    header = _header(items, dtype, {"format": "pt"} | (metadata or {}))
+    header = _header(named, dtype, {"format": "pt"} | (metadata or {}))
     hasher.update(header)
-    with open(path, "wb", buffering=0) as out, ThreadPoolExecutor(1) as pool:
+    # a pipeline of three: tensor i+1 is cast and copied to the host while tensor i is hashed and
+    # written (the hash in order: each update waits for the one before)
+    with open(path, "wb", buffering=0) as out, ThreadPoolExecutor(2) as pool:
         out.write(header)
-        pending = None
-        for _, t in items:
-            data = _host_bytes(t, dtype)
-            if pending is not None:
-                pending.result()  # the previous tensor's bytes are hashed: its buffer may go
-            pending = pool.submit(hasher.update, data)
+        hashing = None
+        ready = pool.submit(_host_bytes, items[0], dtype) if items else None
+        for i in range(len(items)):
+            data = ready.result()
+            ready = pool.submit(_host_bytes, items[i + 1], dtype) if i + 1 < len(items) else None
+            if hashing is not None:
+                hashing.result()
+            hashing = pool.submit(hasher.update, data)
             _write_all(out, data)
-        if pending is not None:
-            pending.result()
+        if hashing is not None:
+            hashing.result()
     return hasher.hexdigest()
 
 
@@ -128,10 +133,13 @@ def shard(tensors: list[tuple[str, torch.Tensor]], max_bytes: int, itemsize: Opt
 # --- reading -----------------------------------------------------------------------------
 
 
-def read_hashed(path: Path, algorithm: str = HASH) -> tuple[bytearray, str]:
-    """A file's bytes, read once, and their digest (each chunk hashed while the next is read)."""
+def read_hashed(path: Path, algorithm: str = HASH):
+    """A file's bytes (a uint8 numpy array), read once, and their digest (each chunk hashed while the
+    next is read). The buffer is not zero-filled first: the read is its only pass over memory."""
+    import numpy as np
+
     size = os.path.getsize(path)
-    buf = bytearray(size)
+    buf = np.empty(size, dtype=np.uint8)
     view = memoryview(buf)
     hasher = new_hasher(algorithm)
     with open(path, "rb", buffering=0) as handle, ThreadPoolExecutor(1) as pool:
@@ -149,8 +157,8 @@ def read_hashed(path: Path, algorithm: str = HASH) -> tuple[bytearray, str]:
     return buf, hasher.hexdigest()
 
 
-def tensors_from_buffer(buf: bytearray) -> dict[str, torch.Tensor]:
-    """The tensors of a safetensors file held in memory, as views of its bytes (no copy)."""
+def tensors_from_buffer(buf) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file held in memory (bytes-like), as views of its bytes (no copy)."""
     (length,) = struct.unpack("<Q", bytes(buf[:8]))
     header = json.loads(bytes(buf[8 : 8 + length]))
     header.pop("__metadata__", None)

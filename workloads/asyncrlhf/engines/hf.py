@@ -68,7 +68,10 @@ class HFEngine:
         """Load a snapshot in place. With its checksum, verified as it is read (one read of each
         file; nothing changes unless every file matches): engines/verified.py."""
         state = load_verified_state(snapshot_dir, checksum) if checksum else load_snapshot_state(snapshot_dir)
-        self.model.load_state_dict(state, strict=True)
+        params = self.model.state_dict()
+        # on the CPU the loaded tensors become the parameters (no copy) when they fit exactly
+        same = self.device.type == "cpu" and all(k in params and v.dtype == params[k].dtype for k, v in state.items())
+        self.model.load_state_dict(state, strict=True, assign=same)
 
     def close(self) -> None:
         del self.model
