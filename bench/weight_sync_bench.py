@@ -4,9 +4,10 @@ A random-initialised Llama of ~374M parameters is built here (nothing downloaded
 pair in alternating order with `sync` and a pause between timed operations (fsynced writes here
 are order-sensitive, see PLATFORM.md), page cache dropped (posix_fadvise) before every cold read:
 
-  1. snapshot write (the learner's path: fp32 masters cast to bf16 while streamed, BLAKE3 while
-     written, manifest, fsync, rename) vs a raw fsynced write of the same bytes; and the old path
-     (save_pretrained, then sha256 of every file) for reference;
+  1. snapshot write (the learner's path: bf16 weights streamed, BLAKE3 while written, manifest,
+     fsync, rename) vs a raw fsynced write of the same bytes; the same from fp32 masters cast on
+     this CPU as they stream (a GPU learner casts on the device); and the old path (save_pretrained,
+     then sha256 of every file) for reference;
   2. generator verify + reload vs a raw read of the same bytes, cold: the HF engine (one read:
      hashed as read) and vLLM's CPU engine (hashed on a thread while vLLM reads), each also the
      old way (verify_snapshot, then reload: two reads);
@@ -22,6 +23,7 @@ Results: bench/results/weight_sync.md (written by this script, with the command)
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import os
@@ -125,23 +127,32 @@ def pairs(rounds: int, a, b) -> tuple[list[float], list[float]]:
     return ta, tb
 
 
-def bench_writes(model, root: Path, rounds: int) -> dict:
+def bench_writes(model, weights, root: Path, rounds: int) -> dict:
+    """`weights`: the policy already in bf16 (a GPU learner casts on the device, then streams);
+    `model`: fp32 masters, cast on this CPU as they are streamed."""
     version = iter(range(1, 1000))
 
-    def snapshot() -> float:
+    def snapshot(m) -> float:
         v = next(version)
-        t = timed(lambda: write_snapshot(root, v, lambda d: save_snapshot_files(model, d, "bfloat16")))
+        t = timed(lambda: write_snapshot(root, v, lambda d: save_snapshot_files(m, d, "bfloat16")))
         prune_snapshots(root, 1)
         return t
 
-    first = write_snapshot(root, 0, lambda d: save_snapshot_files(model, d, "bfloat16"))
+    first = write_snapshot(root, 0, lambda d: save_snapshot_files(weights, d, "bfloat16"))
     data = (Path(first.path) / "model.safetensors").read_bytes()
     raw = root / "raw.bin"
-    snap, raw_t = pairs(rounds, snapshot, lambda: timed(lambda: raw_write(raw, data)))
+    cases = {"snapshot": lambda: snapshot(weights), "raw_write": lambda: timed(lambda: raw_write(raw, data)),
+             "snapshot_from_fp32_masters": lambda: snapshot(model)}
+    out: dict = {name: [] for name in cases}
+    for r in range(rounds):
+        names = list(cases)[r % 3:] + list(cases)[: r % 3]  # each goes first once in three rounds
+        for name in names:
+            settle()
+            out[name].append(cases[name]())
     settle()
-    old = timed(lambda: old_snapshot(model, root / "old", 1))
+    out["old_snapshot"] = timed(lambda: old_snapshot(model, root / "old", 1))
     raw.unlink()
-    return {"bytes": len(data), "snapshot": snap, "raw_write": raw_t, "old_snapshot": old}
+    return {"bytes": len(data)} | out
 
 
 def bench_reads(snapshot, engines: dict, rounds: int) -> dict:
@@ -161,7 +172,7 @@ def bench_reads(snapshot, engines: dict, rounds: int) -> dict:
     return out
 
 
-def bench_checkpoint_and_publishes(model, root: Path, publishes: int, spec: JobSpec) -> dict:
+def bench_checkpoint_and_publishes(model, weights, root: Path, publishes: int, spec: JobSpec) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-6)
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
@@ -183,7 +194,7 @@ def bench_checkpoint_and_publishes(model, root: Path, publishes: int, spec: JobS
     settle()
     for step in range(1, n + 1):
         start = time.perf_counter()
-        info = write_snapshot(root, step, lambda d: save_snapshot_files(model, d, "bfloat16"))
+        info = write_snapshot(root, step, lambda d: save_snapshot_files(weights, d, "bfloat16"))
         if step % every == 0 or step == n:
             t0 = time.perf_counter()
             store.save(LearnerState(step=step), info, write_into)
@@ -191,7 +202,7 @@ def bench_checkpoint_and_publishes(model, root: Path, publishes: int, spec: JobS
         stalls.append(time.perf_counter() - start)
         prune_snapshots(root, 2, {info.version})
     settle()
-    snap_only = timed(lambda: write_snapshot(root, 10_000, lambda d: save_snapshot_files(model, d, "bfloat16")))
+    snap_only = timed(lambda: write_snapshot(root, 10_000, lambda d: save_snapshot_files(weights, d, "bfloat16")))
     return {"checkpoint_every_steps": every, "publishes": n, "stalls": stalls, "checkpoint": ckpt,
             "snapshot_alone": snap_only, "checkpoint_bytes": sum(
                 f.stat().st_size for f in store.directory(n).iterdir())}
@@ -239,8 +250,10 @@ def render(r: dict) -> str:
         "posix_fadvise). Times in seconds, means over the rounds (every round in weight_sync.json).", "",
         "| measurement | seconds | vs baseline | target |", "|---|---:|---:|---|",
         f"| raw fsynced write of the snapshot's bytes (baseline) | {raw_w:.2f} | 1.00 | |",
-        f"| snapshot write (stream + BLAKE3 while writing + manifest + fsync + rename) | {mean(w['snapshot']):.2f} "
-        f"| {mean(w['snapshot']) / raw_w:.2f} | ≤ 1.3 |",
+        f"| snapshot write from bf16 weights (stream + BLAKE3 while writing + manifest + fsync + rename) "
+        f"| {mean(w['snapshot']):.2f} | {mean(w['snapshot']) / raw_w:.2f} | ≤ 1.3 |",
+        f"| snapshot write from fp32 masters (+ the fp32→bf16 cast on this CPU) "
+        f"| {mean(w['snapshot_from_fp32_masters']):.2f} | {mean(w['snapshot_from_fp32_masters']) / raw_w:.2f} | |",
         f"| old snapshot write (save_pretrained, then sha256 of every file) | {w['old_snapshot']:.2f} "
         f"| {w['old_snapshot'] / raw_w:.2f} | |",
         f"| raw read of the snapshot's bytes, cold (baseline) | {raw_r:.2f} | 1.00 | |",
@@ -278,9 +291,10 @@ def main() -> int:
     print(f"model: {params / 1e6:.1f}M parameters, bf16 snapshot {snapshot_bytes(params, 'bfloat16') / 1e9:.2f} GB",
           flush=True)
     results = {"parameters": params, "command": " ".join(["python", "bench/weight_sync_bench.py", *sys.argv[1:]])}
-    results["writes"] = bench_writes(model, base / "w", args.rounds)
+    weights = copy.deepcopy(model).to(torch.bfloat16)
+    results["writes"] = bench_writes(model, weights, base / "w", args.rounds)
     print(json.dumps(results["writes"]), flush=True)
-    snapshot = write_snapshot(base / "r", 1, lambda d: save_snapshot_files(model, d, "bfloat16"))
+    snapshot = write_snapshot(base / "r", 1, lambda d: save_snapshot_files(weights, d, "bfloat16"))
     engines = make_engines(base / "model", not args.no_vllm)
     results["reads"] = bench_reads(snapshot, engines, args.rounds)
     print(json.dumps(results["reads"]), flush=True)
@@ -289,7 +303,7 @@ def main() -> int:
     del engines
     gc.collect()
     spec = JobSpec.model_validate({"model": {"dtype": "bfloat16"}})
-    results["publish"] = bench_checkpoint_and_publishes(model, base / "p", args.publishes, spec)
+    results["publish"] = bench_checkpoint_and_publishes(model, weights, base / "p", args.publishes, spec)
     print(json.dumps(results["publish"]), flush=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     Path(args.out).with_suffix(".md").write_text(render(results))
