@@ -49,6 +49,7 @@ RESOURCES = {
     "apps/v1/deployments": dict(kind="Deployment"),
     "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy"),
     "snapshot.storage.k8s.io/v1/volumesnapshots": dict(kind="VolumeSnapshot"),
+    "kueue.x-k8s.io/v1beta1/workloads": dict(kind="Workload", subresources=["status"]),
     "v1/namespaces": dict(kind="Namespace", namespaced=False),
 }
 CHILDREN = {
@@ -607,3 +608,108 @@ def test_kubectl_scale_through_the_subresource_reaches_the_generators(cluster):
     assert status["replicas"] == 2
     assert status["selector"] == ("app.kubernetes.io/name=asyncrlhf,app.kubernetes.io/instance=pi,"
                                   "app.kubernetes.io/component=generator")
+
+
+# --- Kueue gang admission ------------------------------------------------------------------------
+# kmock runs no Kueue: the test writes the Workload's status as Kueue's scheduler would (quota
+# reserved and admitted, then Evicted on preemption) and plays the Job controller's part (no pod
+# active after a suspension). What Kueue itself decides (quota, flavors, preemption) is not here.
+
+WORKLOAD = "/apis/kueue.x-k8s.io/v1beta1/namespaces/default/workloads/asyncrlhfjob-{}"
+QUEUE = {"kueue.x-k8s.io/queue-name": "gpu-queue"}
+
+
+def create_queued_job(kube: ApiThread, name: str, **spec: Any) -> dict[str, Any]:
+    _created.append(name)
+    return kube.call("POST", CR, {"apiVersion": api.API_VERSION, "kind": api.KIND,
+                                  "metadata": {"name": name, "namespace": NS, "labels": QUEUE}, "spec": spec})
+
+
+def kueue_condition(kind: str, status: str, reason: str, message: str = "") -> dict[str, Any]:
+    return {"type": kind, "status": status, "reason": reason, "message": message,
+            "lastTransitionTime": "2026-03-01T12:00:00Z"}
+
+
+def admit(kube: ApiThread, name: str, generators: int) -> None:
+    """What Kueue writes when it admits the Workload: the assignment and the conditions."""
+    assignments = [{"name": "learner", "count": 1, "flavors": {"cpu": "default"}},
+                   {"name": "generator", "count": generators, "flavors": {"cpu": "default"}}]
+    kube.call("PATCH", WORKLOAD.format(name) + "/status", {"status": {
+        "admission": {"clusterQueue": "cluster-gpus", "podSetAssignments": assignments},
+        "conditions": [kueue_condition("QuotaReserved", "True", "QuotaReserved"),
+                       kueue_condition("Admitted", "True", "Admitted"),
+                       kueue_condition("Evicted", "False", "QuotaReserved")]}})
+
+
+def evict(kube: ApiThread, name: str) -> None:
+    """What Kueue writes when it preempts an admitted Workload (the admission stays until the job stopped)."""
+    conditions = kube.get(WORKLOAD.format(name))["status"]["conditions"]
+    conditions = [c for c in conditions if c["type"] != "Evicted"] + [
+        kueue_condition("Evicted", "True", "Preempted", "Preempted to accommodate a higher priority Workload")]
+    kube.call("PATCH", WORKLOAD.format(name) + "/status", {"status": {"conditions": conditions}})
+
+
+def workloads_of(kube: ApiThread, name: str) -> tuple[Optional[bool], Optional[int]]:
+    """(learner Job suspended, generator replicas); None for what does not exist (yet)."""
+    learner = kube.get(CHILDREN["Job"].format(name))
+    return (learner["spec"]["suspend"] if learner else None), replicas(kube, name)
+
+
+def test_kueue_admits_learner_and_generators_together_and_preemption_suspends_them(cluster):
+    kube, _ = cluster
+    create_queued_job(kube, "rho", generator={"replicas": 2})
+    workload = eventually(lambda: kube.get(WORKLOAD.format("rho")), what="the Workload")
+    assert workload["spec"]["queueName"] == "gpu-queue"
+    assert [(p["name"], p["count"]) for p in workload["spec"]["podSets"]] == [("learner", 1), ("generator", 2)]
+    # before admission: the children exist, nothing runs, through status passes and resyncs
+    eventually(lambda: all(children_of(kube, "rho").values()), what="children")
+    status = eventually(lambda: (s := job_status(kube, "rho")).get("phase") == "Suspended" and s, what="Suspended")
+    assert next(c for c in status["conditions"] if c["type"] == "Suspended")["reason"] == "WaitingForAdmission"
+    status_passes_for(kube, "rho", RESYNC + 0.5)
+    assert workloads_of(kube, "rho") == (True, 0)
+    learner_uid = kube.get(CHILDREN["Job"].format("rho"))["metadata"]["uid"]
+
+    admit(kube, "rho", generators=2)
+    eventually(lambda: workloads_of(kube, "rho") == (False, 2), what="learner and 2 generators started")
+    mark_learner(kube, "rho", {"active": 1, "ready": 1})
+    eventually(lambda: job_status(kube, "rho").get("phase") == "Running", what="Running")
+
+    evict(kube, "rho")
+    eventually(lambda: workloads_of(kube, "rho") == (True, 0), what="learner and generators stopped")
+    status = eventually(lambda: (s := job_status(kube, "rho")).get("phase") == "Suspended" and s, what="Suspended")
+    assert next(c for c in status["conditions"] if c["type"] == "Suspended")["reason"] == "Evicted"
+    a_status_pass(kube, "rho")  # the learner pod is still active: the admission is kept meanwhile
+    assert kube.get(WORKLOAD.format("rho"))["status"].get("admission")
+    mark_learner(kube, "rho", {"active": 0, "ready": 0})  # the Job controller deleted the pod
+    released = eventually(lambda: (w := kube.get(WORKLOAD.format("rho")))["status"].get("admission") is None and w,
+                          what="the admission cleared for Kueue to requeue")
+    conditions = {c["type"]: c for c in released["status"]["conditions"]}
+    assert (conditions["QuotaReserved"]["status"], conditions["Requeued"]["status"]) == ("False", "True")
+    # the operator never resumes on its own: passes and a resync later, still stopped
+    status_passes_for(kube, "rho", RESYNC + 0.5)
+    assert workloads_of(kube, "rho") == (True, 0)
+
+    admit(kube, "rho", generators=2)  # admitted again: the same learner Job resumes (its checkpoint)
+    eventually(lambda: workloads_of(kube, "rho") == (False, 2), what="resumed")
+    assert kube.get(CHILDREN["Job"].format("rho"))["metadata"]["uid"] == learner_uid
+
+
+def test_kueue_scale_within_the_admission_and_beyond_it(cluster):
+    kube, _ = cluster
+    create_queued_job(kube, "sigma", generator={"replicas": 2})
+    first = eventually(lambda: kube.get(WORKLOAD.format("sigma")), what="the Workload")
+    admit(kube, "sigma", generators=2)
+    eventually(lambda: workloads_of(kube, "sigma") == (False, 2), what="running")
+    kube.call("PATCH", f"{CR}/sigma", {"spec": {"generator": {"replicas": 1}}})  # kubectl scale --replicas=1
+    eventually(lambda: replicas(kube, "sigma") == 1, what="1 generator")
+    assert kube.get(WORKLOAD.format("sigma"))["metadata"]["uid"] == first["metadata"]["uid"]  # no requeue
+    kube.call("PATCH", f"{CR}/sigma", {"spec": {"generator": {"replicas": 4}}})  # more than admitted
+    second = eventually(lambda: (w := kube.get(WORKLOAD.format("sigma"))) and w["metadata"]["uid"] !=
+                        first["metadata"]["uid"] and w, what="a new Workload for 4 generators")
+    assert [p["count"] for p in second["spec"]["podSets"]] == [1, 4]
+    eventually(lambda: workloads_of(kube, "sigma") == (True, 0), what="held until the new one is admitted")
+    admit(kube, "sigma", generators=4)
+    eventually(lambda: workloads_of(kube, "sigma") == (False, 4), what="4 generators")
+    mark_learner(kube, "sigma", {"succeeded": 1, "conditions": [
+        {"type": "Complete", "status": "True", "reason": "CompletionsReached", "message": ""}]})
+    eventually(lambda: kube.get(WORKLOAD.format("sigma")) is None, what="the quota given back when finished")

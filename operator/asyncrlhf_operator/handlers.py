@@ -8,9 +8,11 @@ several operators with different settings in one process.
   the JetStream stream, consumers and KV bucket, apply the children. An update that only
   changes generator.replicas applies only the Deployment; one that changes suspend applies
   only the learner Job and the Deployment (`plan.kinds_for`).
-- timer: read the children and the KV bucket, restart a failed learner (up to
-  learner.backoffLimit), write `.status`, post an Event on every phase change, apply the
-  generators' scale-down when finished, delete the job after ttlSecondsAfterFinished.
+- timer: read the children, the KV bucket and (for a job with a Kueue queue name) its Kueue
+  Workload, restart a failed learner (up to learner.backoffLimit), write `.status`, post an
+  Event on every phase change, start or stop the workloads when Kueue admits or evicts the job
+  (queueing.py), apply the generators' scale-down when finished, delete the job after
+  ttlSecondsAfterFinished.
 - delete (finalizer): delete the stream and KV bucket, and the PVC unless retained.
 """
 
@@ -18,25 +20,25 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import time
-from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Mapping, Optional
+from typing import Any, Optional
 
 import kopf
 
 from asyncrlhf import api
 from asyncrlhf.bus import JobBus
 
-from . import plan
-from .jetstream import Buses, Credentials, job_bus, read_credentials
-from .kube import Kube, KubeError
+from . import plan, queueing
+from .children import (
+    Context, apply_all, apply_children, bus_access, now, owner_of, previous_status,
+)
+from .jetstream import job_bus
+from .kube import KubeError
 from .metrics import instrumented, record_phase
 from .settings import OperatorConfig
 from .health import POD_REASONS, Problem, pod_problem
 from .status import (
-    TERMINAL, Observed, compute_status, is_finished, learner_action, learner_state, status_patch, ttl_expired,
+    TERMINAL, Observed, compute_status, is_finished, learner_action, learner_state, status_patch, timestamp,
+    ttl_expired,
 )
 from .validation import IMMUTABLE_ANNOTATION, deletion_view, recorded_immutables, validate
 
@@ -45,24 +47,6 @@ PREFIX = api.GROUP
 FINALIZER = f"{PREFIX}/cleanup"
 # kopf's record of the spec whose handlers all completed (its diff base), an annotation on the job
 LAST_HANDLED = f"{PREFIX}/last-handled-configuration"
-
-
-@dataclass
-class Context:
-    """What the handlers share, kept in kopf's memo."""
-
-    config: OperatorConfig
-    kube: Kube = dataclasses.field(default_factory=Kube)
-    buses: Buses = dataclasses.field(default_factory=Buses)
-    resynced: dict[str, float] = dataclasses.field(default_factory=dict)  # job uid -> monotonic time
-    snapshot_failures: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)  # uid -> name warned
-
-    def resync_due(self, uid: str) -> bool:
-        return time.monotonic() - self.resynced.get(uid, -math.inf) >= self.config.resync_interval
-
-    def mark_resynced(self, uid: str) -> None:
-        self.resynced[uid] = time.monotonic()
-
 
 def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     registry = kopf.OperatorRegistry()
@@ -116,33 +100,16 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 # Helpers
 
 
-def owner_of(body: Mapping[str, Any]) -> plan.Owner:
-    meta = body["metadata"]
-    return plan.Owner(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""))
-
-
-def previous_status(body: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in dict(body.get("status") or {}).items() if k in api.JobStatus.model_fields
-            or k in {f.alias for f in api.JobStatus.model_fields.values()}}
-
-
-def now() -> datetime:
-    return datetime.now(timezone.utc)
-
-
-async def bus_access(ctx: Context, namespace: str, nats: api.NatsSpec) -> tuple[str, Credentials]:
-    """The job's NATS URL and the credentials to use there."""
-    url = plan.nats_url(nats, ctx.config.nats_url)
-    return url, await read_credentials(ctx.kube, namespace, nats.credentials_secret)
-
-
 def validated(body, patch) -> Optional[api.AsyncRLHFJob]:
     """The job, or None once an invalid one is rejected: phase Failed with a SpecInvalid condition
-    naming the field (a Warning event the first time). Every handler validates through here."""
+    naming the field (a Warning event the first time). Every handler validates through here.
+    The job's labels come along (the Kueue queue name is one)."""
     job, error = validate(body)
     if job is None:
         reject(body, patch, error, body["metadata"].get("generation", 0))
-    return job
+        return None
+    labels = dict((body["metadata"].get("labels") or {}))
+    return job.model_copy(update={"metadata": job.metadata.model_copy(update={"labels": labels})})
 
 
 def reject(body, patch, error: str, generation: int) -> None:
@@ -152,58 +119,6 @@ def reject(body, patch, error: str, generation: int) -> None:
     patch.status.update(status_patch(previous, new))
     if previous.get("phase") != "Failed":
         kopf.warn(body, reason="SpecInvalid", message=error)
-
-
-async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Optional[set[str]] = None,
-                         finished: bool = False) -> None:
-    owner = owner_of(body)
-    for child in plan.desired_children(job, owner, ctx.config.nats_url, finished=finished):
-        if kinds is not None and child["kind"] not in kinds:
-            continue
-        if child["kind"] == "Job":
-            await reconcile_learner(ctx, body, job, child, finished=finished)
-        elif child["kind"] == "PersistentVolumeClaim":
-            await reconcile_volume(ctx, child)
-        else:
-            await ctx.kube.apply(child)
-
-
-async def reconcile_volume(ctx: Context, desired: dict[str, Any]) -> None:
-    """Create the PVC once (its spec is immutable); later only its owner follows retainVolume."""
-    meta = desired["metadata"]
-    existing = await ctx.kube.get("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"])
-    if existing is None:
-        await ctx.kube.apply(desired)
-        return
-    owners = meta.get("ownerReferences", [])
-    if (existing.get("metadata") or {}).get("ownerReferences", []) != owners:
-        await ctx.kube.merge_patch("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"],
-                                   {"metadata": {"ownerReferences": owners or None}})
-
-
-async def reconcile_learner(ctx: Context, body, job, desired: dict[str, Any], *, finished: bool) -> None:
-    """Create the learner Job, or update the mutable part; recreate it when its config changed."""
-    meta = desired["metadata"]
-    existing = await ctx.kube.get("batch/v1", "Job", meta["namespace"], meta["name"])
-    if existing is None:
-        if not finished:
-            await ctx.kube.apply(desired)
-        return
-    if finished or (existing.get("metadata") or {}).get("deletionTimestamp"):
-        return
-    annotations = ((existing.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations", {})
-    if annotations.get(plan.CONFIG_HASH) != plan.config_hash(job):
-        # A Job's pod template is immutable: replace the Job; the learner resumes from its
-        # checkpoint with the new config (the timer recreates it once the old one is gone).
-        await ctx.kube.delete("batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground")
-        kopf.info(body, reason="LearnerReplaced", message="the config changed: restarting the learner "
-                  "from its checkpoint with the new config")
-        return
-    await ctx.kube.apply(desired)
-
-
-# ---------------------------------------------------------------------------------------------
-# Resource handlers
 
 
 @instrumented("reconcile")
@@ -216,14 +131,6 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
         patch.metadata.annotations[IMMUTABLE_ANNOTATION] = recorded_immutables(job)
     await apply_all(ctx, body, job, finished=is_finished(body.get("status") or {}))
     logger.info("applied the children and the bus of %s", job.metadata.name)
-
-
-async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool) -> None:
-    """The job's stream and consumers, then every child; the resync clock starts again."""
-    url, credentials = await bus_access(ctx, job.metadata.namespace, job.spec.nats)
-    await ctx.buses.ensure(job, url, credentials)
-    await apply_children(ctx, body, job, finished=finished)
-    ctx.mark_resynced(body["metadata"].get("uid", ""))
 
 
 @instrumented("update")
@@ -259,8 +166,18 @@ async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> N
 # Status
 
 
-async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observed:
+@dataclasses.dataclass(frozen=True)
+class Seen:
+    """One status pass's reads: what the status is computed from, Kueue's word, the Deployment."""
+
+    observed: Observed
+    kueue: queueing.Admission
+    deployment: Optional[dict[str, Any]]
+
+
+async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Seen:
     owner, names = owner_of(body), plan.Names(job.metadata.name)
+    kueue = await queueing.admission(ctx.kube, body, job, owner, ctx.config.nats_url)
     # The bus first, the pods second: progress is written by a learner that was running, so a Job
     # read after it is at least as fresh and the two never show "step 7, learner not started yet".
     url, credentials = await bus_access(ctx, owner.namespace, job.spec.nats)
@@ -275,9 +192,10 @@ async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observe
         generators=(deployment or {}).get("status") or {}, progress=progress, reports=reports,
         restarts=previous_status(body).get("restarts", 0),
         generator_selector=",".join(f"{k}={v}" for k, v in plan.selector(owner, "generator").items()),
+        hold_reason=kueue.gate.reason, hold_message=kueue.gate.message,
     )
     if all_ready(o):
-        return o
+        return Seen(o, kueue, deployment)
     # Something is not up: read the pods to say why (only then), and the volumes when a pod
     # cannot be scheduled (an unbound PVC is one reason why)
     pods = await ctx.kube.list("v1", "Pod", owner.namespace, plan.selector(owner))
@@ -285,12 +203,12 @@ async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Observe
     if (pod_problem(pods) or Problem("", "")).reason == "Unschedulable":
         claims = [c for c in [await ctx.kube.get("v1", "PersistentVolumeClaim", owner.namespace, name)
                               for name in plan.claim_names(job, owner)] if c is not None]
-    return dataclasses.replace(o, pods=tuple(pods), claims=tuple(claims))
+    return Seen(dataclasses.replace(o, pods=tuple(pods), claims=tuple(claims)), kueue, deployment)
 
 
 def all_ready(o: Observed) -> bool:
-    """Learner running and every generator ready (or none wanted: suspended)."""
-    if o.spec is None or o.spec.suspend:
+    """Learner running and every generator ready (or none wanted: suspended, held by Kueue)."""
+    if o.spec is None or o.spec.suspend or o.hold_reason:
         return True
     ready = (o.generators or {}).get("readyReplicas", 0) or 0
     return learner_state(o.learner, o.spec.learner.nodes) in ("running", "succeeded") \
@@ -344,7 +262,8 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if is_finished(previous):
         await wind_down(ctx, body, job, previous)
         return
-    o = await observe_children(ctx, body, job)
+    seen = await observe_children(ctx, body, job)
+    o = seen.observed
     if learner_action(o, previous.get("phase", "")) == "restart":
         o = await restart_learner(ctx, body, o)
     new = compute_status(o, previous)
@@ -356,12 +275,34 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     post_problem(body, previous, new)
     record_phase(job.metadata.namespace, job.metadata.name, new["phase"])
     if new["phase"] in TERMINAL:
+        await queueing.finish(ctx.kube, job, owner_of(body))  # the quota goes back at once
         return
-    uid = body["metadata"].get("uid", "")
-    if ctx.resync_due(uid):  # children (and the stream) deleted or edited by hand come back
-        await apply_all(ctx, body, job, finished=False)
+    await converge(ctx, body, job, dataclasses.replace(seen, observed=o))
+
+
+async def converge(ctx: Context, body, job: api.AsyncRLHFJob, seen: Seen) -> None:
+    """Children back after a resync, the learner at once after a restart, the workloads started
+    or stopped as soon as Kueue's admission changes; after an eviction, once they have stopped,
+    the admission cleared so that Kueue requeues the job."""
+    o, gate = seen.observed, seen.kueue.gate
+    if ctx.resync_due(body["metadata"].get("uid", "")):  # children (and the stream) deleted or edited by hand
+        await apply_all(ctx, body, job, finished=False, admission=gate)
     elif o.learner is None:  # restarted, replaced or deleted by hand: at once, not at the next resync
-        await apply_children(ctx, body, job, kinds={"Job"})
+        await apply_children(ctx, body, job, kinds={"Job"}, admission=gate)
+    elif out_of_step(job, gate, o.learner, seen.deployment):
+        await apply_children(ctx, body, job, kinds={"Job", "Deployment"}, admission=gate)
+    if gate.reason == "Evicted" and queueing.stopped(o.learner, seen.deployment) \
+            and await queueing.release(ctx.kube, owner_of(body), seen.kueue, timestamp(o.now)):
+        kopf.info(body, reason="AdmissionReleased", message="learner and generators stopped after the eviction: "
+                  "Kueue may requeue the job")
+
+
+def out_of_step(job: api.AsyncRLHFJob, gate: plan.Gate, learner, deployment) -> bool:
+    """The learner's suspension or the generator count differs from what the spec and Kueue say."""
+    suspend = job.spec.suspend or not gate.admitted
+    replicas = plan.generator_replicas(job, allowed=gate.generators if gate.admitted else 0)
+    return bool(((learner or {}).get("spec") or {}).get("suspend", False)) != suspend or \
+        (deployment is not None and (deployment.get("spec") or {}).get("replicas") != replicas)
 
 
 async def take_volume_snapshots(ctx: Context, body, job: api.AsyncRLHFJob, step: int, taken: list[str]) -> list[str]:

@@ -31,6 +31,7 @@ PLURALS = {
     ("apps/v1", "Deployment"): "deployments",
     ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
     ("snapshot.storage.k8s.io/v1", "VolumeSnapshot"): "volumesnapshots",
+    ("kueue.x-k8s.io/v1beta1", "Workload"): "workloads",
     (api.API_VERSION, api.KIND): api.PLURAL,
 }
 
@@ -92,6 +93,12 @@ class Kube:
     async def merge_patch(self, api_version: str, kind: str, namespace: str, name: str,
                           patch: dict[str, Any]) -> dict[str, Any]:
         return await self._request("PATCH", path(api_version, kind, namespace, name), body=patch,
+                                   content_type="application/merge-patch+json")
+
+    async def patch_status(self, api_version: str, kind: str, namespace: str, name: str,
+                           patch: dict[str, Any]) -> dict[str, Any]:
+        """A JSON merge patch of the status subresource (a resourceVersion in it makes it conditional)."""
+        return await self._request("PATCH", path(api_version, kind, namespace, name) + "/status", body=patch,
                                    content_type="application/merge-patch+json")
 
     async def get(self, api_version: str, kind: str, namespace: str, name: str) -> Optional[dict[str, Any]]:

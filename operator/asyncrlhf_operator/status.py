@@ -46,6 +46,9 @@ class Observed:
     pods: tuple[dict[str, Any], ...] = ()  # the job's pods, read only when something is not ready
     claims: tuple[dict[str, Any], ...] = ()  # its PVCs, read with the pods
     generator_selector: str = ""  # label selector of the generator pods (the scale subresource's)
+    # Kueue holds the job (not admitted yet, or evicted): the reason and message to show
+    hold_reason: str = ""
+    hold_message: str = ""
 
 
 def timestamp(moment: datetime) -> str:
@@ -95,7 +98,7 @@ def learner_failure(obs: Observed) -> str:
 
 def learner_action(obs: Observed, previous_phase: str = "") -> Action:
     """What to do about the learner: nothing, recreate it (from its checkpoint), or give up."""
-    if obs.spec is None or obs.spec.suspend or previous_phase in TERMINAL:
+    if obs.spec is None or obs.spec.suspend or obs.hold_reason or previous_phase in TERMINAL:
         return "none"
     if learner_state(obs.learner, obs.spec.learner.nodes) != "failed":
         return "none"
@@ -123,10 +126,13 @@ def problem(obs: Observed) -> Optional[Problem]:
 
 
 def stalled(obs: Observed, previous: dict[str, Any]) -> bool:
-    """A running job whose step has not advanced for spec.progressDeadlineSeconds."""
+    """A running job whose step has not advanced for spec.progressDeadlineSeconds (not one that
+    is being suspended)."""
     deadline = obs.spec.progress_deadline_seconds if obs.spec else None
     since = parse_timestamp(previous.get("lastProgressTime", ""))
     if deadline is None or since is None or previous.get("phase") != "Running":
+        return False
+    if obs.spec.suspend or obs.hold_reason:  # stopped on purpose (by the user or by Kueue)
         return False
     return _step(obs) <= previous.get("step", 0) and obs.now >= since + timedelta(seconds=deadline)
 
@@ -151,6 +157,8 @@ def verdict(obs: Observed, previous: dict[str, Any]) -> Verdict:
         return Verdict("Failed", "ProgressDeadlineExceeded", _stall_message(obs))
     if spec.suspend:
         return Verdict("Suspended", "Suspended", "suspended: learner and generators scaled to zero")
+    if obs.hold_reason:
+        return Verdict("Suspended", obs.hold_reason, obs.hold_message)
     if state in ("failed", "deleting", "absent") and before == "Running":
         return Verdict("Running", "LearnerRestarting",
                        f"restarting the learner from its checkpoint ({obs.restarts} restarts)")
@@ -208,7 +216,7 @@ def conditions(obs: Observed, v: Verdict, previous: dict[str, Any]) -> list[dict
     wanted = {
         "Ready": (ready, ready_reason, ready_message),
         "Progressing": (active, v.reason, v.message),
-        "Suspended": (v.phase == "Suspended", "Suspended" if v.phase == "Suspended" else "NotSuspended",
+        "Suspended": (v.phase == "Suspended", v.reason if v.phase == "Suspended" else "NotSuspended",
                       v.message if v.phase == "Suspended" else ""),
         "Succeeded": (v.phase == "Succeeded", v.reason if v.phase == "Succeeded" else "NotSucceeded",
                       v.message if v.phase == "Succeeded" else ""),
@@ -271,7 +279,8 @@ def _progress_time(obs: Observed, previous: dict[str, Any], phase: str) -> Optio
     """When the step last advanced (first: when the job started running)."""
     if phase != "Running":
         return previous.get("lastProgressTime")
-    if "lastProgressTime" not in previous or _step(obs) > previous.get("step", 0):
+    # (re)started: a suspension or a wait in Kueue's queue is not a stall
+    if "lastProgressTime" not in previous or previous.get("phase") != "Running" or _step(obs) > previous.get("step", 0):
         return timestamp(obs.now)
     return previous["lastProgressTime"]
 

@@ -12,6 +12,7 @@ the modules below are its parts, and none imports another part's caller:
   merge.py    strategic merge of a job's podTemplate over the operator's pod
   network.py  ServiceAccount, headless learner Service, NetworkPolicy, the job's NATS URL
   pods.py     the learner Job and the generator Deployment (pod spec, env, volumes)
+  kueue.py    the job's Kueue Workload (gang admission) and what its admission lets run
 
 Children (all labelled app.kubernetes.io/{name,instance,component,managed-by}, all owned by
 the job except a retained snapshot volume, which must outlive it):
@@ -33,6 +34,10 @@ the job except a retained snapshot volume, which must outlive it):
   one counter (status.restarts) is easier to reason about than two.
 - Deployment `<job>-generator`: stateless generators, scaled freely; Recreate, so a new config
   never needs a spare GPU.
+- Workload `asyncrlhfjob-<job>` (kueue.x-k8s.io, only for a job labelled
+  kueue.x-k8s.io/queue-name): learner and generators as one gang; until Kueue admits it the
+  learner Job is suspended and the generators are at zero (kueue.py). Made by the status pass,
+  not listed here: its lifecycle (replace, release after an eviction) follows Kueue's.
 """
 
 from __future__ import annotations
@@ -53,6 +58,10 @@ from .pods import (
 )
 from .runtime import REPLICAS, RUNTIME_FIELDS, SUSPEND, TTL, VOLUME_SNAPSHOTS, changed_paths, kinds_for
 from .merge import strategic_merge
+from .kueue import (
+    KUEUE_API, OPEN, QUEUE_LABEL, WORKLOAD, Gate, gate, queue_name, queued_workload, release_patch, workload_action,
+    workload_name,
+)
 from .volumes import (
     claim_names, model_cache_claim_name, model_cache_pvc, snapshot_claim_name, snapshot_pvc, volume_snapshot,
     volume_snapshot_plan,
@@ -68,17 +77,21 @@ __all__ = [
     "REPLICAS", "RUNTIME_FIELDS", "SUSPEND", "TTL", "VOLUME_SNAPSHOTS", "changed_paths", "kinds_for",
     "snapshot_claim_name", "snapshot_pvc", "volume_snapshot", "volume_snapshot_plan",
     "claim_names", "model_cache_claim_name", "model_cache_pvc", "strategic_merge",
+    "KUEUE_API", "OPEN", "QUEUE_LABEL", "WORKLOAD", "Gate", "gate", "queue_name", "queued_workload",
+    "release_patch", "workload_action", "workload_name",
     "desired_children",
 ]
 
 
 def desired_children(
-    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False
+    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False, admission: Gate = OPEN
 ) -> list[dict[str, Any]]:
-    """Every child, in creation order (what pods mount exists before the pods)."""
+    """Every child, in creation order (what pods mount exists before the pods); the workloads
+    held (learner suspended, no generators) while Kueue has not admitted the job."""
+    allowed = admission.generators if admission.admitted else 0
     children = [service_account(owner), config_map(job, owner), snapshot_pvc(job, owner),
                 model_cache_pvc(job, owner),
                 learner_service(owner), network_policy(job, owner, default_url),
-                learner_job(job, owner, default_url),
-                generator_deployment(job, owner, default_url, finished=finished)]
+                learner_job(job, owner, default_url, held=not admission.admitted),
+                generator_deployment(job, owner, default_url, finished=finished, allowed=allowed)]
     return [child for child in children if child is not None]

@@ -12,7 +12,7 @@ the checkpoint) up to spec.learner.backoffLimit times.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 from asyncrlhf import api, workload_env
 
@@ -134,7 +134,8 @@ def _template(job: api.AsyncRLHFJob, owner: Owner, component: str, pod_spec: dic
     }
 
 
-def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[str, Any]:
+def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, held: bool = False) -> dict[str, Any]:
+    """The learner Job; suspended when the spec says so or Kueue holds the job (`held`)."""
     learner, names = job.spec.learner, Names(owner.name)
     gpus = learner.gpus_per_node
     rank = {"valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{COMPLETION_INDEX}']"}}}
@@ -162,18 +163,23 @@ def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[s
             "podFailurePolicy": {"rules": [
                 {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
             ]},
-            "suspend": job.spec.suspend,
+            "suspend": job.spec.suspend or held,
             "template": _template(job, owner, "learner", pod, learner.pod_template),
         },
     }
 
 
-def generator_replicas(job: api.AsyncRLHFJob, *, finished: bool = False) -> int:
-    return 0 if job.spec.suspend or finished else job.spec.generator.replicas
+def generator_replicas(job: api.AsyncRLHFJob, *, finished: bool = False, allowed: Optional[int] = None) -> int:
+    """generator.replicas, 0 when suspended or finished, at most `allowed` (what Kueue admitted)."""
+    if job.spec.suspend or finished:
+        return 0
+    wanted = job.spec.generator.replicas
+    return wanted if allowed is None else min(wanted, allowed)
 
 
 def generator_deployment(
-    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False
+    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False,
+    allowed: Optional[int] = None,
 ) -> dict[str, Any]:
     generator = job.spec.generator
     env = _env(job, default_url) + [
@@ -186,7 +192,7 @@ def generator_deployment(
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(owner, Names(owner.name).generator, "generator"),
         "spec": {
-            "replicas": generator_replicas(job, finished=finished),
+            "replicas": generator_replicas(job, finished=finished, allowed=allowed),
             "revisionHistoryLimit": 3,
             "selector": {"matchLabels": selector(owner, "generator")},
             # Recreate: a new config never needs a spare GPU (a rolling update would surge one)

@@ -1,0 +1,129 @@
+"""Applying a job's children: the shared handler context, the owner, and the apply paths.
+
+Every path that writes children (create, spec update, the status pass's resync) goes through
+`apply_children`, which first asks Kueue's Workload what the job may run (`queueing.admission`),
+so no path can start a job that Kueue holds or keep one running that Kueue evicted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Mapping, Optional
+
+import kopf
+
+from asyncrlhf import api
+
+from . import plan, queueing
+from .jetstream import Buses, Credentials, read_credentials
+from .kube import Kube
+from .settings import OperatorConfig
+
+
+@dataclass
+class Context:
+    """What the handlers share, kept in kopf's memo."""
+
+    config: OperatorConfig
+    kube: Kube = dataclasses.field(default_factory=Kube)
+    buses: Buses = dataclasses.field(default_factory=Buses)
+    resynced: dict[str, float] = dataclasses.field(default_factory=dict)  # job uid -> monotonic time
+    snapshot_failures: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)  # uid -> name warned
+
+    def resync_due(self, uid: str) -> bool:
+        return time.monotonic() - self.resynced.get(uid, -math.inf) >= self.config.resync_interval
+
+    def mark_resynced(self, uid: str) -> None:
+        self.resynced[uid] = time.monotonic()
+
+
+def owner_of(body: Mapping[str, Any]) -> plan.Owner:
+    meta = body["metadata"]
+    return plan.Owner(name=meta["name"], namespace=meta.get("namespace") or "default", uid=meta.get("uid", ""))
+
+
+def previous_status(body: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in dict(body.get("status") or {}).items() if k in api.JobStatus.model_fields
+            or k in {f.alias for f in api.JobStatus.model_fields.values()}}
+
+
+def now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+async def bus_access(ctx: Context, namespace: str, nats: api.NatsSpec) -> tuple[str, Credentials]:
+    """The job's NATS URL and the credentials to use there."""
+    url = plan.nats_url(nats, ctx.config.nats_url)
+    return url, await read_credentials(ctx.kube, namespace, nats.credentials_secret)
+
+
+
+async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Optional[set[str]] = None,
+                         finished: bool = False, admission: Optional[plan.Gate] = None) -> None:
+    """Apply the children (only `kinds`, when given), held as Kueue's admission says (read
+    here unless the caller has just read it)."""
+    owner = owner_of(body)
+    if admission is None:  # a finished job has given its quota back: nothing to ask Kueue
+        admission = plan.OPEN if finished else \
+            (await queueing.admission(ctx.kube, body, job, owner, ctx.config.nats_url)).gate
+    for child in plan.desired_children(job, owner, ctx.config.nats_url, finished=finished, admission=admission):
+        if kinds is not None and child["kind"] not in kinds:
+            continue
+        if child["kind"] == "Job":
+            await reconcile_learner(ctx, body, job, child, finished=finished)
+        elif child["kind"] == "PersistentVolumeClaim":
+            await reconcile_volume(ctx, child)
+        else:
+            await ctx.kube.apply(child)
+
+
+async def reconcile_volume(ctx: Context, desired: dict[str, Any]) -> None:
+    """Create the PVC once (its spec is immutable); later only its owner follows retainVolume."""
+    meta = desired["metadata"]
+    existing = await ctx.kube.get("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"])
+    if existing is None:
+        await ctx.kube.apply(desired)
+        return
+    owners = meta.get("ownerReferences", [])
+    if (existing.get("metadata") or {}).get("ownerReferences", []) != owners:
+        await ctx.kube.merge_patch("v1", "PersistentVolumeClaim", meta["namespace"], meta["name"],
+                                   {"metadata": {"ownerReferences": owners or None}})
+
+
+async def reconcile_learner(ctx: Context, body, job, desired: dict[str, Any], *, finished: bool) -> None:
+    """Create the learner Job, or update the mutable part; recreate it when its config changed."""
+    meta = desired["metadata"]
+    existing = await ctx.kube.get("batch/v1", "Job", meta["namespace"], meta["name"])
+    if existing is None:
+        if not finished:
+            await ctx.kube.apply(desired)
+        return
+    if finished or (existing.get("metadata") or {}).get("deletionTimestamp"):
+        return
+    annotations = ((existing.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations", {})
+    if annotations.get(plan.CONFIG_HASH) != plan.config_hash(job):
+        # A Job's pod template is immutable: replace the Job; the learner resumes from its
+        # checkpoint with the new config (the timer recreates it once the old one is gone).
+        await ctx.kube.delete("batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground")
+        kopf.info(body, reason="LearnerReplaced", message="the config changed: restarting the learner "
+                  "from its checkpoint with the new config")
+        return
+    await ctx.kube.apply(desired)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource handlers
+
+
+
+async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool,
+                    admission: Optional[plan.Gate] = None) -> None:
+    """The job's stream and consumers, then every child; the resync clock starts again."""
+    url, credentials = await bus_access(ctx, job.metadata.namespace, job.spec.nats)
+    await ctx.buses.ensure(job, url, credentials)
+    await apply_children(ctx, body, job, finished=finished, admission=admission)
+    ctx.mark_resynced(body["metadata"].get("uid", ""))
