@@ -13,11 +13,13 @@ from typing import Optional
 
 import kopf
 import prometheus_client
+from asyncrlhf import __version__
 
 from .handlers import build_registry
 from .settings import OperatorConfig, default_nats_url
 
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+BUILD = prometheus_client.Info("asyncrlhf_operator_build", "The operator's asyncrlhf version.")
 
 
 def own_namespace() -> Optional[str]:
@@ -55,6 +57,10 @@ def run(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     config = OperatorConfig(nats_url=nats_url, status_interval=status_interval,
                             resync_interval=resync_interval, namespaced=bool(namespace))
+    logging.getLogger("asyncrlhf_operator").info(
+        "asyncrlhf operator %s starting: watching %s", __version__,
+        "all namespaces" if all_namespaces else f"namespace {namespace}")
+    BUILD.info({"version": __version__})  # asyncrlhf_operator_build_info{version="..."} 1
     if metrics_port:
         prometheus_client.start_http_server(metrics_port)
     asyncio.run(kopf.operator(

@@ -6,7 +6,7 @@
   asyncrlhf learner|generator      the workload processes (pods run these; `run` starts them)
   asyncrlhf label JOB.yaml [FILE]  publish preference pairs (JSON Lines) to a running job's bus
   asyncrlhf export RUN OUT_DIR     the trained model (newest snapshot) as a Hugging Face directory
-  asyncrlhf crd                    regenerate crds/ from the spec models
+  asyncrlhf crd [--write]          the CRD from the spec models (stdout; --write: crds/ and the chart)
   asyncrlhf operator               run the Kubernetes operator
 """
 
@@ -15,11 +15,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
 
+from . import __version__
 from .manifest import EXIT_BAD_INPUT, ManifestError, dump_manifest, load_manifest
 from .workload_env import NATS_URL, SNAPSHOT_DIR, WorkloadEnv, WorkloadEnvError
 
@@ -63,8 +63,9 @@ def cmd_run(args) -> int:
     except (ResumeError, PlacementError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    print(json.dumps(result.summary, indent=2))
-    print(f"report: {run_dir / 'summary.json'}, {run_dir / 'metrics.jsonl'}, {run_dir / 'reward.png'}")
+    from .console import outcome_lines
+
+    print(json.dumps(result.summary, indent=2) if args.json else "\n".join(outcome_lines(result.summary, run_dir)))
     return 0 if result.ok else 1
 
 
@@ -82,8 +83,25 @@ def cmd_compare(args) -> int:
 
 
 def cmd_validate(args) -> int:
+    import yaml
+
+    from .preflight import effective_manifest, problems, resource_warnings
+
     job = _job(args.manifest)
-    print(dump_manifest(job), end="")
+    errors, here = problems(job, Path(args.manifest))
+    if args.local:  # `asyncrlhf run` here would fail on these
+        errors, here = errors + here, resource_warnings(job)
+    else:
+        here = [f"`asyncrlhf run` on this machine would fail: {p}" for p in here]
+    for line in [f"warning: {w}" for w in here] + [f"error: {e}" for e in errors]:
+        print(line, file=sys.stderr)
+    if errors:
+        return EXIT_BAD_INPUT
+    if args.full:
+        print(dump_manifest(job), end="")
+    else:
+        print(yaml.safe_dump(effective_manifest(job), sort_keys=False), end="")
+    print(f"{args.manifest}: valid" + (" for `asyncrlhf run` on this machine" if args.local else ""), file=sys.stderr)
     return 0
 
 
@@ -180,9 +198,42 @@ def cmd_export(args) -> int:
 
 
 def cmd_crd(args) -> int:
+    """stdout by default; --write rewrites the source checkout's committed copies; -o FILE never
+    overwrites a file git tracks without --force."""
     from asyncrlhf_operator import crd
 
-    return crd.run(args)
+    text, checkout = crd.render(), crd.default_path().parent.is_dir()
+    if args.output in (None, "-") and (args.write or args.check) and not checkout:
+        print("error: not a source checkout (no crds/ beside the package): pass -o FILE", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    targets = [Path(args.output)] if args.output not in (None, "-") else \
+        [p for p in (crd.default_path(), crd.chart_path()) if p.parent.is_dir()] if args.write or args.check else []
+    if args.check:
+        stale = [t for t in targets if not t.exists() or t.read_text() != text]
+        for t in stale:
+            print(f"{t} is out of date: run `asyncrlhf crd --write` and commit the result", file=sys.stderr)
+        return 1 if stale else 0
+    if not targets:
+        sys.stdout.write(text)
+        return 0
+    if args.output not in (None, "-") and not args.force and _git_tracked(targets[0]):
+        print(f"error: {targets[0]} is tracked by git: pass --force to overwrite it (or --write to "
+              "regenerate crds/ and the chart's copy)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for target in targets:
+        target.write_text(text)
+        print(f"wrote {target}", file=sys.stderr)
+    return 0
+
+
+def _git_tracked(path: Path) -> bool:
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "ls-files", "--error-unmatch", path.name], cwd=path.resolve().parent,
+                              capture_output=True).returncode == 0
+    except (FileNotFoundError, NotADirectoryError):  # no git, no such directory
+        return False
 
 
 def cmd_render(args) -> int:
@@ -202,34 +253,18 @@ def cmd_operator(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asyncrlhf", description="Asynchronous RLHF on Kubernetes and locally.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--version", action="version", version=f"asyncrlhf {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show every log line on the console, libraries' too (default: our warnings and errors)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="run a job on this machine")
-    run.add_argument("manifest")
-    run.add_argument("--mode", choices=["async", "sync"], help="override spec.async.mode")
-    run.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
-    run.add_argument("--runs-dir", default="runs", help="where reports go (default: runs/)")
-    run.add_argument("--quiet", action="store_true", help="no live progress")
-    run.add_argument("--resume", action="store_true",
-                     help="continue runs/<job>/ from its last checkpoint (e.g. after Ctrl-C, or with more "
-                     "--steps); without it an earlier run is moved aside to runs/<job>-<time>/")
-    run.add_argument("--dry-run", action="store_true",
-                     help="print every process that would start, with its GPUs, devices and environment "
-                     "(secrets masked), and start nothing")
-    run.add_argument("--gpus", type=int, metavar="N",
-                     help="plan as if this machine had N GPUs (default: those CUDA_VISIBLE_DEVICES / torch see)")
-    run.set_defaults(func=cmd_run)
+    _add_run_parsers(sub)
 
-    comp = sub.add_parser("compare", help="run a job in sync and async mode and compare")
-    comp.add_argument("manifest")
-    comp.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
-    comp.add_argument("--runs-dir", default="runs")
-    comp.add_argument("--quiet", action="store_true")
-    comp.set_defaults(func=cmd_compare)
-
-    val = sub.add_parser("validate", help="validate a manifest; print it with defaults")
-    val.add_argument("manifest")
+    val = sub.add_parser("validate", help="check a manifest offline; print the settings that apply, defaults filled in")
+    val.add_argument("manifest", help="the AsyncRLHFJob YAML file")
+    val.add_argument("--local", action="store_true", help="also fail when `asyncrlhf run` here would: files, "
+                     "reward module, GPUs on this machine (and warn when cores or memory fall short)")
+    val.add_argument("--full", action="store_true", help="print every field, those that do not apply too")
     val.set_defaults(func=cmd_validate)
 
     for role, func in (("learner", cmd_learner), ("generator", cmd_generator)):
@@ -252,14 +287,45 @@ def build_parser() -> argparse.ArgumentParser:
 
     from asyncrlhf_operator import crd as crd_tool  # no kopf: the CRD generator and its options
 
-    crd = sub.add_parser("crd", help="regenerate the CRD from the spec models")
+    crd = sub.add_parser("crd", help="print the CRD generated from the spec models (--write: update crds/)")
     crd_tool.add_arguments(crd).set_defaults(func=cmd_crd)
+    crd.add_argument("--write", action="store_true", help="rewrite the source checkout's crds/ and the chart's copy")
+    crd.add_argument("--force", action="store_true", help="let -o overwrite a file that git tracks")
+    _help(crd, "-o", "file to write ('-' or none: stdout)")
+    _help(crd, "--check", "exit 1 when -o FILE (default: crds/ and the chart's copy) differs from a fresh generation")
     from asyncrlhf_operator import render as render_tool  # no kopf: plan functions only
 
     render = sub.add_parser("render", help="print every Kubernetes object the operator would apply for a job")
     render_tool.add_arguments(render).set_defaults(func=cmd_render)
     _add_operator_parser(sub)
     return parser
+
+
+def _add_run_parsers(sub) -> None:
+    run = sub.add_parser("run", help="run a job on this machine")
+    run.add_argument("manifest", help="the AsyncRLHFJob YAML file")
+    run.add_argument("--mode", choices=["async", "sync"], help="override spec.async.mode")
+    run.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
+    run.add_argument("--runs-dir", default="runs", help="where reports go (default: runs/)")
+    run.add_argument("-q", "--quiet", action="store_true",
+                     help="no start-up phases or live progress; only the outcome")
+    run.add_argument("--json", action="store_true", help="end with summary.json's content instead of a short outcome")
+    run.add_argument("--resume", action="store_true",
+                     help="continue runs/<job>/ from its last checkpoint (e.g. after Ctrl-C, or with more "
+                     "--steps); without it an earlier run is moved aside to runs/<job>-<time>/")
+    run.add_argument("--dry-run", action="store_true",
+                     help="print every process that would start, with its GPUs, devices and environment "
+                     "(secrets masked), and start nothing")
+    run.add_argument("--gpus", type=int, metavar="N",
+                     help="plan as if this machine had N GPUs (default: those CUDA_VISIBLE_DEVICES / torch see)")
+    run.set_defaults(func=cmd_run)
+
+    comp = sub.add_parser("compare", help="run a job in sync and async mode and compare")
+    comp.add_argument("manifest", help="the AsyncRLHFJob YAML file")
+    comp.add_argument("--steps", type=int, help="override spec.learner.totalSteps")
+    comp.add_argument("--runs-dir", default="runs", help="where reports go (default: runs/<job>-sync, -async, -compare)")
+    comp.add_argument("-q", "--quiet", action="store_true", help="no live progress")
+    comp.set_defaults(func=cmd_compare)
 
 
 def _add_operator_parser(sub) -> None:
@@ -272,8 +338,8 @@ def _add_operator_parser(sub) -> None:
     scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
     op.add_argument("--nats-url", default="", help="NATS URL of jobs whose spec.nats.url is empty "
                     f"(default: ${NATS_URL}, else {DEFAULT_NATS_URL})")
-    op.add_argument("--health-port", type=int, default=8080)
-    op.add_argument("--metrics-port", type=int, default=9090)
+    op.add_argument("--health-port", type=int, default=8080, help="liveness probe at :PORT/healthz (0: off; default 8080)")
+    op.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics at :PORT/metrics (0: off; default 9090)")
     op.add_argument("--status-interval", type=float,
                     help=f"seconds between status passes per job (default {OperatorConfig.status_interval:g})")
     op.add_argument("--resync-interval", type=float, help="seconds between re-applying every child, to undo "
@@ -281,12 +347,19 @@ def _add_operator_parser(sub) -> None:
     op.set_defaults(func=cmd_operator)
 
 
+def _help(parser: argparse.ArgumentParser, option: str, text: str) -> None:
+    """Replace the help of an option added by another module's add_arguments."""
+    parser._option_string_actions[option].help = text
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .logs import console_logging, workload_logging
+
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    if args.command in ("learner", "generator", "operator"):  # a log file or pod log: everything, repeats collapsed
+        workload_logging(args.verbose)
+    else:  # a person's console: our warnings and errors; -v everything
+        console_logging(args.verbose)
     if args.command in ("learner", "generator", "run", "compare"):
         from transformers.utils import logging as hf_logging
 

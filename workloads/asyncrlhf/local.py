@@ -28,7 +28,9 @@ import psutil
 from .api import AsyncRLHFJob
 from .bus import WEIGHTS, EmbeddedNats, JobBus, close_quietly, connect, ensure_job_resources, free_port
 from .checkpoints import CheckpointStore
+from .console import Console, Failure, Observed, StartupWatch
 from .kv import JobKV
+from .logs import add_file_log, last_error, remove_log
 from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
 from .devicereport import read_reports
@@ -86,6 +88,8 @@ class LocalRun:
         # anything starts when the machine has too few
         gpus = machine_gpus(os.environ, count_gpus()) if self.gpus is None else [str(i) for i in range(self.gpus)]
         self.placement: Placement = plan(self.spec, gpus)
+        self.console = Console(self.quiet)  # start-up phases, live progress (console.py)
+        self.failure: Optional[Failure] = None  # why the run failed: the summary and the last line say it
 
     # --- processes -----------------------------------------------------------------------
 
@@ -161,9 +165,11 @@ class LocalRun:
             self.previous = kept
         self.volume.mkdir(parents=True, exist_ok=True)
         self.config.write_text(dump_manifest(self.job))
-        resolve_model(self.spec.model.policy)  # build the built-in model once, before the children
+        with self.console.phase(f"model {self.spec.model.policy}", f"model {self.spec.model.policy} ready"):
+            resolve_model(self.spec.model.policy)  # build the built-in model once, before the children
         if not self.url:
-            self.nats = EmbeddedNats().start()
+            with self.console.phase("starting nats-server", "nats-server started"):
+                self.nats = EmbeddedNats().start()
             self.url = self.nats.url
 
     async def run(self) -> RunResult:
@@ -171,6 +177,7 @@ class LocalRun:
         # SIGTERM stops a run as Ctrl-C does: the run is cancelled and every child is stopped
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
         self.prepare()
+        file_log = add_file_log(self.run_dir / "run.log")  # this process's log (the console shows less)
         nc = await connect(self.url, name="asyncrlhf-run")
         js = nc.jetstream()
         try:
@@ -179,7 +186,7 @@ class LocalRun:
             for i in range(self.spec.generator.replicas):
                 self.spawn("generator", i)
             self.spawn_learners()
-            ok = await self.supervise(kv)
+            ok = await self.supervise(kv, js)
             produced = sum(s.rollouts for s in (await kv.reports()).values())
             info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))
             snapshots = (info.state.subjects or {}).get(self.bus.subject(WEIGHTS), 0)
@@ -188,9 +195,13 @@ class LocalRun:
             await close_quietly(nc)
             if self.nats:
                 self.nats.close()
+            self.console.close()
+            remove_log(file_log)
         summary = summarize(self.job, self.run_dir, time.monotonic() - started, produced, snapshots,
                             self.peak_memory, self.restarts)
         summary["ok"] = ok
+        if self.failure is not None:
+            summary["failure"] = self.failure.as_dict()
         if devices := read_reports(self.run_dir):  # GPU processes: CUDA memory each allocated (devicereport.py)
             summary["cuda_max_memory_allocated"] = devices
         write_json(self.run_dir / "summary.json", summary)
@@ -198,17 +209,14 @@ class LocalRun:
                      self.run_dir / "reward.png", f"{self.job.metadata.name}: reward vs wall-clock")
         return RunResult(self.run_dir, summary, ok)
 
-    async def supervise(self, kv: JobKV) -> bool:
-        """Print progress, restart what dies; True when the learner finished all steps."""
-        last_line, progress = "", None
+    async def supervise(self, kv: JobKV, js) -> bool:
+        """Show start-up and progress, restart what dies; True when the learner finished all steps."""
+        progress, watch = None, StartupWatch(self.spec.generator.replicas, self.spec.generator.engine)
         while True:
             await asyncio.sleep(1.0)
             self._sample_memory()
             progress = await kv.progress() or progress  # the bus away: the last known
-            line = self.progress_line(progress)
-            if line != last_line and not self.quiet:
-                print(line, flush=True)
-                last_line = line
+            await self._show(watch, progress, kv, js)
             group = self.learner_group()
             codes = [c.proc.poll() for c in group]
             if codes[0] == 0 and progress and progress.done:
@@ -216,21 +224,50 @@ class LocalRun:
             failed = [(c.index, code) for c, code in zip(group, codes) if code not in (None, 0)]
             if failed or codes[0] is not None:
                 rank, code = failed[0] if failed else (0, codes[0])
+                name = "learner" if len(group) == 1 else f"learner rank {rank}"
                 if code == EXIT_BAD_INPUT:  # a restart cannot fix a manifest or environment error
-                    print(f"learner rank {rank} refused its input (exit {code}); see "
-                          f"{self.run_dir / f'learner-{rank}.log'}", file=sys.stderr)
-                    return False
+                    return self._fail(name, f"learner-{rank}", code, progress)
                 if self.restarts >= self.spec.learner.backoff_limit:
-                    print(f"learner failed (rank {rank} exit {code}) after {self.restarts} restarts; see "
-                          f"{self.run_dir / f'learner-{rank}.log'}", file=sys.stderr)
-                    return False
+                    return self._fail(name, f"learner-{rank}", code, progress, f" (after {self.restarts} restarts; "
+                                      f"learner.backoffLimit is {self.spec.learner.backoff_limit})")
                 self.restarts += 1
-                print(f"learner rank {rank} exited with {code}; restarting the learner from its checkpoint "
-                      f"({self.restarts}/{self.spec.learner.backoff_limit})", file=sys.stderr)
+                self.console.note(f"{name} exited with {code}; restarting the learner from its checkpoint "
+                                  f"({self.restarts}/{self.spec.learner.backoff_limit})")
                 self._kill(group)
                 self.spawn_learners(group[0].attempt + 1)
-            if not self._restart_dead_generators():
+            if not self._restart_dead_generators(progress):
                 return False
+
+    async def _show(self, watch: StartupWatch, progress: Optional[LearnerProgress], kv: JobKV, js) -> None:
+        """Start-up milestones seen on the bus until all are reached, then the training progress."""
+        if not watch.complete:
+            try:
+                seen = await self._observe(kv, js, progress)
+            except Exception:  # noqa: BLE001 -- the bus away for a moment: the display waits
+                seen = Observed(stepped=progress is not None)
+            for line in watch.update(seen):
+                self.console.line(line)
+        if progress is not None:
+            self.console.progress(progress)
+        elif not watch.complete:
+            self.console.waiting(watch.current(), time.monotonic() - watch.started)
+
+    async def _observe(self, kv: JobKV, js, progress: Optional[LearnerProgress]) -> Observed:
+        info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))
+        ids = [r.generator_id.split("-") for r in (await kv.reports()).values()]  # gen-<index>-<attempt>
+        reporting = {int(i[1]) for i in ids if len(i) == 3 and i[0] == "gen" and i[1].isdigit()}
+        return Observed(learner_ready=info.state.last_seq > 0, generators=frozenset(reporting),
+                        stepped=progress is not None,
+                        snapshots=(info.state.subjects or {}).get(self.bus.subject(WEIGHTS), 0))
+
+    def _fail(self, process: str, log_name: str, code: Optional[int], progress: Optional[LearnerProgress],
+              more: str = "") -> bool:
+        """Record why the run failed (the last error in the process's log, not a traceback)."""
+        log = self.run_dir / f"{log_name}.log"
+        died = f"killed by signal {-code}" if code is not None and code < 0 else f"exited with {code}"
+        reason = (last_error(log) or f"{died}, no error in its log") + more
+        self.failure = Failure(process, progress.step if progress else 0, reason, str(log), code)
+        return False
 
     @staticmethod
     def _kill(children: list[Child]) -> None:
@@ -239,7 +276,7 @@ class LocalRun:
                 c.proc.kill()
             c.proc.wait()
 
-    def _restart_dead_generators(self) -> bool:
+    def _restart_dead_generators(self, progress: Optional[LearnerProgress] = None) -> bool:
         """Restart generators that died; False when one refused its input (a restart cannot help)."""
         latest: dict[int, Child] = {}
         for c in self.children:
@@ -248,21 +285,11 @@ class LocalRun:
         for index, child in latest.items():
             code = child.proc.poll()
             if code == EXIT_BAD_INPUT:
-                print(f"generator {index} refused its input (exit {code}); see "
-                      f"{self.run_dir / f'generator-{index}.log'}", file=sys.stderr)
-                return False
+                return self._fail(f"generator {index}", f"generator-{index}", code, progress)
             if code is not None and code != 0:
-                print(f"generator {index} exited with {code}; starting a new one", file=sys.stderr)
+                self.console.note(f"generator {index} exited with {code}; starting a new one")
                 self.spawn("generator", index, child.attempt + 1)
         return True
-
-    def progress_line(self, p: Optional[LearnerProgress]) -> str:
-        if p is None:
-            return "starting: building engines and loading models ..."
-        reward = "-" if p.reward_mean is None else f"{p.reward_mean:.3f}"
-        return (f"step {p.step}/{p.total_steps}  reward {reward}  policy v{p.policy_version}  "
-                f"staleness mean {p.staleness_mean:.2f} max {p.staleness_max}  "
-                f"samples/s {p.samples_per_second:.1f}  dropped {p.rollouts_dropped}")
 
     def stop_children(self, timeout: float = 30.0) -> None:
         """SIGTERM each child's process group, SIGKILL what is left after `timeout`."""

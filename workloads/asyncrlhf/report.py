@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from . import __version__
 
 EVAL_KIND = "eval"  # metrics.jsonl lines of held-out evaluations carry "kind": "eval" (evaluation.py)
 
@@ -39,6 +40,7 @@ def summarize(job, run_dir: Path, wall_seconds: float, produced: int, snapshots:
     spec = job.spec
     return {
         "job": job.metadata.name,
+        "version": __version__,  # of asyncrlhf
         "mode": spec.async_.mode,
         "max_staleness": spec.async_.effective_staleness,
         "loss": spec.algorithm.loss,
@@ -96,7 +98,10 @@ def plot_rewards(curves: dict[str, list[dict]], out: Path, title: str,
     ax.set_ylabel("mean reward (moving average of 5 steps)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend()
+    else:  # no step finished: say so on the plot (an empty legend is a matplotlib warning)
+        ax.text(0.5, 0.5, "no training step finished", transform=ax.transAxes, ha="center", va="center")
     fig.tight_layout()
     fig.savefig(out)
     plt.close(fig)
