@@ -77,6 +77,8 @@ NAMESPACED_RULES = {
     ("", "secrets"): {"get"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
+    ("kueue.x-k8s.io", "workloads"): APPLIED | {"delete"},
+    ("kueue.x-k8s.io", "workloads/status"): {"patch"},
 }
 CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # Kinds that have no official schema (custom resources), checked by hand below instead.
@@ -708,7 +710,9 @@ def _planned_children() -> list[dict]:
     owner = plan.Owner(name="demo", namespace="team-a", uid="0000")
     default_url = f"nats://{RELEASE}-asyncrlhf-nats.{NAMESPACE}.svc.cluster.local:4222"
     backup = plan.volume_snapshot(job, owner, "demo-step-500")  # taken by the status timer when enabled
-    return plan.desired_children(job, owner, default_url) + [backup]
+    queued = job.model_copy(update={"metadata": job.metadata.model_copy(update={"labels": {plan.QUEUE_LABEL: "q"}})})
+    workload = plan.queued_workload(queued, owner, default_url)  # made for a job with a Kueue queue name
+    return plan.desired_children(job, owner, default_url) + [backup, workload]
 
 
 KIND_RESOURCES = {
@@ -717,6 +721,7 @@ KIND_RESOURCES = {
     "Deployment": ("apps", "deployments"), "Job": ("batch", "jobs"),
     "NetworkPolicy": ("networking.k8s.io", "networkpolicies"),
     "VolumeSnapshot": ("snapshot.storage.k8s.io", "volumesnapshots"),
+    "Workload": ("kueue.x-k8s.io", "workloads"),
 }
 
 
@@ -743,7 +748,8 @@ def _operator_api_calls() -> set[tuple[str, str, str]]:
     read from its source: get/delete with a literal (apiVersion, kind), apply of planned children."""
     from asyncrlhf_operator import kube
 
-    verbs = {"get": ["get"], "delete": ["delete"], "apply": ["patch", "create"], "list": ["list"]}
+    verbs = {"get": ["get"], "delete": ["delete"], "apply": ["patch", "create"], "list": ["list"],
+             "patch_status": ["patch"]}
     calls: set[tuple[str, str, str]] = set()
     for path in sorted((REPO / "operator" / "asyncrlhf_operator").rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text())):
@@ -758,8 +764,9 @@ def _operator_api_calls() -> set[tuple[str, str, str]]:
                     {_api_kind_of(path, node)}
             for api_version, kind in kinds:
                 group = api_version.rpartition("/")[0]
+                suffix = "/status" if node.func.attr == "patch_status" else ""
                 for verb in verbs[node.func.attr]:
-                    calls.add((group, kube.PLURALS[(api_version, kind)], verb))
+                    calls.add((group, kube.PLURALS[(api_version, kind)] + suffix, verb))
     return calls
 
 

@@ -4,6 +4,8 @@ The same `plan.desired_children` the operator runs, printed as YAML for review, 
 GitOps. Two things differ from what lands on a cluster: the owner's uid is only known once the
 job exists (`--owner-uid` to include ownerReferences, else they are left out), and the JetStream
 stream, consumers and KV bucket the operator makes over NATS are named in a comment, not objects.
+A job with a Kueue queue name gets its Workload too, and its workloads as they are before Kueue
+admits it (learner suspended, no generators).
 """
 
 from __future__ import annotations
@@ -36,7 +38,10 @@ def rendered(manifest: str, namespace: Optional[str] = None, nats_url: str = "",
     if namespace:
         job = job.model_copy(update={"metadata": job.metadata.model_copy(update={"namespace": namespace})})
     owner = plan.Owner(name=job.metadata.name, namespace=job.metadata.namespace, uid=owner_uid)
-    children = plan.desired_children(job, owner, default_nats_url(nats_url))
+    url = default_nats_url(nats_url)
+    children = plan.desired_children(job, owner, url, admission=plan.gate(job, None))
+    if plan.queue_name(job):
+        children.append(plan.queued_workload(job, owner, url))
     if not owner_uid:
         children = [_without_owner(child) for child in children]
     bus = JobBus(owner.namespace, owner.name)
