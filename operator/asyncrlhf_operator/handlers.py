@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import random
+import time
 from typing import Any, Optional
 
 import kopf
@@ -34,7 +36,7 @@ from .children import (
 from .jetstream import job_bus
 from .kube import KubeError
 from .metrics import instrumented, record_phase
-from .settings import OperatorConfig
+from .settings import OperatorConfig, peering_priority
 from .health import POD_REASONS, Problem, pod_problem
 from .status import (
     TERMINAL, Observed, compute_status, is_finished, learner_action, learner_state, status_patch, timestamp,
@@ -68,7 +70,11 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
 
 
 def configure(settings: kopf.OperatorSettings, config: OperatorConfig) -> None:
-    settings.peering.standalone = True
+    settings.peering.standalone = not config.peering
+    if config.peering:  # several replicas: the oldest acts, the others wait (settings.peering_priority)
+        settings.peering.name, settings.peering.mandatory = config.peering, True
+        settings.peering.clusterwide = not config.namespaced
+        settings.peering.priority = peering_priority(time.time(), random.SystemRandom().getrandbits(20))
     settings.scanning.disabled = config.namespaced
     settings.persistence.finalizer = FINALIZER
     # Handler progress in annotations: `.status` has a strict schema and is the users' view.

@@ -1,7 +1,8 @@
 """Entry point of the operator (`asyncrlhf operator`): kopf, a liveness probe and metrics.
 
-Standalone (no kopf peering: run one replica; the Deployment's Recreate strategy keeps it so),
-serving one namespace (`--namespace`, a Role is enough) or all (`--all-namespaces`, a
+Standalone by default (one replica); with $ASYNCRLHF_OPERATOR_PEERING naming a kopf peering
+object (the chart sets it), several replicas run and only the oldest acts (kopf peering: the
+others pause until it stops or its keep-alive lapses). It serves one namespace (`--namespace`, a Role is enough) or all (`--all-namespaces`, a
 ClusterRole that can also list namespaces and CRDs).
 """
 
@@ -16,7 +17,7 @@ import prometheus_client
 from asyncrlhf import __version__
 
 from .handlers import build_registry
-from .settings import OperatorConfig, default_nats_url
+from .settings import OperatorConfig, default_nats_url, default_peering
 
 IN_CLUSTER_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
 BUILD = prometheus_client.Info("asyncrlhf_operator_build", "The operator's asyncrlhf version.")
@@ -55,8 +56,9 @@ def run(
             raise ValueError("outside a pod, pass --namespace NS or --all-namespaces")
     nats_url = default_nats_url(nats_url)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    peering = default_peering()
     config = OperatorConfig(nats_url=nats_url, status_interval=status_interval,
-                            resync_interval=resync_interval, namespaced=bool(namespace))
+                            resync_interval=resync_interval, namespaced=bool(namespace), peering=peering)
     logging.getLogger("asyncrlhf_operator").info(
         "asyncrlhf operator %s starting: watching %s", __version__,
         "all namespaces" if all_namespaces else f"namespace {namespace}")
@@ -65,7 +67,8 @@ def run(
         prometheus_client.start_http_server(metrics_port)
     asyncio.run(kopf.operator(
         registry=build_registry(config),
-        standalone=True,
+        standalone=not peering,
+        peering_name=peering or None,
         clusterwide=all_namespaces,
         namespaces=[namespace] if namespace else (),
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz" if health_port else None,
