@@ -148,3 +148,36 @@ def test_a_restarted_learner_announces_its_checkpointed_snapshot_again(tmp_path)
     announced = asyncio.run(restart_and_read())
     assert announced is not None and announced.version == 3
     assert announced.checksum == info.checksum and announced.path == info.path
+
+
+def test_a_snapshot_a_live_generator_refused_is_written_again_only_when_damaged_here_too(tmp_path):
+    from asyncrlhf.messages import WeightsAnnouncement
+
+    spec = JobSpec.model_validate({"learner": {"totalSteps": 9}})
+    learner = Learner.create(spec, JobBus("default", "repair"), "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    learner.state.step = learner.state.published_version = 2
+    info = write_snapshot(learner.root, 2, learner.backend.save_weights)
+    learner.link.announced = WeightsAnnouncement(version=2, path=info.path, checksum=info.checksum)
+    published = []
+
+    async def publish_weights():
+        published.append(learner.state.step)
+
+    learner.publish_weights = publish_weights
+    now = time.time()
+
+    def reports(checksum: str, age: float = 5.0) -> None:
+        learner.link.kv = JobKV(FakeKV({"generator.g0": GeneratorStatus(
+            generator_id="g0", policy_version=1, refused_version=2, refused_checksum=checksum,
+            updated=now - age).encode()}))
+
+    reports("someone-else's")
+    assert not asyncio.run(learner.repair_refused())
+    reports(info.checksum)
+    assert not asyncio.run(learner.repair_refused())  # refused, but sound here: the generator retries
+    weights = next(p for p in (learner.root / "snapshots" / "v2").iterdir() if p.suffix == ".safetensors")
+    weights.write_bytes(weights.read_bytes()[:-8] + b"\0" * 8)  # damaged on the volume
+    reports(info.checksum, age=GENERATOR_STALE_SECONDS + 10)
+    assert not asyncio.run(learner.repair_refused())  # a generator gone for good does not count
+    reports(info.checksum)
+    assert asyncio.run(learner.repair_refused()) and published == [2]

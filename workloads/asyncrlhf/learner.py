@@ -15,6 +15,8 @@ The loop of the Async RLHF paper, made durable — release → collect → train
     used is written to `ledger.jsonl` next to the metrics (runlog.py).
   * A rollout older than N versions (possible only if a generator ignores `min_version`) is
     dropped — acked, counted — and its prompt is released again.
+  * Publishing (snapshot → checkpoint → ack → announce → prune, room on the volume, repairing a
+    snapshot a generator refused) is publishing.py; the bus side is learner_link.py.
 """
 
 from __future__ import annotations
@@ -28,7 +30,6 @@ from typing import Optional
 
 import nats
 from safetensors.numpy import load_file as load_numpy
-from safetensors.numpy import save_file as save_numpy
 
 from . import shutdown
 from .api import JobSpec
@@ -40,24 +41,22 @@ from .export import snapshot_tokenizer
 from .faults import fault_point
 from .feeding import PromptFeeder
 from .intake import RolloutIntake
-from .kv import BUS_ERRORS, JobKV
 from .learner_link import LearnerLink
 from .messages import LearnerProgress, MessageError, Preference, RolloutGroup, WeightsAnnouncement
 from .models import resolve_model
 from .replay import ReplayBuffer, replay_enabled
-from .replay_sampling import rng_state, set_rng_state, store_and_sample
+from .publishing import REWARD_HEAD, WeightPublishing
+from .replay_sampling import set_rng_state, store_and_sample
 from .rewards import HeadLearner
 from .runlog import RunLog, metrics_row, progress_report
 from .sizing import checkpoint_every_steps
-from .snapshots import SnapshotInfo, prune_snapshots, write_snapshot
 from .storage import remove_stale_tmp
 from .tracking import open_trackers
 
 log = logging.getLogger("asyncrlhf.learner")
-REWARD_HEAD = "reward_head.safetensors"
 
 
-class Learner:
+class Learner(WeightPublishing):
     def __init__(self, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str,
                  backend: TrainingBackend, *, model_path: str = "", head: Optional[HeadLearner] = None) -> None:
         """Assembles the parts; no I/O (see `create`, which loads the models and restores)."""
@@ -99,18 +98,7 @@ class Learner:
         learner.log.trackers = open_trackers(spec, run_dir, bus.job, learner.state.step)
         return learner
 
-    # --- checkpoints ---------------------------------------------------------------------
-
-    def save_checkpoint(self, snapshot: SnapshotInfo) -> None:
-        if self.replay is not None:
-            self.state.replay = self.replay.state_dict()
-            self.state.replay_rng = rng_state(self._replay_rng)
-        self.checkpoints.save(self.state, snapshot, self._write_checkpoint_files)
-
-    def _write_checkpoint_files(self, directory: Path) -> None:
-        self.backend.save_state(directory)
-        if self.head is not None:
-            save_numpy(self.head.head.state_dict(), str(directory / REWARD_HEAD))
+    # --- restore -------------------------------------------------------------------------
 
     def restore(self) -> None:
         checkpoint = self.checkpoints.load()
@@ -159,35 +147,6 @@ class Learner:
     async def _dead_letter(self, msg, reason: str) -> None:
         await self.link.dead_letter(msg, reason)
 
-    # --- snapshots -----------------------------------------------------------------------
-
-    def checkpoint_due(self, step: int) -> bool:
-        """Is the snapshot of `step` also a checkpoint? Every checkpointEverySteps, and the last step."""
-        return step % self.checkpoint_every == 0 or step >= self.spec.learner.total_steps
-
-    async def publish_weights(self) -> None:
-        """Snapshot → checkpoint → ack → announce: generators only ever see durable weights."""
-        version = self.state.step
-        info = await asyncio.to_thread(write_snapshot, self.root, version, self._save_snapshot_files)
-        self.state.published_version = version
-        self.state.last_snapshot = info.path
-        self.state.elapsed = self.elapsed()
-        self._started = time.monotonic()
-        if self.checkpoint_due(version):  # else the held rollouts wait (deadlines extended) for the next one
-            await asyncio.to_thread(self.save_checkpoint, info)
-            await self.intake.ack_held()
-        if self.replay is not None:
-            self.replay.mark_sync()
-        await self.link.announce(WeightsAnnouncement(version=version, path=info.path, checksum=info.checksum))
-        await self.prune(self.link.kv)
-
-    def _save_snapshot_files(self, directory: Path) -> dict[str, str]:
-        """A complete HF model directory: the weights, config, generation config and tokenizer."""
-        digests = self.backend.save_weights(directory)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(directory)
-        return digests
-
     async def evaluate(self) -> None:
         """Held-out evaluation of the step's snapshot when spec.eval says so (evaluation.py)."""
         if self.evaluator is None or not self.evaluator.due(self.state.step):
@@ -197,23 +156,6 @@ class Learner:
                                       self.elapsed(), head)
         if row is not None:
             self.log.metrics(row)
-
-    async def prune(self, kv: JobKV) -> None:
-        """Delete old snapshots, sparing the published one, the checkpoint's and those live generators use."""
-        in_use = {self.state.published_version}
-        now = time.time()
-        try:
-            reports = await kv.reports()
-            await kv.fold_retired(reports, now)
-        except BUS_ERRORS as err:
-            log.warning("not pruning snapshots this time: cannot read the generators' versions: %s", err)
-            return
-        # a generator gone for good no longer holds its version's snapshot
-        in_use |= {status.policy_version for status in reports.values() if status.fresh(now)}
-        if (checkpoint := self.checkpoints.load()) is not None:
-            in_use.add(checkpoint.snapshot.version)
-        fault_point("prune")
-        prune_snapshots(self.root, self.spec.weight_sync.keep_snapshots, in_use)
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -225,7 +167,7 @@ class Learner:
         """Collect batch `step`, train on it (or on what the replay buffer draws), record it."""
         step = self.state.step
         groups = await self.intake.collect(
-            self.link.rollouts, step, self.stopping, check_stream=self.link.check_stream,
+            self.link.rollouts, step, self.stopping, check_stream=self.on_idle,
             between=self.learn_preferences, on_stale=lambda g: self.link.release_again(g.batch, g.index))
         if self._started is None:
             self._started = time.monotonic()
@@ -241,6 +183,11 @@ class Learner:
         row = self.record(step, groups, metrics, time.monotonic() - started)
         self.feeder.forget_before(step + 1)
         return row
+
+    async def on_idle(self) -> None:
+        """No rollouts for a while: is the stream lost, or did a generator refuse the announced snapshot?"""
+        await self.link.check_stream()
+        await self.repair_refused()
 
     def record(self, step: int, groups: list[RolloutGroup], metrics: dict, step_seconds: float) -> dict:
         stale = [step - g.policy_version for g in groups]
