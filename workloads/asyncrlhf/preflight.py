@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from .api import AsyncRLHFJob
-from .replay import replay_enabled
 
 _SUFFIX = {"": 1, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
            "m": 1e-3}
@@ -66,7 +65,8 @@ def effective_manifest(job: AsyncRLHFJob) -> dict[str, Any]:
             algorithm.pop(key, None)
     if asynchrony.get("mode") == "sync":
         asynchrony.pop("maxStaleness", None)
-    if not replay_enabled(job.spec.async_.replay_buffer, job.spec.algorithm.loss):
+    buffer = job.spec.async_.replay_buffer  # replay.replay_enabled's rule (that module loads torch: validate stays fast)
+    if not (buffer.enabled if buffer.enabled is not None else job.spec.algorithm.loss == "tb"):
         asynchrony.pop("replayBuffer", None)
     _off_sections(job, spec)
     return _without_unset(doc)
