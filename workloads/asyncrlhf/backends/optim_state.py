@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+
+from ..weightfiles import write_safetensors
 
 MASTER_WEIGHTS = "master.safetensors"  # fp32 master weights, when training in bf16/fp16 (snapshots are in that dtype)
 
@@ -31,7 +33,8 @@ def save_optimizer_state(state: dict, directory: Path) -> None:
                 layout[str(pid)][name] = {"tensor": True}
             else:
                 layout[str(pid)][name] = {"value": value}
-    save_file(tensors, str(directory / "optimizer.safetensors"))
+    # streamed tensor by tensor (weightfiles): safetensors' save_file first builds the whole file in memory
+    write_safetensors(directory / "optimizer.safetensors", sorted(tensors.items()))
     (directory / "optimizer.json").write_text(json.dumps({"state": layout, "param_groups": state["param_groups"]}))
 
 

@@ -36,6 +36,7 @@ from ..placement import learner_device
 from .base import Batch
 from .micro import MicroPlan, micro_plan
 from .optim_state import MASTER_WEIGHTS, load_optimizer, save_optimizer
+from ..weightfiles import write_safetensors
 from .weights import save_snapshot_files
 
 
@@ -239,8 +240,7 @@ class TorchBackend:
         if self.value_head is not None:
             save_file(self.value_head.state_dict(), str(directory / "value_head.safetensors"))
         if self.spec.model.dtype != "float32":  # the snapshot holds the weights rounded to model.dtype
-            save_file({k: v.detach().contiguous() for k, v in self.model.state_dict().items()},
-                      str(directory / MASTER_WEIGHTS))
+            write_safetensors(directory / MASTER_WEIGHTS, list(self.model.state_dict().items()))
 
     def load_state(self, directory: Path) -> None:
         load_optimizer(self.optimizer, directory)
