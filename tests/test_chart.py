@@ -56,6 +56,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
     "no-network-policy": {"networkPolicy": {"enabled": False}},
     "nats-without-auth": {"nats": {"auth": {"enabled": False}}},
+    "ha": {"operator": {"replicas": 2, "peering": {"enabled": True}}},
+    "ha-namespaced": {"operator": {"replicas": 2, "peering": {"enabled": True}, "watchNamespace": "rlhf"},
+                      "rbac": {"scope": "namespaced"}},
 }
 
 # The operator's API calls, kopf's and its own (asyncrlhf_operator/kube.py): (apiGroup, resource)
@@ -82,7 +85,7 @@ NAMESPACED_RULES = {
 }
 CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # Kinds that have no official schema (custom resources), checked by hand below instead.
-UNSCHEMAED_KINDS = {"CustomResourceDefinition", "ServiceMonitor"}
+UNSCHEMAED_KINDS = {"CustomResourceDefinition", "ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
 
 
 # --------------------------------------------------------------------------- rendering helpers
@@ -228,7 +231,7 @@ def test_objects_are_named_uniquely_and_namespaced_to_the_release(scenario: str)
     objects = render(scenario)
     keys = [(o["kind"], o["metadata"].get("namespace"), o["metadata"]["name"]) for o in objects]
     assert len(keys) == len(set(keys)), keys
-    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition"}
+    cluster_scoped = {"ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ClusterKopfPeering"}
     for kind, namespace, name in keys:
         assert (namespace is None) == (kind in cluster_scoped), (kind, name, namespace)
         assert len(name) <= 63, name
@@ -362,6 +365,27 @@ def test_operator_deployment_matches_the_operator_contract() -> None:
     assert "/tmp" in mounts  # the only writable path, on a read-only root
 
 
+@pytest.mark.parametrize("scenario, peering_kind, resource", [
+    ("ha", "ClusterKopfPeering", "clusterkopfpeerings"), ("ha-namespaced", "KopfPeering", "kopfpeerings")])
+def test_replicas_with_peering_share_one_peering_object_and_only_its_grants(scenario, peering_kind, resource):
+    objects = render(scenario)
+    deployment = one(objects, "Deployment")
+    assert deployment["spec"]["replicas"] == 2
+    assert deployment["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 1, "maxUnavailable": 0}
+    env = {e["name"]: e for e in operator_container(objects)["env"]}
+    peering = one(objects, peering_kind)
+    assert env["ASYNCRLHF_OPERATOR_PEERING"]["value"] == peering["metadata"]["name"]  # what the operator reads
+    assert env["POD_ID"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}  # kopf's identity
+    assert peering["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"  # after its CRD
+    if peering_kind == "KopfPeering":
+        assert peering["metadata"]["namespace"] == "rlhf"  # where the namespaced operator looks
+    crds = {c["metadata"]["name"] for c in by_kind(objects, "CustomResourceDefinition")}
+    assert {"clusterkopfpeerings.kopf.dev", "kopfpeerings.kopf.dev"} <= crds
+    role = one(objects, "ClusterRole" if peering_kind == "ClusterKopfPeering" else "Role")
+    assert rbac_rules(role)[("kopf.dev", resource)] == {"list", "watch", "patch"}
+    assert not any(g == "kopf.dev" for g, _ in rbac_rules(one(render("default"), "ClusterRole")))
+
+
 def test_operator_args_and_env_follow_the_values() -> None:
     values = {"operator": {"extraArgs": ["--verbose"], "image": {"digest": "sha256:" + "a" * 64},
                            "extraEnv": [{"name": "LOG_FORMAT", "value": "json"}]}}
@@ -461,7 +485,7 @@ def test_no_secret_value_appears_outside_secrets(scenario: str) -> None:
 
 def test_values_that_would_leak_or_break_are_refused() -> None:
     cases = {
-        "operator.replicas=2": "maximum",
+        "operator.replicas=2": "peering/enabled",  # two replicas need peering
         "operator.securityContext.readOnlyRootFilesystem=false": "readOnlyRootFilesystem",
         "operator.podSecurityContext.runAsNonRoot=false": "runAsNonRoot",
         "nats.auth.password=hunter2": "additional properties",

@@ -127,3 +127,13 @@ names the job pods use too), the NATS server NATS_USER/NATS_PASSWORD (referenced
       key: {{ $values.passwordKey }}
 {{- end }}
 {{- end }}
+
+{{/* Name of the kopf peering object the operator's replicas share (cluster-scoped in cluster
+scope, so it carries the release namespace like the ClusterRole). */}}
+{{- define "asyncrlhf.peeringName" -}}
+{{- if eq .Values.rbac.scope "cluster" -}}
+{{- printf "%s-%s" .Release.Namespace (include "asyncrlhf.fullname" .) | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- include "asyncrlhf.fullname" . -}}
+{{- end -}}
+{{- end }}
