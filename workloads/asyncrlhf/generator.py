@@ -31,7 +31,7 @@ from .messages import (
 from .models import encode_prompt, load_tokenizer, resolve_model
 from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, prompt_of, score_batch
 from .refusals import RefusalLog
-from .snapshots import SnapshotError, confined, verify_snapshot
+from .snapshots import SnapshotError, check_structure, confined
 
 log = logging.getLogger("asyncrlhf.generator")
 WEIGHTS_WAIT_ACK_WAITS = 3  # waiting longer than this many ack waits for weights, prompts are handed back
@@ -74,11 +74,13 @@ class Generator:
         try:
             if self.snapshot_root:
                 confined(ann.path, self.snapshot_root)
-            verify_snapshot(ann.path, ann.checksum, ann.version)
+            check_structure(ann.path, ann.checksum, ann.version)
         except (SnapshotError, OSError) as err:
             return self._refuse(ann, str(err))
         try:
-            self.engine.reload(ann.path)
+            self.engine.reload(ann.path, ann.checksum)  # every file verified while it is read (once)
+        except (SnapshotError, OSError) as err:
+            return self._refuse(ann, str(err))
         except Exception as err:  # noqa: BLE001 -- whatever the engine raises, the generator keeps serving
             log.exception("the engine failed to load snapshot v%d", ann.version)
             return self._refuse(ann, f"the engine failed to load it: {type(err).__name__}: {err}")

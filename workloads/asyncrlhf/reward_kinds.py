@@ -230,10 +230,10 @@ def _retryable(err: BaseException) -> bool:
 class ModelReward:
     def __init__(self, source: RewardSource, spec: JobSpec) -> None:
         from .models import resolve_model
-        from .rewards import ModelScorer
+        from .rewards import ModelScorer, reward_device
 
         self.scorer = ModelScorer(resolve_model(source.model), spec.model.dtype, spec.model.chat_template,
-                                  micro_batch=spec.task.reward.batch_size)
+                                  micro_batch=spec.task.reward.batch_size, device=reward_device(spec))
         self.name = f"reward model {source.model}"
 
     def __call__(self, batch: RewardBatch) -> list[float]:

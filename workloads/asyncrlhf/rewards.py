@@ -35,7 +35,8 @@ class ModelScorer:
     score. Prompt + response are rendered as a conversation with the reward model's own chat
     template (models.conversation_text), scored `micro_batch` at a time."""
 
-    def __init__(self, path: str, dtype: str, chat_template: str = "auto", micro_batch: int = 16) -> None:
+    def __init__(self, path: str, dtype: str, chat_template: str = "auto", micro_batch: int = 16,
+                 device: Optional[str] = None) -> None:
         from transformers import AutoModelForSequenceClassification
 
         self.tokenizer = load_tokenizer(path)
@@ -48,6 +49,8 @@ class ModelScorer:
         if self.tokenizer.pad_token is None:  # Llama-style tokenizers: pad with EOS, attention masks it
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model.config.pad_token_id = self.tokenizer.pad_token_id
+        self.device = device or default_device()
+        self.model.to(self.device)
         self.chat_template, self.micro_batch = chat_template, micro_batch
 
     @torch.no_grad()
@@ -60,29 +63,49 @@ class ModelScorer:
             special = chunk[0][1]  # the same for a whole job: template or not
             batch = self.tokenizer([text for text, _ in chunk], return_tensors="pt", padding=True,
                                    truncation=True, add_special_tokens=special)
-            scores += self.model(**batch).logits[:, 0].float().tolist()
+            scores += self.model(**batch.to(self.device)).logits[:, 0].float().tolist()
         return scores
 
 
-class FeatureModel:
-    """φ(x, a): a frozen causal LM's last hidden state at the last token, L2-normalised."""
+def default_device() -> str:
+    """Where a scoring model runs unless told: this process's first GPU (a generator sees only its
+    own GPUs: placement.py), else the CPU."""
+    return "cuda:0" if torch.cuda.is_available() else "cpu"
 
-    def __init__(self, path: str, dtype: str = "float32") -> None:
+
+def reward_device(spec: JobSpec) -> str:
+    """A generator's reward/feature-model device: its first GPU, or its last with reward.device 'dedicated'."""
+    from .placement import generator_devices
+
+    return generator_devices(spec, torch.cuda.device_count())[1]
+
+
+class FeatureModel:
+    """φ(x, a): a frozen causal LM's last hidden state at the last token, L2-normalised, computed
+    `micro_batch` sequences at a time on `device`."""
+
+    def __init__(self, path: str, dtype: str = "float32", device: Optional[str] = None, micro_batch: int = 16) -> None:
         from .models import load_causal_lm
 
         self.tokenizer = load_tokenizer(path)
-        self.model = load_causal_lm(path, dtype).eval().requires_grad_(False)
+        self.device = device or default_device()
+        self.model = load_causal_lm(path, dtype).eval().requires_grad_(False).to(self.device)
         self.dim = self.model.config.hidden_size
         self.pad_id = self.model.config.pad_token_id or 0
+        self.micro_batch = micro_batch
 
     @torch.no_grad()
     def features(self, prompts: list[str], responses: list[str]) -> np.ndarray:
         p_ids = [encode_prompt(self.tokenizer, p) for p in prompts]
         r_ids = [self.tokenizer(r, add_special_tokens=False)["input_ids"] for r in responses]
-        ids, attn, _ = pack(p_ids, r_ids, self.pad_id)
-        hidden = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
-        last = hidden[torch.arange(len(ids)), attn.sum(1) - 1].double()
-        return torch.nn.functional.normalize(last, dim=-1).numpy()
+        parts = []
+        for start in range(0, len(p_ids), self.micro_batch):
+            rows = slice(start, start + self.micro_batch)
+            ids, attn, _ = (t.to(self.device) for t in pack(p_ids[rows], r_ids[rows], self.pad_id))
+            hidden = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=True).hidden_states[-1]
+            last = hidden[torch.arange(len(ids), device=ids.device), attn.sum(1) - 1].double()
+            parts.append(torch.nn.functional.normalize(last, dim=-1).cpu().numpy())
+        return np.concatenate(parts) if parts else np.zeros((0, self.dim))
 
 
 def feature_model_path(spec: JobSpec) -> str:
@@ -93,7 +116,8 @@ class OnePassScorer:
     """Scores with θᵀφ(x, a), θ refreshed from the KV bucket by the generator before each batch."""
 
     def __init__(self, spec: JobSpec) -> None:
-        self.features = FeatureModel(feature_model_path(spec), spec.model.dtype)
+        self.features = FeatureModel(feature_model_path(spec), spec.model.dtype, reward_device(spec),
+                                     spec.task.reward.batch_size)
         self.theta = np.zeros(self.features.dim)
         self.updates = 0
 
@@ -104,11 +128,21 @@ class OnePassScorer:
         return (self.features.features(prompts, responses) @ self.theta).tolist()
 
 
+def _learner_device(spec: JobSpec) -> str:
+    """The learner process learns the head on its own training device."""
+    import os
+
+    from .placement import learner_device
+
+    return learner_device(spec.learner.gpus_per_node, int(os.environ.get("LOCAL_RANK", 0)), torch.cuda.device_count())
+
+
 class HeadLearner:
     """The learning side of the one-pass head: preferences in, θ out."""
 
     def __init__(self, spec: JobSpec, features: Optional[FeatureModel] = None) -> None:
-        self.features = features or FeatureModel(feature_model_path(spec), spec.model.dtype)
+        self.features = features or FeatureModel(feature_model_path(spec), spec.model.dtype, _learner_device(spec),
+                                                 spec.task.reward.batch_size)
         self.head = OnePassRewardHead.from_spec(spec.task.reward.onepass, self.features.dim)
 
     def learn(self, prefs: list[Preference]) -> None:

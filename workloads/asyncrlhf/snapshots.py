@@ -101,6 +101,20 @@ def verify_snapshot(path: str | Path, checksum: str, version: Optional[int] = No
     """Check the manifest's checksum, its names and version, and every listed file; return the
     manifest or raise SnapshotError (a damaged manifest included)."""
     path = Path(path)
+    manifest = check_structure(path, checksum, version)
+    for name, entry in manifest["files"].items():
+        f = path / name
+        if not f.is_file():
+            raise SnapshotError(f"snapshot {path}: file {name} is missing")
+        if not file_matches(f, entry):
+            raise SnapshotError(f"snapshot {path}: file {name} is corrupt (size or digest differs)")
+    return manifest
+
+
+def check_structure(path: str | Path, checksum: str, version: Optional[int] = None) -> dict:
+    """Everything verify_snapshot checks but the files' digests (engines hash while they load,
+    engines/verified.py): the manifest's checksum, names and version, no unlisted weight file."""
+    path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise SnapshotError(f"snapshot {path}: no {MANIFEST} (missing or partial snapshot)")
@@ -117,12 +131,6 @@ def verify_snapshot(path: str | Path, checksum: str, version: Optional[int] = No
         raise SnapshotError(f"snapshot {path}: the manifest says version {manifest['version']}, "
                             f"the announcement {version}")
     _check_names(path, manifest)
-    for name, entry in manifest["files"].items():
-        f = path / name
-        if not f.is_file():
-            raise SnapshotError(f"snapshot {path}: file {name} is missing")
-        if not file_matches(f, entry):
-            raise SnapshotError(f"snapshot {path}: file {name} is corrupt (size or digest differs)")
     return manifest
 
 
