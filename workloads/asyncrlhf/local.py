@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -36,7 +35,7 @@ from .messages import LearnerProgress
 from .devicereport import read_reports
 from .models import resolve_model
 from .placement import Placement, describe, learner_processes, machine_gpus, plan
-from .report import plot_rewards, read_metrics, summarize, write_json
+from .report import plot_rewards, read_evals, read_metrics, summarize, write_json
 from .workload_env import GENERATOR_ID, WorkloadEnv
 
 
@@ -205,8 +204,9 @@ class LocalRun:
         if devices := read_reports(self.run_dir):  # GPU processes: CUDA memory each allocated (devicereport.py)
             summary["cuda_max_memory_allocated"] = devices
         write_json(self.run_dir / "summary.json", summary)
-        plot_rewards({f"{self.spec.async_.mode} (N={self.spec.async_.effective_staleness})": read_metrics(self.run_dir)},
-                     self.run_dir / "reward.png", f"{self.job.metadata.name}: reward vs wall-clock")
+        label = f"{self.spec.async_.mode} (N={self.spec.async_.effective_staleness})"
+        plot_rewards({label: read_metrics(self.run_dir)}, self.run_dir / "reward.png",
+                     f"{self.job.metadata.name}: reward vs wall-clock", evals={label: read_evals(self.run_dir)})
         return RunResult(self.run_dir, summary, ok)
 
     async def supervise(self, kv: JobKV, js) -> bool:
@@ -387,7 +387,7 @@ def compare(job: AsyncRLHFJob, runs_root: Path, quiet: bool = False) -> dict:
         "final_reward": {"sync": s["final_reward_mean"], "async": a["final_reward_mean"]},
     }
     write_json(out / "summary.json", summary)
-    plot_rewards({f"sync": read_metrics(results["sync"].run_dir),
+    plot_rewards({"sync": read_metrics(results["sync"].run_dir),
                   f"async (N={job.spec.async_.max_staleness})": read_metrics(results["async"].run_dir)},
                  out / "reward.png", f"{name}: sync vs async")
     return summary
