@@ -78,7 +78,8 @@ def _host_bytes(t: torch.Tensor, dtype: Optional[torch.dtype]) -> memoryview:
     if dtype is not None and t.is_floating_point() and t.dtype != dtype:
         t = t.to(dtype=dtype)
     t = t.detach().to("cpu").contiguous()
-    return memoryview(t.view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+    # reshape(-1): a 0-dim tensor (AdamW's `step`) cannot be viewed as bytes of another size
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
 
 
 def write_safetensors(path: Path, tensors: Iterable[tuple[str, torch.Tensor]], dtype: Optional[torch.dtype] = None,
