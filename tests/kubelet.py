@@ -235,8 +235,9 @@ class Kubelet:
         deployments = self.api.items(group("apps/v1", ns, "deployments"))
         jobs = self.api.items(group("batch/v1", ns, "jobs"))
         self._reap()
+        # a finished Job keeps its pods (and their emptyDirs) until it is deleted, as on a cluster
         live = {d["metadata"]["uid"] for d in deployments} | {
-            j["metadata"]["uid"] for j in jobs if not j["spec"].get("suspend") and not _finished(j)}
+            j["metadata"]["uid"] for j in jobs if not j["spec"].get("suspend")}
         for pod in [p for p in self.pods.values() if p.owner["uid"] not in live]:
             self._remove(pod)  # owner deleted, replaced, suspended or finished: stop first, start after
         for uid in set(self._jobs) - {j["metadata"]["uid"] for j in jobs}:

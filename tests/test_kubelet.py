@@ -268,9 +268,12 @@ def test_kubectl_apply_trains_to_the_end_and_kubectl_get_shows_it(cluster, tmp_p
         assert pod.env[workload_env.NATS_USER] == NATS_USER and pod.env[workload_env.NATS_PASSWORD] == NATS_PASSWORD
         assert pod.env["POD_NAME"] == pod.name and pod.env["POD_NAMESPACE"] == NS
         assert pod.env[workload_env.NATS_URL] == cluster.bus.url
-        assert Path(pod.env[workload_env.CACHE], "models").is_dir()
         assert Path(pod.argv[-1]).read_text() == cluster.kube.get(
             f"/api/v1/namespaces/{NS}/configmaps/tiny-sort-config")["data"]["job.yaml"]
+    # the learner built the model in its own /cache emptyDir (kept: a finished Job keeps its pod);
+    # the generator's went with its pod when the operator scaled it to 0
+    assert Path(learner.env[workload_env.CACHE], "models").is_dir()
+    assert not Path(generator.env[workload_env.CACHE]).exists()
     assert generator.env[workload_env.GENERATOR_ID] == generator.name
     assert generator.name in status["generatorVersions"]
     assert learner.env["RANK"] == learner.env["NODE_RANK"] == "0" and learner.env["WORLD_SIZE"] == "1"
