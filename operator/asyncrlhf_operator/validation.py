@@ -28,10 +28,10 @@ def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
     job, error = validate_spec(body)
     if job is None:
         return job, error
-    error = token_conflict(job)
+    error = foreign_bus_error(job.spec.nats)
     if error:
         return None, error
-    error = foreign_bus_error(job.spec.nats)
+    error = token_conflict(job)
     if error:
         return None, error
     recorded = ((body.get("metadata") or {}).get("annotations") or {}).get(IMMUTABLE_ANNOTATION)
@@ -48,16 +48,6 @@ def validate(body: Mapping[str, Any]) -> tuple[Optional[api.AsyncRLHFJob], str]:
     return job, ""
 
 
-def foreign_bus_error(nats: api.NatsSpec) -> str:
-    """A job that names its own bus must bring its own credentials: the operator's NATS credentials
-    go to the operator's bus only (a job's URL could be anyone's server, collecting passwords)."""
-    if nats.url and not nats.credentials_secret:
-        return (f"spec.nats.credentialsSecret: this job names its own bus (spec.nats.url {nats.url!r}), so it "
-                "needs a Secret with that bus's credentials (key 'creds', or 'user' and 'password'); the "
-                "operator sends its own credentials only to its own bus (leave spec.nats.url empty to use it)")
-    return ""
-
-
 def token_conflict(job: api.AsyncRLHFJob) -> str:
     """HF_TOKEN set both by model.tokenSecret and by a pod template: say which to remove."""
     if not job.spec.model.token_secret.name:
@@ -68,6 +58,16 @@ def token_conflict(job: api.AsyncRLHFJob) -> str:
                 if var.get("name") == "HF_TOKEN":
                     return (f"spec.{role}.podTemplate.spec.containers[{i}].env[{j}]: HF_TOKEN comes from "
                             "spec.model.tokenSecret; remove one of the two")
+    return ""
+
+
+def foreign_bus_error(nats: api.NatsSpec) -> str:
+    """A job that names its own bus must bring its own credentials: the operator's NATS credentials
+    go to the operator's bus only (a job's URL could be anyone's server, collecting passwords)."""
+    if nats.url and not nats.credentials_secret:
+        return (f"spec.nats.credentialsSecret: this job names its own bus (spec.nats.url {nats.url!r}), so it "
+                "needs a Secret with that bus's credentials (key 'creds', or 'user' and 'password'); the "
+                "operator sends its own credentials only to its own bus (leave spec.nats.url empty to use it)")
     return ""
 
 
