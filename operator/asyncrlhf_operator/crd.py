@@ -13,7 +13,7 @@ The models are the single source of truth; this module only translates their JSO
 
 Cross-field constraints come from `api.CROSS_FIELD_RULES` as `x-kubernetes-validations`.
 
-`python -m asyncrlhf_operator.crd` (or `asyncrlhf crd`) rewrites crds/asyncrlhf.dev_asyncrlhfjobs.yaml;
+`python -m asyncrlhf_operator.crd` (or `asyncrlhf crd --write`) rewrites crds/asyncrlhf.dev_asyncrlhfjobs.yaml;
 `--check` fails when the committed file differs from a fresh generation.
 """
 
@@ -285,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
         stale = [t for t in targets if (sys.stdin.read() if t == "-" else
                                         Path(t).read_text() if Path(t).exists() else "") != text]
         for t in stale:
-            print(f"{t} is out of date: run `asyncrlhf crd` and commit the result", file=sys.stderr)
+            print(f"{t} is out of date: run `asyncrlhf crd --write` and commit the result", file=sys.stderr)
         return 1 if stale else 0
     for target in targets:
         if target == "-":

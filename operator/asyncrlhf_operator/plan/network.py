@@ -66,6 +66,12 @@ def needs_hub(job: api.AsyncRLHFJob) -> bool:
     return any(r and not r.startswith(("/", api.BUILTIN_MODEL_PREFIX)) for r in refs)
 
 
+def url_port(url: str) -> int:
+    """The TCP port of an http(s) URL (its default when none is given)."""
+    parsed = urlsplit(url)
+    return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
 def network_policy(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[str, Any]:
     learners = {"podSelector": {"matchLabels": selector(owner, "learner")}}
     dns = [{"protocol": proto, "port": 53} for proto in ("UDP", "TCP")]
@@ -73,6 +79,9 @@ def network_policy(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dic
     egress: list[dict[str, Any]] = [{"ports": dns}, {"ports": nats}, {"to": [learners]}]
     if needs_hub(job):
         egress.append({"ports": [{"protocol": "TCP", "port": 443}]})
+    reward_ports = sorted({url_port(http.url) for http in job.spec.task.reward.http_rewards() if http.url})
+    if reward_ports:  # the job's reward servers (kind http)
+        egress.append({"ports": [{"protocol": "TCP", "port": port} for port in reward_ports]})
     return {
         "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
         "metadata": metadata(owner, Names(owner.name).workload, "workload"),

@@ -60,6 +60,22 @@ def _env(job: api.AsyncRLHFJob, default_url: str) -> list[dict[str, Any]]:
     return env
 
 
+def _reward_env(job: api.AsyncRLHFJob) -> list[dict[str, Any]]:
+    """Generators: each http reward's credential from its Secret, under the variable it reads."""
+    return [{"name": http.auth.env, "valueFrom": {"secretKeyRef": {"name": http.auth.secret.name,
+                                                                     "key": http.auth.secret.key}}}
+            for http in job.spec.task.reward.http_rewards() if http.auth.secret.name]
+
+
+def _reward_code(job: api.AsyncRLHFJob) -> tuple[list[dict], list[dict]]:
+    """Generators: the ConfigMap with the job's python reward modules, where they import from."""
+    name = job.spec.task.reward.code_config_map
+    if not name:
+        return [], []
+    return ([{"name": "reward-code", "configMap": {"name": name}}],
+            [{"name": "reward-code", "mountPath": api.REWARD_CODE_DIR, "readOnly": True}])
+
+
 def _volumes(job: api.AsyncRLHFJob, owner: Owner) -> tuple[list[dict], list[dict]]:
     volumes = [
         {"name": "config", "configMap": {"name": Names(owner.name).config}},
@@ -151,6 +167,8 @@ def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, held: 
     resources = _resources(learner.resources.cpu, learner.resources.memory, gpus)
     pod = _pod_spec(job, owner, role="learner", resources=resources, env=env, gpus=gpus)
     pod["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    if job.spec.tracking.credentials_secret:  # WANDB_API_KEY, MLFLOW_TRACKING_URI, ...: never in the spec
+        pod["containers"][0]["envFrom"] = [{"secretRef": {"name": job.spec.tracking.credentials_secret}}]
     pod.update(subdomain=names.learner, restartPolicy="Never")
     return {
         "apiVersion": "batch/v1", "kind": "Job",
@@ -184,10 +202,17 @@ def generator_deployment(
     generator = job.spec.generator
     env = _env(job, default_url) + [
         {"name": workload_env.GENERATOR_ID, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-    ]
+    ] + _reward_env(job)
     resources = _resources(generator.resources.cpu, generator.resources.memory, generator.resources.gpus)
     pod = _pod_spec(job, owner, role="generator", resources=resources, env=env,
                     gpus=generator.resources.gpus)
+    container = pod["containers"][0]
+    for mount in container["volumeMounts"]:  # generators only read snapshots (a damaged or hostile
+        if mount["name"] == "snapshots":     # generator cannot touch what the learner wrote)
+            mount["readOnly"] = True
+    volumes, mounts = _reward_code(job)
+    pod["volumes"] += volumes
+    container["volumeMounts"] += mounts
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(owner, Names(owner.name).generator, "generator"),
