@@ -23,6 +23,7 @@ from pydantic.alias_generators import to_camel
 
 from .spec.algorithm import AlgorithmSpec, AsyncSpec, BetaSchedule, ReplayBufferSpec
 from .spec.base import BUILTIN_MODEL_PREFIX, DNS_LABEL, IMAGE, LossName, SpecModel
+from .spec.observability import AutoscaleSpec, MetricsSpec
 from .spec.plumbing import NatsSpec, VolumeSnapshotSpec, WeightSyncSpec
 from .spec.pods import ModelCacheSpec, PodTemplate, PodTemplateMetadata, SecretKey
 from .spec.reporting import EvalSpec, TrackerName, TrackingSpec
@@ -43,7 +44,7 @@ __all__ = [
     "BetaSchedule", "AlgorithmSpec", "ReplayBufferSpec", "AsyncSpec",
     "SamplingSpec", "PodResources", "Resources", "GeneratorSpec", "OptimizerSpec", "LearnerSpec",
     "VolumeSnapshotSpec", "WeightSyncSpec", "NatsSpec",
-    "TrackerName", "TrackingSpec", "EvalSpec",
+    "TrackerName", "TrackingSpec", "EvalSpec", "MetricsSpec", "AutoscaleSpec",
     "PodTemplate", "PodTemplateMetadata", "SecretKey", "ModelCacheSpec",
     "JobSpec", "CrossFieldRule", "CROSS_FIELD_RULES",
     "IMMUTABLE_FIELDS", "IMMUTABLE_MESSAGE", "immutable_values",
@@ -78,6 +79,9 @@ class JobSpec(SpecModel):
     )
     eval_: EvalSpec = Field(
         default_factory=EvalSpec, alias="eval", description="Evaluation on held-out prompts during training."
+    )
+    metrics: MetricsSpec = Field(
+        default_factory=MetricsSpec, description="Prometheus metrics of the learner and generators."
     )
     image: str = Field(
         "ghcr.io/asyncrlhf/workloads:0.1.0", max_length=512, pattern=IMAGE,

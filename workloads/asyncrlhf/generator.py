@@ -32,6 +32,7 @@ from .models import encode_prompt, load_tokenizer, resolve_model
 from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, prompt_of, score_batch
 from .refusals import RefusalLog
 from .snapshots import SnapshotError, check_structure, confined
+from .telemetry import GeneratorTelemetry
 
 log = logging.getLogger("asyncrlhf.generator")
 WEIGHTS_WAIT_ACK_WAITS = 3  # waiting longer than this many ack waits for weights, prompts are handed back
@@ -45,6 +46,7 @@ class GeneratorState:
     checksum: str = ""  # of the snapshot loaded ("" = the initial weights)
     rollouts: int = 0
     tokens: int = 0
+    samples: int = 0  # completions published
     busy_seconds: float = 0.0
     refusals: RefusalLog = field(default_factory=RefusalLog)  # snapshots that failed, and when to retry
     reward_failures: int = 0  # batches in a row handed back because the reward failed on them
@@ -62,6 +64,7 @@ class Generator:
         self.fetch_size = fetch_size or spec.learner.prompts_per_step
         self.state = GeneratorState()
         self.stopping = asyncio.Event()
+        self.telemetry = GeneratorTelemetry(bus.job, bus.namespace, generator_id, self.state)  # telemetry.py
 
     # --- weights -------------------------------------------------------------------------
 
@@ -78,7 +81,8 @@ class Generator:
         except (SnapshotError, OSError) as err:
             return self._refuse(ann, str(err))
         try:
-            self.engine.reload(ann.path, ann.checksum)  # every file verified while it is read (once)
+            with self.telemetry.timed(self.telemetry.reload_seconds):
+                self.engine.reload(ann.path, ann.checksum)  # every file verified while it is read (once)
         except (SnapshotError, OSError) as err:
             return self._refuse(ann, str(err))
         except Exception as err:  # noqa: BLE001 -- whatever the engine raises, the generator keeps serving
@@ -181,7 +185,9 @@ class Generator:
         msgs, prompts = await self._decode(js, msgs)
         if not prompts:
             return
-        if not await self.sync_weights(js, max(p.min_version for p in prompts), self.weights_wait_limit):
+        with self.telemetry.timed(self.telemetry.weights_wait):
+            synced = await self.sync_weights(js, max(p.min_version for p in prompts), self.weights_wait_limit)
+        if not synced:
             # stopping, or the weights it needs are not loadable yet: hand the prompts back (to
             # any generator) instead of holding them for ever
             for m in msgs:
@@ -203,6 +209,7 @@ class Generator:
                 await publish(js, self.bus.subject(ROLLOUTS), group.encode(), msg_id=group.id)
                 await msgs[i].ack()
             self.state.rollouts += len(groups)
+            self.state.samples += sum(len(g.completions) for g in groups)
             self.state.tokens += tokens
 
     async def _decode(self, js, msgs: list) -> tuple[list, list[Prompt]]:
@@ -256,7 +263,8 @@ class Generator:
         """Take prompts and answer them, or, when there are none, pick up new weights; True once
         the learner is done."""
         try:
-            msgs = await sub.fetch(self.fetch_size, timeout=1.0)
+            with self.telemetry.timed(self.telemetry.prompt_wait):
+                msgs = await sub.fetch(self.fetch_size, timeout=1.0)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             if await kv.learner_finished():
                 return True
@@ -281,5 +289,9 @@ class Generator:
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str, snapshot_root: str = "") -> None:
     gen = Generator(spec, bus, nats_url, generator_id, snapshot_root=snapshot_root)
     shutdown.install(gen.stopping)
-    state = await gen.run()
+    gen.telemetry.serve(spec.metrics.port)
+    try:
+        state = await gen.run()
+    finally:
+        gen.telemetry.close()
     log.info("generator %s done: %d rollout groups, %d tokens", generator_id, state.rollouts, state.tokens)

@@ -34,7 +34,7 @@ from safetensors.numpy import load_file as load_numpy
 from . import shutdown
 from .api import JobSpec
 from .backends import TrainingBackend, make_backend, to_batch
-from .bus import JobBus, close_quietly, connect, keep_alive
+from .bus import GENERATORS_CONSUMER, LEARNER_CONSUMER, JobBus, close_quietly, connect, keep_alive
 from .checkpoints import Checkpoint, CheckpointStore, LearnerState
 from .evaluation import Evaluator
 from .export import snapshot_tokenizer
@@ -51,6 +51,7 @@ from .rewards import HeadLearner
 from .runlog import RunLog, metrics_row, progress_report
 from .sizing import checkpoint_every_steps
 from .storage import remove_stale_tmp
+from .telemetry import LearnerTelemetry
 from .tracking import open_trackers
 
 log = logging.getLogger("asyncrlhf.learner")
@@ -82,6 +83,8 @@ class Learner(WeightPublishing):
         self._started: Optional[float] = None
         self.evaluator: Optional[Evaluator] = None  # spec.eval (evaluation.py); made by create
         self.tokenizer = None  # saved into every snapshot (export.py); loaded by create
+        self.telemetry = LearnerTelemetry(bus.job, bus.namespace, self.state, spec.algorithm.samples_per_prompt,
+                                          spec.learner.total_steps)  # served by main_async (telemetry.py)
 
     @classmethod
     def create(cls, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> "Learner":
@@ -166,9 +169,10 @@ class Learner(WeightPublishing):
     async def train_one(self) -> dict:
         """Collect batch `step`, train on it (or on what the replay buffer draws), record it."""
         step = self.state.step
-        groups = await self.intake.collect(
-            self.link.rollouts, step, self.stopping, check_stream=self.on_idle,
-            between=self.learn_preferences, on_stale=lambda g: self.link.release_again(g.batch, g.index))
+        with self.telemetry.waiting():
+            groups = await self.intake.collect(
+                self.link.rollouts, step, self.stopping, check_stream=self.on_idle,
+                between=self.learn_preferences, on_stale=lambda g: self.link.release_again(g.batch, g.index))
         if self._started is None:
             self._started = time.monotonic()
         started = time.monotonic()
@@ -197,7 +201,13 @@ class Learner(WeightPublishing):
                           consumed=self.state.consumed, dropped=self.state.dropped, dead=self.state.dead)
         self.log.metrics(row)
         self.log.ledger(step, groups)
+        self.telemetry.observe_step(row, stale, self.state.consumed * self.spec.algorithm.samples_per_prompt
+                                    / max(self.elapsed(), 1e-9))
         return row
+
+    def save_checkpoint(self, snapshot) -> None:
+        with self.telemetry.checkpointing():
+            super().save_checkpoint(snapshot)
 
     def elapsed(self) -> float:
         return self.state.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
@@ -227,9 +237,11 @@ class Learner(WeightPublishing):
             await self.link.release_due()
             row = await self.train_one()
             if self.state.step % self.k == 0 or self.state.step == total:
-                await self.publish_weights()
+                with self.telemetry.publishing():
+                    await self.publish_weights()
                 await self.evaluate()
             await self.link.kv.put_progress(self.progress(row))
+            await self.telemetry.observe_bus(self.link.js, self.bus, GENERATORS_CONSUMER, LEARNER_CONSUMER)
         if self.state.step >= total:
             self.log.finish()  # the trackers' run summary
             await self.link.kv.put_progress(self.progress(row, done=True), attempts=30)
@@ -238,4 +250,8 @@ class Learner(WeightPublishing):
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
     learner = Learner.create(spec, bus, nats_url, root, run_dir)
     shutdown.install(learner.stopping)
-    await learner.run()
+    learner.telemetry.serve(spec.metrics.port)
+    try:
+        await learner.run()
+    finally:
+        learner.telemetry.close()

@@ -36,6 +36,7 @@ from .devicereport import read_reports
 from .models import resolve_model
 from .placement import Placement, describe, learner_processes, machine_gpus, plan
 from .report import plot_rewards, read_evals, read_metrics, summarize, write_json
+from .telemetry import LocalPorts
 from .workload_env import GENERATOR_ID, WorkloadEnv
 
 
@@ -89,6 +90,7 @@ class LocalRun:
         self.placement: Placement = plan(self.spec, gpus)
         self.console = Console(self.quiet)  # start-up phases, live progress (console.py)
         self.failure: Optional[Failure] = None  # why the run failed: the summary and the last line say it
+        self.metrics_ports = LocalPorts(self.spec.metrics.port)  # each process's /metrics (telemetry.py)
 
     # --- processes -----------------------------------------------------------------------
 
@@ -108,6 +110,7 @@ class LocalRun:
             # a generator added mid-run (index past the plan) has no GPUs of its own: it runs where its plan slot's does
             if self.spec.generator.replicas:
                 extra |= self.placement.of("generator", index % self.spec.generator.replicas).env
+        extra |= self.metrics_ports.env(role, index)
         proc = subprocess.Popen(
             [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
             env=self._env(extra), stdout=log, stderr=subprocess.STDOUT,
@@ -185,6 +188,8 @@ class LocalRun:
             for i in range(self.spec.generator.replicas):
                 self.spawn("generator", i)
             self.spawn_learners()
+            if self.metrics_ports.ports:
+                self.console.line(self.metrics_ports.describe())
             ok = await self.supervise(kv, js)
             produced = sum(s.rollouts for s in (await kv.reports()).values())
             info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import SpecModel
+from .observability import AutoscaleSpec
 from .pods import QUANTITY, PodTemplate
 
 
@@ -35,6 +36,10 @@ class GeneratorSpec(SpecModel):
     """Rollout generators: stateless, scalable at any time."""
 
     replicas: int = Field(1, ge=0, le=1024, description="Generator processes (pods).")
+    autoscale: AutoscaleSpec = Field(
+        default_factory=AutoscaleSpec, description="With enabled, the generators scale themselves from the bus's "
+        "signals between minReplicas and maxReplicas, and replicas is the autoscaler's.",
+    )
     engine: Literal["vllm", "hf"] = Field("vllm", description="Inference engine.")
     sampling: SamplingSpec = Field(default_factory=SamplingSpec, description="Sampling parameters.")
     memory_fraction: float = Field(

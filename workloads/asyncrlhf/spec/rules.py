@@ -153,4 +153,21 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "eval.prompts.source is 'file': set eval.prompts.path to the held-out file on a mounted volume",
         lambda s: s.eval_.prompts.source != "file" or s.eval_.prompts.path != "",
     ),
+    CrossFieldRule(
+        "generator.autoscale.minReplicas",
+        "!self.generator.autoscale.enabled "
+        "|| self.generator.autoscale.minReplicas <= self.generator.autoscale.maxReplicas",
+        "autoscale.minReplicas must not be above autoscale.maxReplicas",
+        lambda s: not s.generator.autoscale.enabled
+        or s.generator.autoscale.min_replicas <= s.generator.autoscale.max_replicas,
+    ),
+    CrossFieldRule(
+        "generator.replicas",
+        "!self.generator.autoscale.enabled || (self.generator.replicas >= self.generator.autoscale.minReplicas "
+        "&& self.generator.replicas <= self.generator.autoscale.maxReplicas)",
+        "with generator.autoscale the autoscaler sets replicas: leave it out (or within minReplicas..maxReplicas, "
+        "where the job starts), and scale by changing minReplicas/maxReplicas",
+        lambda s: not s.generator.autoscale.enabled
+        or s.generator.autoscale.min_replicas <= s.generator.replicas <= s.generator.autoscale.max_replicas,
+    ),
 ]
