@@ -294,6 +294,8 @@ def test_scale_kill_suspend_resume_and_delete(cluster):
     token Secret is named (model.tokenSecret)."""
     name, kubelet, t0 = "tiny-ops", cluster.kubelet, time.monotonic()
     mark = lambda what: print(f"[{time.monotonic() - t0:6.1f} s] {what}")  # noqa: E731
+    if cluster.kube.get(f"/api/v1/namespaces/{NS}/secrets/nats-credentials") is None:  # run alone
+        cluster.kube.call("POST", f"/api/v1/namespaces/{NS}/secrets", nats_secret())
     cluster.kube.call("POST", f"/api/v1/namespaces/{NS}/secrets", {
         "apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token", "namespace": NS},
         "data": {"token": base64.b64encode(b"hf_not_a_real_token").decode()}})
