@@ -88,9 +88,10 @@ def simulate(job: Job, seconds: float = 1200.0, slowdown_at: float = 600.0, slow
             else:
                 waited += DT
         now += DT
-        if abs(now / job.spec.interval_seconds - round(now / job.spec.interval_seconds)) < DT / 2 / job.spec.interval_seconds:
+        interval = job.spec.interval_seconds
+        if abs(now / interval - round(now / interval)) < DT / 2 / interval:  # a decision every interval
             ready = sum(1 for g in gens if now >= g.ready_at)
-            signals = Signals(replicas=len(gens), ready=ready, learner_wait_fraction=waited / job.spec.interval_seconds,
+            signals = Signals(replicas=len(gens), ready=ready, learner_wait_fraction=waited / interval,
                               generator_idle_fraction=idle / serving if serving else 0.0,
                               prompts_pending=len(queue) * job.fetch, prompts_per_step=job.prompts_per_step,
                               fetch_size=job.fetch, max_staleness=job.staleness)
@@ -176,9 +177,9 @@ def main() -> None:
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for ratio, r in results.items():
         b, a = r["before"], r["after"]
-        lines.append(f"| {ratio} | {r['right_before']} | {b['final']} | {b['decisions_to_settle']} | {b['changes']} | "
-                     f"{b['reversals']} | {r['right_after']} | {a['final']} | {a['decisions_to_settle']} | "
-                     f"{a['changes']} | {a['reversals']} |")
+        lines.append(f"| {ratio} | {r['right_before']} | {b['final']} | {b['decisions_to_settle']} | "
+                     f"{b['changes']} | {b['reversals']} | {r['right_after']} | {a['final']} | "
+                     f"{a['decisions_to_settle']} | {a['changes']} | {a['reversals']} |")
     lines += ["", "Right count: ceil((1 - targetWaitFraction) L / g), the fewest generators at which the learner waits at "
               "most its target; where that count puts it exactly at the target (L/g = 5 after the slowdown: 9), the "
               "policy takes one more. Decisions count from the start of the phase (every 20 s); the first ones are "

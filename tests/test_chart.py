@@ -54,6 +54,9 @@ SCENARIOS: dict[str, dict[str, Any]] = {
     "crds-off": {"crds": {"install": False}},
     "crds-not-kept": {"crds": {"keep": False}},
     "service-monitor": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}}},
+    "workload-metrics": {"metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prom"}},
+                                     "dashboard": {"enabled": True}},
+                         "rbac": {"scope": "namespaced"}, "operator": {"watchNamespace": "team-a"}},
     "no-network-policy": {"networkPolicy": {"enabled": False}},
     "nats-without-auth": {"nats": {"auth": {"enabled": False}}},
     "ha": {"operator": {"replicas": 2, "peering": {"enabled": True}}},
@@ -85,7 +88,7 @@ NAMESPACED_RULES = {
 }
 CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # Kinds that have no official schema (custom resources), checked by hand below instead.
-UNSCHEMAED_KINDS = {"CustomResourceDefinition", "ServiceMonitor", "ClusterKopfPeering", "KopfPeering"}
+UNSCHEMAED_KINDS = {"CustomResourceDefinition", "ServiceMonitor", "PodMonitor", "ClusterKopfPeering", "KopfPeering"}
 
 
 # --------------------------------------------------------------------------- rendering helpers
@@ -876,3 +879,54 @@ def test_install_guide_manifests_pass_the_official_schema() -> None:
     for manifest in manifests:
         assert not schema_errors(manifest, KUBE_VERSIONS[-1])
         assert manifest["spec"]["securityContext"]["runAsNonRoot"] is True  # works under PSA restricted
+
+
+# --------------------------------------------------------------------------- workload metrics (issue 13)
+
+
+def test_the_workloads_pod_monitor_scrapes_the_jobs_pods_by_their_metrics_port() -> None:
+    assert not by_kind(render("default"), "PodMonitor") and not [
+        o for o in by_kind(render("default"), "ConfigMap") if o["metadata"]["name"].endswith("-dashboard")]
+    monitor = one(render("workload-metrics"), "PodMonitor")
+    assert monitor["metadata"]["labels"]["release"] == "prom"
+    spec = monitor["spec"]
+    assert spec["namespaceSelector"] == {"matchNames": ["team-a"]}  # the namespace the operator watches
+    assert spec["podMetricsEndpoints"] == [{"port": "metrics", "path": "/metrics", "honorLabels": True,
+                                            "interval": "30s", "scrapeTimeout": "10s"}]
+    from asyncrlhf_operator import plan  # the operator's own pods match its selector
+    from asyncrlhf.manifest import load_manifest
+
+    job = load_manifest(str(REPO / "examples" / "local-tiny.yaml"))
+    owner = plan.Owner(name=job.metadata.name, namespace="team-a", uid="uid")
+    children = plan.desired_children(job, owner, "nats://nats:4222", admission=plan.gate(job, None))
+    pods = [c["spec"]["template"] for c in children if c["kind"] in ("Job", "Deployment")]
+    assert len(pods) == 2
+    for pod in pods:
+        labels = pod["metadata"]["labels"]
+        assert all(labels.get(k) == v for k, v in spec["selector"]["matchLabels"].items())
+        assert labels["app.kubernetes.io/component"] in spec["selector"]["matchExpressions"][0]["values"]
+        assert {"name": "metrics", "containerPort": 9410} in pod["spec"]["containers"][0]["ports"]
+    assert "any" in one(render_values({"metrics": {"podMonitor": {"enabled": True}}}), "PodMonitor")[
+        "spec"]["namespaceSelector"]
+
+
+def render_values(overrides: dict[str, Any]) -> list[dict[str, Any]]:
+    text = run_helm("template", RELEASE, str(CHART), "--namespace", NAMESPACE, "-f", values_file(overrides)).stdout
+    return [doc for doc in yaml.safe_load_all(text) if doc]
+
+
+def test_the_dashboard_names_only_metrics_the_workloads_export() -> None:
+    from asyncrlhf.checkpoints import LearnerState
+    from asyncrlhf.generator import GeneratorState
+    from asyncrlhf.telemetry import GeneratorTelemetry, LearnerTelemetry, exported_names
+
+    config = one(render("workload-metrics"), "ConfigMap", f"{RELEASE}-asyncrlhf-dashboard")
+    assert config["metadata"]["labels"]["grafana_dashboard"] == "1"
+    dashboard = json.loads(config["data"]["asyncrlhf-jobs.json"])
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    exprs += [v["query"] for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    named = {name for e in exprs for name in re.findall(r"\basyncrlhf_[a-z_]+", e)}
+    exported = exported_names(LearnerTelemetry("j", "ns", LearnerState())) | exported_names(
+        GeneratorTelemetry("j", "ns", "g", GeneratorState()))
+    assert named and named <= exported, sorted(named - exported)
+    assert len(dashboard["panels"]) >= 10 and len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])

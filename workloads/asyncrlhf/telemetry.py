@@ -36,6 +36,7 @@ BUS_POLL_SECONDS = 5.0
 
 # name (as scraped, without _bucket/_sum/_count), type, help
 CATALOGUE: dict[str, tuple[str, str]] = {
+    "asyncrlhf_start_time_seconds": ("gauge", "When this process started (Unix time): its changes count restarts."),
     "asyncrlhf_learner_step": ("gauge", "Optimizer steps done."),
     "asyncrlhf_learner_total_steps": ("gauge", "learner.totalSteps of the job."),
     "asyncrlhf_learner_policy_version": ("gauge", "Version of the newest snapshot the learner announced."),
@@ -96,6 +97,7 @@ class Telemetry:
         self.registry.register(_DefaultRegistry())
         self.labels = {"job": job, "namespace": namespace, "role": self.role} | extra_labels
         self._server = None
+        self._make(Gauge, "asyncrlhf_start_time_seconds").set(time.time())
 
     def _make(self, kind, name: str, **kwargs):
         metric = kind(_metric_name(name), _help(name), list(self.labels), registry=self.registry, **kwargs)
@@ -111,7 +113,11 @@ class Telemetry:
         host, port = listen_address(port, os.environ if env is None else env)
         if port == 0:
             return None
-        self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            self._server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as err:  # metrics must never stop a job: it runs on without them
+            log.warning("no metrics: cannot serve /metrics on %s:%d: %s", host, port, err)
+            return None
         url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}/metrics"
         log.info("metrics at %s", url)
         return url
@@ -158,12 +164,14 @@ class LearnerTelemetry(Telemetry):
         st = self.state
         if st is None:
             return
-        yield self.family(GaugeMetricFamily, "asyncrlhf_learner_step", st.step)
+        # read together first: the learner goes on stepping while a scrape is written out
+        step, version, consumed, dropped, dead = st.step, st.published_version, st.consumed, st.dropped, st.dead
+        yield self.family(GaugeMetricFamily, "asyncrlhf_learner_step", step)
         yield self.family(GaugeMetricFamily, "asyncrlhf_learner_total_steps", self.total_steps)
-        yield self.family(GaugeMetricFamily, "asyncrlhf_learner_policy_version", st.published_version)
-        yield self.family(CounterMetricFamily, "asyncrlhf_learner_samples_total", st.consumed * self.samples_per_prompt)
-        for what in ("consumed", "dropped", "dead"):
-            yield self.family(CounterMetricFamily, f"asyncrlhf_learner_rollouts_{what}_total", getattr(st, what))
+        yield self.family(GaugeMetricFamily, "asyncrlhf_learner_policy_version", version)
+        yield self.family(CounterMetricFamily, "asyncrlhf_learner_samples_total", consumed * self.samples_per_prompt)
+        for what, value in (("consumed", consumed), ("dropped", dropped), ("dead", dead)):
+            yield self.family(CounterMetricFamily, f"asyncrlhf_learner_rollouts_{what}_total", value)
 
     def describe(self):
         return []  # collected at scrape time: nothing to check at registration
@@ -259,13 +267,14 @@ class GeneratorTelemetry(Telemetry):
         st = self.state
         if st is None:
             return
-        yield self.family(GaugeMetricFamily, "asyncrlhf_generator_policy_version", st.version)
-        yield self.family(CounterMetricFamily, "asyncrlhf_generator_rollouts_total", st.rollouts)
-        yield self.family(CounterMetricFamily, "asyncrlhf_generator_samples_total", st.samples)
-        yield self.family(CounterMetricFamily, "asyncrlhf_generator_tokens_total", st.tokens)
-        yield self.family(CounterMetricFamily, "asyncrlhf_generator_busy_seconds_total", st.busy_seconds)
-        yield self.family(GaugeMetricFamily, "asyncrlhf_generator_busy_fraction",
-                          self.window.fraction(time.monotonic(), st.busy_seconds))
+        version, rollouts, samples, tokens, busy = st.version, st.rollouts, st.samples, st.tokens, st.busy_seconds
+        yield self.family(GaugeMetricFamily, "asyncrlhf_generator_policy_version", version)
+        yield self.family(CounterMetricFamily, "asyncrlhf_generator_rollouts_total", rollouts)
+        yield self.family(CounterMetricFamily, "asyncrlhf_generator_samples_total", samples)
+        yield self.family(CounterMetricFamily, "asyncrlhf_generator_tokens_total", tokens)
+        yield self.family(CounterMetricFamily, "asyncrlhf_generator_busy_seconds_total", busy)
+        fraction = self.window.fraction(time.monotonic(), busy)
+        yield self.family(GaugeMetricFamily, "asyncrlhf_generator_busy_fraction", fraction)
 
     def describe(self):
         return []
@@ -284,9 +293,9 @@ class GeneratorTelemetry(Telemetry):
 
 
 class LocalPorts:
-    """`asyncrlhf run`: each local process's /metrics on 127.0.0.1 — the learner (rank 0) on
-    spec.metrics.port, generator i on port + 1 + i, or a free port when that one is taken; a
-    restarted process keeps its port. Nothing when the port is 0."""
+    """`asyncrlhf run`: each local process's /metrics on a free port of 127.0.0.1 (two runs on one
+    machine, or anything else listening on spec.metrics.port, cannot collide with it), printed at
+    start; a restarted process keeps its port. Nothing when spec.metrics.port is 0."""
 
     def __init__(self, base: int) -> None:
         self.base = base
@@ -297,8 +306,7 @@ class LocalPorts:
             return {}
         name = f"{role}-{index}"
         if name not in self.ports:
-            wanted = self.base if role == "learner" else self.base + 1 + index
-            self.ports[name] = wanted if wanted <= 65535 and _port_free(wanted) else _free_port()
+            self.ports[name] = _free_port()
         return {METRICS_ADDRESS: f"127.0.0.1:{self.ports[name]}"}
 
     def url(self, name: str) -> str:
@@ -306,15 +314,6 @@ class LocalPorts:
 
     def describe(self) -> str:
         return "metrics: " + ", ".join(f"{name} {self.url(name)}" for name in self.ports)
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def _free_port() -> int:

@@ -124,6 +124,8 @@ def _pod_spec(
             "capabilities": {"drop": ["ALL"]},
         },
     }
+    if job.spec.metrics.port:  # /metrics (asyncrlhf.telemetry); a PodMonitor scrapes the port named `metrics`
+        container["ports"] = [{"name": "metrics", "containerPort": job.spec.metrics.port}]
     spec: dict[str, Any] = {
         "serviceAccountName": Names(owner.name).workload,
         "automountServiceAccountToken": False,
@@ -166,7 +168,8 @@ def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, held: 
     ]
     resources = _resources(learner.resources.cpu, learner.resources.memory, gpus)
     pod = _pod_spec(job, owner, role="learner", resources=resources, env=env, gpus=gpus)
-    pod["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}]
+    pod["containers"][0]["ports"] = [{"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}] + \
+        pod["containers"][0].get("ports", [])
     if job.spec.tracking.credentials_secret:  # WANDB_API_KEY, MLFLOW_TRACKING_URI, ...: never in the spec
         pod["containers"][0]["envFrom"] = [{"secretRef": {"name": job.spec.tracking.credentials_secret}}]
     pod.update(subdomain=names.learner, restartPolicy="Never")

@@ -19,7 +19,7 @@ class MetricsSpec(SpecModel):
     port: int = Field(
         9410, ge=0, le=65535,
         description="Port of each learner and generator's /metrics (0 = off). Locally, `asyncrlhf run` "
-        "gives the learner this port and generator i port + 1 + i (a free port when one is taken).",
+        "serves each process's metrics on a free port of 127.0.0.1 and prints the URLs.",
     )
 
 
