@@ -60,3 +60,11 @@ def test_generators_mount_the_snapshots_read_only_and_the_learner_read_write():
 
     assert snapshots(plan.generator_deployment(job(), OWNER, NATS)).get("readOnly") is True
     assert not snapshots(plan.learner_job(job(), OWNER, NATS)).get("readOnly")
+
+
+def test_the_metrics_port_is_open_to_scrapes_and_only_it():
+    ingress = plan.network_policy(job(), OWNER, NATS)["spec"]["ingress"]
+    port = api.JobSpec.model_validate({"model": {"policy": "builtin:tiny-sort"}}).metrics.port
+    assert {"ports": [{"protocol": "TCP", "port": port}]} in ingress
+    off = plan.network_policy(job(metrics={"port": 0}), OWNER, NATS)["spec"]["ingress"]
+    assert all("from" in rule for rule in off)  # only the job's learners, on any port

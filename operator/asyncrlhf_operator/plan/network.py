@@ -72,6 +72,13 @@ def url_port(url: str) -> int:
     return parsed.port or (443 if parsed.scheme == "https" else 80)
 
 
+def metrics_ingress(job: api.AsyncRLHFJob) -> list[dict[str, Any]]:
+    """Prometheus scrapes every pod's metrics port (from anywhere, on that port only: where
+    Prometheus runs differs per cluster; narrow it with your own policy if you need to)."""
+    port = job.spec.metrics.port
+    return [{"ports": [{"protocol": "TCP", "port": port}]}] if port else []
+
+
 def network_policy(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dict[str, Any]:
     learners = {"podSelector": {"matchLabels": selector(owner, "learner")}}
     dns = [{"protocol": proto, "port": 53} for proto in ("UDP", "TCP")]
@@ -90,7 +97,7 @@ def network_policy(job: api.AsyncRLHFJob, owner: Owner, default_url: str) -> dic
             "policyTypes": ["Ingress", "Egress"],
             # Learner ranks talk to each other on rendezvous and collective (NCCL/gloo) ports,
             # which are chosen at random: allow all ports, but only among this job's learners.
-            "ingress": [{"from": [learners]}],
+            "ingress": [{"from": [learners]}] + metrics_ingress(job),
             "egress": egress,
         },
     }
