@@ -27,6 +27,7 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -185,7 +186,7 @@ class Cluster:
         columns = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["additionalPrinterColumns"]
         spec = ",".join(["NAME:.metadata.name"] + [f"{c['name'].upper()}:{c['jsonPath']}" for c in columns])
         table = self.kubectl("get", "arj", "-n", NS, "-o", f"custom-columns={spec}")
-        print(f"\n$ kubectl get arj\n{table}")
+        show(f"\n$ kubectl get arj\n{table}")
         return table
 
 
@@ -210,6 +211,12 @@ def cluster(tmp_path_factory):
                 yield Cluster(kube, bus, kubelet, kubeconfig)
                 assert not kubelet.errors, kubelet.errors[-1]
         assert runner.exception is None, runner.output
+
+
+def show(text: str) -> None:
+    """Print to the test's output: KopfRunner (click's CliRunner) swaps sys.stdout while the
+    operator runs, so a plain print() would land in the operator's captured output."""
+    print(text, file=sys.__stdout__, flush=True)
 
 
 def manifest(name: str, steps: int, **spec: Any) -> dict[str, Any]:
@@ -244,7 +251,7 @@ def test_kubectl_apply_trains_to_the_end_and_kubectl_get_shows_it(cluster, tmp_p
     path.write_text(yaml.safe_dump_all([nats_secret(), manifest("tiny-sort", steps)]))
     # kmock serves neither /openapi/v3 nor /openapi/v2, which kubectl's validation downloads first;
     # the manifest is checked against the CRD's schema in tests/test_crd.py
-    print(cluster.kubectl("apply", "--validate=false", "-f", str(path)))
+    show(cluster.kubectl("apply", "--validate=false", "-f", str(path)))
     status = cluster.wait(lambda: (s := cluster.status("tiny-sort")).get("phase") in ("Succeeded", "Failed") and s,
                           what="the job to finish")
     table = cluster.print_table()
@@ -293,7 +300,7 @@ def test_scale_kill_suspend_resume_and_delete(cluster):
     is a claim here (model.cache), so restarted pods do not rebuild the tiny model, and an HF
     token Secret is named (model.tokenSecret)."""
     name, kubelet, t0 = "tiny-ops", cluster.kubelet, time.monotonic()
-    mark = lambda what: print(f"[{time.monotonic() - t0:6.1f} s] {what}")  # noqa: E731
+    mark = lambda what: show(f"[{time.monotonic() - t0:6.1f} s] {what}")  # noqa: E731
     if cluster.kube.get(f"/api/v1/namespaces/{NS}/secrets/nats-credentials") is None:  # run alone
         cluster.kube.call("POST", f"/api/v1/namespaces/{NS}/secrets", nats_secret())
     cluster.kube.call("POST", f"/api/v1/namespaces/{NS}/secrets", {
