@@ -64,7 +64,8 @@ class Generator:
         self.fetch_size = fetch_size or spec.learner.prompts_per_step
         self.state = GeneratorState()
         self.stopping = asyncio.Event()
-        self.telemetry = GeneratorTelemetry(bus.job, bus.namespace, generator_id, self.state)  # telemetry.py
+        job, namespace = (bus.job, bus.namespace) if bus is not None else ("", "")  # no bus: a test's engine check
+        self.telemetry = GeneratorTelemetry(job, namespace, generator_id, self.state)  # telemetry.py
 
     # --- weights -------------------------------------------------------------------------
 
