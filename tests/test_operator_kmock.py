@@ -10,17 +10,10 @@ the tests talk HTTP to kmock; nothing shares an event loop.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
-import threading
 import time
-import urllib.error
-import urllib.request
-import uuid
-from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-import kmock
 import nats
 import pytest
 from kopf.testing import KopfRunner
@@ -32,138 +25,11 @@ from asyncrlhf_operator.handlers import LAST_HANDLED, build_registry
 from asyncrlhf_operator.settings import OperatorConfig
 from asyncrlhf_operator.validation import IMMUTABLE_ANNOTATION
 
-NS = "default"
+# The emulator, its resources and the children's paths are shared with bench/operator_bench.py.
+# (test_ha_kmock.py and test_kubelet.py import RESOURCES, VERBS and Emulator from here)
+from kmock_support import CHILDREN, CR, NS, RESOURCES, VERBS, ApiThread, Emulator, eventually  # noqa: F401
+
 RESYNC = 2.0  # the operator re-applies every child this often (60 s by default)
-CR = f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{NS}/{api.PLURAL}"
-VERBS = ["get", "list", "watch", "create", "patch", "update", "delete"]
-RESOURCES = {
-    f"{api.GROUP}/{api.VERSION}/{api.PLURAL}": dict(kind=api.KIND, subresources=["status"]),
-    "v1/configmaps": dict(kind="ConfigMap"),
-    "v1/persistentvolumeclaims": dict(kind="PersistentVolumeClaim"),
-    "v1/services": dict(kind="Service"),
-    "v1/serviceaccounts": dict(kind="ServiceAccount"),
-    "v1/secrets": dict(kind="Secret"),
-    "v1/pods": dict(kind="Pod"),
-    "v1/events": dict(kind="Event"),
-    "batch/v1/jobs": dict(kind="Job"),
-    "apps/v1/deployments": dict(kind="Deployment"),
-    "networking.k8s.io/v1/networkpolicies": dict(kind="NetworkPolicy"),
-    "snapshot.storage.k8s.io/v1/volumesnapshots": dict(kind="VolumeSnapshot"),
-    "kueue.x-k8s.io/v1beta1/workloads": dict(kind="Workload", subresources=["status"]),
-    "v1/namespaces": dict(kind="Namespace", namespaced=False),
-}
-CHILDREN = {
-    "ServiceAccount": "/api/v1/namespaces/default/serviceaccounts/{}-workload",
-    "ConfigMap": "/api/v1/namespaces/default/configmaps/{}-config",
-    "PersistentVolumeClaim": "/api/v1/namespaces/default/persistentvolumeclaims/{}-snapshots",
-    "Service": "/api/v1/namespaces/default/services/{}-learner",
-    "NetworkPolicy": "/apis/networking.k8s.io/v1/namespaces/default/networkpolicies/{}-workload",
-    "Job": "/apis/batch/v1/namespaces/default/jobs/{}-learner",
-    "Deployment": "/apis/apps/v1/namespaces/default/deployments/{}-generator",
-}
-
-
-class Emulator(kmock.KubernetesEmulator):
-    """kmock plus what kopf and owner references need: uid, resourceVersion, generation."""
-
-    _versions = itertools.count(1)
-
-    async def _handle(self, request):
-        data = request.data
-        if request.resource is not None and isinstance(data, dict):
-            meta = data.setdefault("metadata", {})
-            if request.action == kmock.action.CREATE:
-                if not meta.get("name") and meta.get("generateName"):
-                    meta["name"] = meta["generateName"] + uuid.uuid4().hex[:5]
-                meta.setdefault("uid", str(uuid.uuid4()))
-                meta.setdefault("generation", 1)
-                meta.setdefault("creationTimestamp", datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"))
-            elif request.action == kmock.action.UPDATE and "spec" in data and request.subresource != "status":
-                current = self._current(request)
-                if current is not None:  # as the apiserver: a new generation only for a new spec
-                    generation = current.get("metadata", {}).get("generation", 1)
-                    meta["generation"] = generation + (data["spec"] != current.get("spec"))
-            if request.action in (kmock.action.CREATE, kmock.action.UPDATE):
-                meta["resourceVersion"] = str(next(self._versions))
-        elif request.resource is not None and isinstance(data, list):  # JSON patch
-            current = self._current(request) or {}
-            for op in data:
-                if op.get("op") == "test" and _pointer(current, op["path"]) != op.get("value"):
-                    # What a real apiserver answers; kopf then retries with a fresh object.
-                    raise kmock.KubernetesError(status=422, reason="Invalid", message="test failed")
-            data.append({"op": "add", "path": "/metadata/resourceVersion", "value": str(next(self._versions))})
-        return await super()._handle(request)
-
-    def _current(self, request) -> Optional[dict[str, Any]]:
-        try:
-            obj = self.objects[request.resource, request.namespace, request.name]
-        except KeyError:
-            return None
-        return None if obj.deleted else obj.raw
-
-
-def _pointer(obj: Any, pointer: str) -> Any:
-    for part in pointer.strip("/").split("/"):
-        obj = obj.get(part.replace("~1", "/").replace("~0", "~")) if isinstance(obj, dict) else None
-    return obj
-
-
-class ApiThread:
-    """kmock served from a thread of its own."""
-
-    def __init__(self) -> None:
-        self.url = ""
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=lambda: asyncio.run(self._serve()), daemon=True)
-
-    def __enter__(self) -> "ApiThread":
-        self._thread.start()
-        assert self._ready.wait(30), "kmock did not start"
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._loop.call_soon_threadsafe(self._stop.set)
-        self._thread.join(10)
-
-    async def _serve(self) -> None:
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        async with Emulator() as emulator, kmock.Server(emulator) as server:
-            for key, info in RESOURCES.items():
-                emulator.resources[key] = kmock.ResourceInfo(
-                    verbs=VERBS, namespaced=info.get("namespaced", True), kind=info["kind"],
-                    subresources=info.get("subresources", []))
-            emulator.objects["v1/namespaces", None, NS] = {
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-            self.url = str(server.url).rstrip("/")
-            self._ready.set()
-            await self._stop.wait()
-
-    def call(self, method: str, path: str, body: Any = None) -> Optional[dict[str, Any]]:
-        content = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        request = urllib.request.Request(self.url + path, method=method,
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": content})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return None
-            raise
-
-    def get(self, path: str) -> Optional[dict[str, Any]]:
-        return self.call("GET", path)
-
-
-def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        result = check()
-        if result:
-            return result
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.1)
 
 
 def run_async(coro):
