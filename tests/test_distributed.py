@@ -339,7 +339,7 @@ def test_zero3_snapshot_loads_into_vllm_with_the_gathered_models_greedy_output(d
 class GeneratorsNotReplaced(LocalRun):
     """A generator that dies stays gone (a replica scaled away), so the other must redo its work."""
 
-    def _restart_dead_generators(self) -> bool:
+    def _restart_dead_generators(self, progress=None) -> bool:
         return True  # nothing restarted, and the run goes on
 
 

@@ -22,7 +22,9 @@ from collections import deque
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector, start_http_server,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 log = logging.getLogger("asyncrlhf.telemetry")
@@ -80,13 +82,6 @@ def _metric_name(name: str) -> str:
     return name[: -len("_total")] if name.endswith("_total") else name
 
 
-class _DefaultRegistry:
-    """The process's default registry (process_* and libraries' metrics) inside ours."""
-
-    def collect(self):
-        yield from REGISTRY.collect()
-
-
 class Telemetry:
     """One process's registry, its labels and its /metrics server."""
 
@@ -94,7 +89,10 @@ class Telemetry:
 
     def __init__(self, job: str, namespace: str, **extra_labels: str) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self.registry.register(_DefaultRegistry())
+        # the process's own process_*/python_* metrics (not the default registry's: in one
+        # process with the operator, as in tests, that would serve the operator's metrics too)
+        for collector in (ProcessCollector, PlatformCollector, GCCollector):
+            collector(registry=self.registry)
         self.labels = {"job": job, "namespace": namespace, "role": self.role} | extra_labels
         self._server = None
         self._make(Gauge, "asyncrlhf_start_time_seconds").set(time.time())
