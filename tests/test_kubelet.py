@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
 import socket
 import subprocess
 import sys
@@ -40,7 +39,6 @@ from kopf.testing import KopfRunner
 import kmock
 from asyncrlhf import api, workload_env
 from asyncrlhf.bus import JobBus, free_port, nats_server_binary
-from asyncrlhf.kv import JobKV  # noqa: F401  (the operator reads progress through it)
 from asyncrlhf_operator.handlers import build_registry
 from asyncrlhf_operator.settings import OperatorConfig
 from helm_tools import ToolUnavailable, kubectl_binary
@@ -326,6 +324,13 @@ def test_scale_kill_suspend_resume_and_delete(cluster):
     mark(f"restarted as {second.name}; generators {sorted(generators)}")
     cluster.wait(lambda: generators <= set(cluster.status(name).get("generatorVersions") or {}),
                  what="both generators reporting")
+    ledger_path = volume(cluster, f"{name}-snapshots") / "report" / "ledger.jsonl"
+
+    def trained_from() -> set[str]:
+        lines = ledger_path.read_text().splitlines() if ledger_path.exists() else []
+        return {gen for line in lines for _rid, gen, _v in json.loads(line)["rollouts"]}
+
+    cluster.wait(lambda: generators <= trained_from(), what="rollouts of both generators trained on")
 
     # 3. suspend: every process stops; resume: the learner continues from its checkpoint
     before = cluster.progress(name)["step"]
@@ -361,9 +366,6 @@ def test_scale_kill_suspend_resume_and_delete(cluster):
     assert len(trained) == len(set(trained)) == 4 * len(steps)
     takers = {gen for row in ledger for _rid, gen, _v in row["rollouts"]}
     assert len(generators & takers) == 2, f"only {takers} produced trained rollouts"
-    if stream_left:
-        # Known operator bug (issue 18's report): the finalizer deletes the stream while the pods
-        # still run (garbage collection removes them only after the job is gone), and the running
-        # learner's stream recovery (learner_link.check_stream) creates it again: an orphan stream
-        # and KV bucket. The finalizer must stop the workloads and wait for their pods first.
-        pytest.xfail("the job's stream outlived the job: recreated by its still-running learner")
+    # the finalizer stops the workloads and waits for their pods before deleting the stream: a
+    # learner still running would recreate it (its stream recovery), leaving an orphan
+    assert not stream_left, "the job's stream outlived the job"

@@ -20,7 +20,7 @@ from asyncrlhf import api
 
 from . import plan, queueing
 from .jetstream import Buses, Credentials, read_credentials
-from .kube import Kube
+from .kube import Kube, KubeError
 from .settings import OperatorConfig
 
 
@@ -127,3 +127,18 @@ async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool
     await ctx.buses.ensure(job, url, credentials)
     await apply_children(ctx, body, job, finished=finished, admission=admission)
     ctx.mark_resynced(body["metadata"].get("uid", ""))
+
+
+async def stop_workloads(ctx: Context, owner: plan.Owner) -> int:
+    """Before a deleted job's bus goes: delete the learner Job and scale the generators to 0, then
+    count the job's pods still there. A learner still running would recreate the stream the
+    finalizer deletes (its stream recovery), leaving it orphaned."""
+    names = plan.Names(owner.name)
+    await ctx.kube.delete("batch/v1", "Job", owner.namespace, names.learner)
+    try:
+        await ctx.kube.merge_patch("apps/v1", "Deployment", owner.namespace, names.generator,
+                                   {"spec": {"replicas": 0}})
+    except KubeError as err:
+        if err.status != 404:
+            raise
+    return len(await ctx.kube.list("v1", "Pod", owner.namespace, plan.selector(owner)))

@@ -31,7 +31,7 @@ from asyncrlhf.bus import JobBus
 
 from . import plan, queueing
 from .children import (
-    Context, apply_all, apply_children, bus_access, now, owner_of, previous_status,
+    Context, apply_all, apply_children, bus_access, now, owner_of, previous_status, stop_workloads,
 )
 from .jetstream import job_bus
 from .kube import KubeError
@@ -47,6 +47,8 @@ from .validation import IMMUTABLE_ANNOTATION, deletion_view, recorded_immutables
 RESOURCE = (api.GROUP, api.VERSION, api.PLURAL)
 PREFIX = api.GROUP
 FINALIZER = f"{PREFIX}/cleanup"
+# a deleted job's bus goes once its pods are gone: waited for up to this many times this long
+FINALIZE_WAITS, FINALIZE_WAIT_SECONDS = 12, 5.0
 # kopf's record of the spec whose handlers all completed (its diff base), an annotation on the job
 LAST_HANDLED = f"{PREFIX}/last-handled-configuration"
 
@@ -63,7 +65,7 @@ def build_registry(config: OperatorConfig) -> kopf.OperatorRegistry:
     kopf.on.resume(*RESOURCE, registry=registry)(reconcile)
     kopf.on.create(*RESOURCE, registry=registry)(reconcile)
     kopf.on.update(*RESOURCE, field="spec", registry=registry)(spec_changed)
-    kopf.on.delete(*RESOURCE, registry=registry, retries=6)(finalize)
+    kopf.on.delete(*RESOURCE, registry=registry, retries=FINALIZE_WAITS + 6)(finalize)
     kopf.timer(*RESOURCE, interval=config.status_interval, backoff=2 * config.status_interval,
                registry=registry)(observe)
     return registry
@@ -154,9 +156,13 @@ async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logge
 
 
 @instrumented("delete")
-async def finalize(body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def finalize(body, memo: kopf.Memo, logger: logging.Logger, retry: int = 0, **_: Any) -> None:
     ctx: Context = memo.ctx
     owner = owner_of(body)
+    remaining = await stop_workloads(ctx, owner)
+    if remaining and retry < FINALIZE_WAITS:  # their stream recovery would bring the stream back
+        raise kopf.TemporaryError(f"waiting for {remaining} pods of {owner.name} to stop before deleting "
+                                  "its stream", delay=FINALIZE_WAIT_SECONDS)
     nats, sync = deletion_view(body)
     url, credentials = await bus_access(ctx, owner.namespace, nats)
     await ctx.buses.delete(JobBus(owner.namespace, owner.name), url, credentials)
