@@ -129,25 +129,33 @@ class ApiThread:
                     subresources=info.get("subresources", []))
             emulator.objects["v1/namespaces", None, NS] = {
                 "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
+            self.seed(emulator)
             self.url = str(server.url).rstrip("/")
             self._ready.set()
             await self._stop.wait()
 
+    def seed(self, emulator: Emulator) -> None:
+        """Objects the emulator holds from the start (a subclass adds its own)."""
+
     def call(self, method: str, path: str, body: Any = None) -> Optional[dict[str, Any]]:
-        content = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        request = urllib.request.Request(self.url + path, method=method,
-                                         data=None if body is None else json.dumps(body).encode(),
-                                         headers={"Content-Type": content})
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return None
-            raise
+        return api_call(self.url, method, path, body)
 
     def get(self, path: str) -> Optional[dict[str, Any]]:
         return self.call("GET", path)
+
+
+def api_call(url: str, method: str, path: str, body: Any = None) -> Optional[dict[str, Any]]:
+    """One JSON request to the emulator (PATCH as a merge patch); None for a 404."""
+    content = "application/merge-patch+json" if method == "PATCH" else "application/json"
+    request = urllib.request.Request(url + path, method=method, headers={"Content-Type": content},
+                                     data=None if body is None else json.dumps(body).encode())
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.loads(response.read() or b"null")
+    except urllib.error.HTTPError as err:
+        if err.code == 404:
+            return None
+        raise
 
 
 def eventually(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:

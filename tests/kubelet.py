@@ -62,13 +62,13 @@ import sys
 import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
+
+from kmock_support import api_call
 
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 VENV_BIN = str(Path(sys.executable).parent)
@@ -91,16 +91,7 @@ class Api:
         self.url = url.rstrip("/")
 
     def call(self, method: str, path: str, body: Any = None) -> Optional[dict[str, Any]]:
-        content = "application/merge-patch+json" if method == "PATCH" else "application/json"
-        request = urllib.request.Request(self.url + path, method=method, headers={"Content-Type": content},
-                                         data=None if body is None else json.dumps(body).encode())
-        try:
-            with urllib.request.urlopen(request, timeout=10) as response:
-                return json.loads(response.read() or b"null")
-        except urllib.error.HTTPError as err:
-            if err.code == 404:
-                return None
-            raise
+        return api_call(self.url, method, path, body)
 
     def items(self, path: str) -> list[dict[str, Any]]:
         return [o for o in ((self.call("GET", path) or {}).get("items") or [])

@@ -10,11 +10,9 @@ younger takes over."""
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from typing import Any
 
-import kmock
 import pytest
 from kopf.testing import KopfRunner
 
@@ -23,7 +21,7 @@ from asyncrlhf import api
 from asyncrlhf.bus import EmbeddedNats
 from asyncrlhf_operator.handlers import RESOURCE, build_registry
 from asyncrlhf_operator.settings import OperatorConfig, peering_priority
-from test_operator_kmock import CR, NS, RESOURCES, VERBS, ApiThread, eventually
+from kmock_support import CR, NS, RESOURCES, ApiThread, eventually, write_kubeconfig
 
 PEERING = "asyncrlhf"
 RUNS: Counter = Counter()  # probe timer runs per operator
@@ -37,29 +35,14 @@ class PeeringApi(ApiThread):
         RESOURCES.update({"kopf.dev/v1/clusterkopfpeerings": dict(kind="ClusterKopfPeering", namespaced=False),
                           "kopf.dev/v1/kopfpeerings": dict(kind="KopfPeering")})
         try:
-            await self._serve_with_peering()
+            await super()._serve()
         finally:
             RESOURCES.clear()
             RESOURCES.update(original)
 
-    async def _serve_with_peering(self) -> None:
-        import asyncio
-
-        from test_operator_kmock import Emulator
-
-        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
-        async with Emulator() as emulator, kmock.Server(emulator) as server:
-            for key, info in RESOURCES.items():
-                emulator.resources[key] = kmock.ResourceInfo(
-                    verbs=VERBS, namespaced=info.get("namespaced", True), kind=info["kind"],
-                    subresources=info.get("subresources", []))
-            emulator.objects["v1/namespaces", None, NS] = {
-                "apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NS}}
-            emulator.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING] = {
-                "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
-            self.url = str(server.url).rstrip("/")
-            self._ready.set()
-            await self._stop.wait()
+    def seed(self, emulator) -> None:
+        emulator.objects["kopf.dev/v1/clusterkopfpeerings", None, PEERING] = {
+            "apiVersion": "kopf.dev/v1", "kind": "ClusterKopfPeering", "metadata": {"name": PEERING}}
 
 
 def replica(name: str, nats_url: str) -> KopfRunner:
@@ -81,12 +64,7 @@ def test_the_priority_prefers_the_oldest_replica_and_never_ties():
 def test_two_replicas_with_peering_only_the_oldest_acts_and_the_other_takes_over(tmp_path):
     with EmbeddedNats() as bus, PeeringApi() as kube:
         kubeconfig = tmp_path / "config"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": kube.url}}],
-            "users": [{"name": "kmock", "user": {}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-        }))
+        write_kubeconfig(kubeconfig, kube.url)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("KUBECONFIG", str(kubeconfig))
             mp.setattr("kubernetes.config.kube_config.KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))

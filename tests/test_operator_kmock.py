@@ -27,7 +27,9 @@ from asyncrlhf_operator.validation import IMMUTABLE_ANNOTATION
 
 # The emulator, its resources and the children's paths are shared with bench/operator_bench.py.
 # (test_ha_kmock.py and test_kubelet.py import RESOURCES, VERBS and Emulator from here)
-from kmock_support import CHILDREN, CR, NS, RESOURCES, VERBS, ApiThread, Emulator, eventually  # noqa: F401
+from kmock_support import (  # noqa: F401
+    CHILDREN, CR, NS, RESOURCES, VERBS, ApiThread, Emulator, eventually, write_kubeconfig,
+)
 
 RESYNC = 2.0  # the operator re-applies every child this often (60 s by default)
 
@@ -66,12 +68,7 @@ def cluster(tmp_path_factory):
     """kmock + nats-server + the operator; yields (api, nats_url)."""
     with EmbeddedNats() as bus, ApiThread() as kube:
         kubeconfig = tmp_path_factory.mktemp("kube") / "config"
-        kubeconfig.write_text(json.dumps({
-            "apiVersion": "v1", "kind": "Config", "current-context": "kmock",
-            "clusters": [{"name": "kmock", "cluster": {"server": kube.url}}],
-            "users": [{"name": "kmock", "user": {}}],
-            "contexts": [{"name": "kmock", "context": {"cluster": "kmock", "user": "kmock"}}],
-        }))
+        write_kubeconfig(kubeconfig, kube.url)
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("KUBECONFIG", str(kubeconfig))
             # The client library reads $KUBECONFIG once, when first imported.
