@@ -147,7 +147,7 @@ def test_deepspeed_config_agrees_with_every_ranks_plan(prompts, k, micro, world)
 class RecordingBackend:
     """A backend that records its calls; the channel records what was sent."""
 
-    pad_id = 3
+    pad_id, parameter_count = 3, 1000
 
     def __init__(self) -> None:
         self.calls = []
@@ -168,7 +168,7 @@ def test_the_leader_forwards_every_method_of_the_protocol():
 
     backend = RecordingBackend()
     leader = Leader(backend, channel)
-    assert isinstance(leader, TrainingBackend) and leader.pad_id == 3
+    assert isinstance(leader, TrainingBackend) and (leader.pad_id, leader.parameter_count) == (3, 1000)
     batch = to_batch([RolloutGroup(id="r", prompt_id="p", batch=0, index=0, prompt_text="", prompt_token_ids=[1, 2],
                                    completions=[Completion(text="", token_ids=[5], logprobs=[-0.5], eos=True, score=1.0)] * 2,
                                    policy_version=0, generator_id="g")], 0)

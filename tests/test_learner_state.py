@@ -181,3 +181,13 @@ def test_a_snapshot_a_live_generator_refused_is_written_again_only_when_damaged_
     assert not asyncio.run(learner.repair_refused())  # a generator gone for good does not count
     reports(info.checksum)
     assert asyncio.run(learner.repair_refused()) and published == [2]
+
+
+def test_the_checkpoint_interval_is_chosen_from_the_real_model_size(tmp_path):
+    from asyncrlhf.sizing import checkpoint_every_steps
+
+    spec = JobSpec.model_validate({"weightSync": {"everySteps": 2}})
+    learner = Learner.create(spec, JobBus("default", "size"), "", str(tmp_path / "vol"), str(tmp_path / "run"))
+    params = sum(p.numel() for p in learner.backend.model.parameters())
+    assert learner.backend.parameter_count == params > 0
+    assert learner.checkpoint_every == checkpoint_every_steps(spec, params)

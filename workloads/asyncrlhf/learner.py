@@ -65,7 +65,7 @@ class Learner(WeightPublishing):
         self.root, self.backend, self.model_path, self.head = Path(root), backend, model_path, head
         self.k = spec.weight_sync.every_steps
         # checkpoints (optimizer state: 4-6x a snapshot's bytes) come every C steps (sizing.py)
-        self.checkpoint_every = checkpoint_every_steps(spec, getattr(backend, "parameter_count", 0))
+        self.checkpoint_every = checkpoint_every_steps(spec, backend.parameter_count)
         self.state = LearnerState()  # shared with the feeder and the intake (restore updates it in place)
         self.checkpoints = CheckpointStore(root)
         self.log = RunLog(run_dir)

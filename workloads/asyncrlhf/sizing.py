@@ -59,4 +59,5 @@ def volume_bytes(spec: JobSpec, params: int) -> int:
 
 
 def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The whole model's parameters; under ZeRO-3 a rank holds a partition, `ds_numel` is the whole."""
+    return sum(getattr(p, "ds_numel", None) or p.numel() for p in model.parameters())

@@ -63,6 +63,7 @@ class TrainingBackend(Protocol):
     """
 
     pad_id: int
+    parameter_count: int  # the policy's parameters (whole, also when partitioned): sizes checkpoints
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         """Train on the step's batch (`algorithm.updatesPerBatch` optimizer steps); its metrics."""

@@ -286,7 +286,7 @@ class Leader:
 
     def __init__(self, backend: TrainingBackend, channel: CommandChannel) -> None:
         self.backend, self.channel = backend, channel
-        self.pad_id = backend.pad_id
+        self.pad_id, self.parameter_count = backend.pad_id, backend.parameter_count
         self.released = False
 
     def _call(self, cmd: Command):

@@ -33,6 +33,7 @@ from ..logprobs import pack, token_logprobs
 from ..losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
 from ..models import load_causal_lm
 from ..placement import learner_device
+from ..sizing import count_parameters
 from .base import Batch
 from .micro import MicroPlan, micro_plan
 from .optim_state import MASTER_WEIGHTS, load_optimizer, save_optimizer
@@ -112,6 +113,7 @@ class TorchBackend:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
         self.pad_id = self.model.config.pad_token_id or 0
+        self.parameter_count = count_parameters(self.model)
         self.temperature = spec.generator.sampling.temperature
 
     def _policy_loading(self):
