@@ -21,14 +21,23 @@ the bus (telemetry.py exports the same numbers), so the count can follow them:
 
 `propose` and `decide` are pure (tables in tests/test_autoscale.py); `Autoscaler` keeps the
 history of proposals between decisions. bench/autoscale_sim.py runs them against a simulated job.
+
+The signals come from the job's KV bucket: the learner's progress and each generator's report
+carry cumulative seconds (waited, busy, idle) and the process's uptime. `observe(prev, now, ...)`
+differentiates two reads (`Sample`s) into one interval's `Signals`; the operator
+(asyncrlhf_operator/autoscaling.py) and `asyncrlhf run` both call it. Counters, not fractions, so
+a missed read only makes an interval longer; a counter or uptime that went down is a restart, and
+that process's interval is skipped (the learner's: the whole interval).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Mapping, Optional
 
-from .api import AutoscaleSpec
+from .api import AutoscaleSpec, JobSpec
+from .messages import GENERATOR_HEARTBEAT_SECONDS, RETIRED_GENERATORS, GeneratorStatus, LearnerProgress
 
 
 @dataclass(frozen=True)
@@ -133,3 +142,93 @@ class Autoscaler:
         if decision.changed:
             self.last_change = now
         return decision
+
+
+# ---------------------------------------------------------------------------------------------
+# From two reads of the job's KV bucket to one interval's signals
+
+# a generator that reported this recently is serving (it reports every GENERATOR_HEARTBEAT_SECONDS)
+SERVING_SECONDS = 2 * GENERATOR_HEARTBEAT_SECONDS + 5.0
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One read of the job's KV bucket: `JobKV.progress()` and `JobKV.reports()` at `time` (the
+    reader's time.time())."""
+
+    time: float
+    learner: Optional[LearnerProgress]
+    reports: Mapping[str, GeneratorStatus] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Observation:
+    """The interval's signals, or None with the reason it cannot be used (no decision then)."""
+
+    signals: Optional[Signals]
+    reason: str
+    generators_measured: int = 0  # generators whose interval counted towards the idle fraction
+
+
+def grew(before: float, after: float) -> Optional[float]:
+    """How much a cumulative counter grew; None when it went down (its process restarted)."""
+    return after - before if after >= before else None
+
+
+def learner_wait(prev: Optional[LearnerProgress], now: Optional[LearnerProgress]) -> tuple[Optional[float], str]:
+    """The fraction of the interval the learner waited for rollouts, or None and why not."""
+    if now is None:
+        return None, "no learner progress on the bus yet"
+    if now.done or now.failed:
+        return None, "the learner has finished"
+    if prev is None:
+        return None, "first read: the next one measures an interval"
+    span, waited = grew(prev.uptime_seconds, now.uptime_seconds), grew(prev.rollout_wait_seconds,
+                                                                       now.rollout_wait_seconds)
+    if span is None or waited is None:
+        return None, "the learner restarted during the interval"
+    if span <= 0:
+        return None, "the learner has not reported since the last read"
+    return min(1.0, waited / span), ""
+
+
+def generator_idle(prev: Optional[GeneratorStatus], now: GeneratorStatus) -> Optional[float]:
+    """The fraction of its interval one generator idled (no prompt, or waiting for weights); None
+    when it has no interval (new, restarted, or no report since the last read)."""
+    if prev is None:
+        return None
+    span = grew(prev.uptime_seconds, now.uptime_seconds)
+    idle = [grew(getattr(prev, f), getattr(now, f)) for f in ("prompt_wait_seconds", "weights_wait_seconds")]
+    if span is None or span <= 0 or None in idle or grew(prev.busy_seconds, now.busy_seconds) is None:
+        return None
+    return min(1.0, sum(idle) / span)
+
+
+def serving(reports: Mapping[str, GeneratorStatus], now: float) -> dict[str, GeneratorStatus]:
+    """The generators that reported lately (a scaled-down one drops out within SERVING_SECONDS)."""
+    return {r.generator_id: r for r in reports.values()
+            if r.generator_id != RETIRED_GENERATORS and now - r.updated <= SERVING_SECONDS}
+
+
+def observe(prev: Optional[Sample], now: Sample, spec: JobSpec, replicas: int,
+            ready: Optional[int] = None, fetch_size: Optional[int] = None) -> Observation:
+    """The signals of the interval between two reads. `replicas`: the generators wanted now;
+    `ready`: those the platform says are up (a Deployment's readyReplicas), when it knows;
+    `fetch_size`: prompts a generator takes at once (default: a step's, as generators do)."""
+    wait, why = learner_wait(prev.learner if prev else None, now.learner)
+    if wait is None:
+        return Observation(None, why)
+    current = serving(now.reports, now.time)
+    before = {r.generator_id: r for r in (prev.reports.values() if prev else ())}
+    idle = [f for gid, r in current.items() if (f := generator_idle(before.get(gid), r)) is not None]
+    up = min(len(current), replicas) if ready is None else min(len(current), replicas, ready)
+    pending = now.learner.prompts_pending
+    signals = Signals(
+        replicas=replicas, ready=up, learner_wait_fraction=wait,
+        generator_idle_fraction=sum(idle) / len(idle) if idle else 0.0,  # unmeasured: never a reason for fewer
+        # unknown backlog: as if a step's prompts waited (allows a scale-down on idle time alone)
+        prompts_pending=spec.learner.prompts_per_step if pending is None else pending,
+        prompts_per_step=spec.learner.prompts_per_step, fetch_size=fetch_size or spec.learner.prompts_per_step,
+        max_staleness=spec.async_.effective_staleness,
+    )
+    return Observation(signals, "", len(idle))

@@ -139,6 +139,7 @@ class RewardHead(Message):
 
 
 GENERATOR_HEARTBEAT_SECONDS = 15.0  # a generator reports at least this often, busy or idle
+LEARNER_HEARTBEAT_SECONDS = 15.0  # the learner writes its progress at least this often, even mid-step
 GENERATOR_STALE_SECONDS = 120.0  # a report older than this is from a generator that is gone
 GENERATOR_FORGET_SECONDS = 900.0  # ... and after this long its report is folded into RETIRED_GENERATORS
 RETIRED_GENERATORS = "_retired"  # the report summing up generators that are gone (never fresh)
@@ -158,6 +159,11 @@ class GeneratorStatus(Message):
     refused_version: Optional[int] = Field(None, description="The newest snapshot this generator refused, if any.")
     refused_checksum: str = ""
     refused_reason: str = ""
+    # cumulative in this process (autoscale.py differentiates two reads; a counter that went down = a restart)
+    busy_seconds: float = Field(0.0, ge=0, description="Seconds the engine generated, the current call included.")
+    prompt_wait_seconds: float = Field(0.0, ge=0, description="Seconds idle because no prompt was there.")
+    weights_wait_seconds: float = Field(0.0, ge=0, description="Seconds idle waiting for new enough weights.")
+    uptime_seconds: float = Field(0.0, ge=0, description="Seconds since the generator process started.")
     updated: float = Field(default_factory=time.time)
 
     def fresh(self, now: float) -> bool:
@@ -182,4 +188,10 @@ class LearnerProgress(Message):
     last_snapshot: str = ""
     done: bool = False
     failed: str = ""
+    # cumulative in this process (autoscale.py differentiates two reads; a counter that went down = a restart)
+    rollout_wait_seconds: float = Field(0.0, ge=0,
+                                        description="Seconds waited for rollouts, the current wait included.")
+    uptime_seconds: float = Field(0.0, ge=0, description="Seconds since the learner process started.")
+    prompts_pending: Optional[int] = Field(None, ge=0, description="Released prompts no generator has taken yet "
+                                           "(the last poll of the bus; None: not polled).")
     updated: float = Field(default_factory=time.time)
