@@ -15,7 +15,7 @@ import pytest
 
 from asyncrlhf.bus import (
     GENERATORS_CONSUMER, LEARNER_CONSUMER, PROMPTS, ROLLOUTS, EmbeddedNats, JobBus, connect, delete_job_resources,
-    ensure_job_resources, keep_alive, publish,
+    ensure_job_resources, keep_alive, publish, publish_all,
 )
 
 DEADLINE = 60.0  # seconds; reaching it is a failure, so it is generous on purpose
@@ -162,5 +162,42 @@ def test_a_full_stream_applies_back_pressure_instead_of_dropping(server):
             await m.ack_sync()
         await asyncio.wait_for(waiting, DEADLINE)
         assert await _messages_in_stream(js, bus) == published - 2 + 1
+        await nc.close()
+    asyncio.run(go())
+
+
+class _InFlightCounter:
+    """A JetStream context that records how many publishes await their PubAck at once."""
+
+    def __init__(self, js, fail_id: str = "") -> None:
+        self._js, self.fail_id, self.now, self.most = js, fail_id, 0, 0
+
+    async def publish(self, *args, headers=None, **kwargs):
+        if headers and headers.get("Nats-Msg-Id") == self.fail_id:
+            raise ValueError("not a bus error: no retry")
+        self.now += 1
+        self.most = max(self.most, self.now)
+        try:
+            return await self._js.publish(*args, headers=headers, **kwargs)
+        finally:
+            self.now -= 1
+
+
+def test_publish_all_keeps_a_bounded_number_in_flight_and_reports_each_stored_message(server):
+    async def go():
+        nc, js, bus = await _setup(server, "many")
+        counter, done = _InFlightCounter(js), []
+
+        async def then(i: int) -> None:
+            done.append(i)
+        ids = [f"m{i % 90}" for i in range(100)]  # the last 10 repeat earlier ids
+        await publish_all(counter, [(bus.subject(ROLLOUTS), b"x", m) for m in ids], then=then, in_flight=8)
+        assert counter.most == 8  # all 8 slots used, never more
+        assert sorted(done) == list(range(100))
+        assert await _messages_in_stream(js, bus) == 90  # de-duplicated by id
+        # a publish that fails for good fails the call (and the others are cancelled)
+        with pytest.raises(ValueError):
+            await publish_all(_InFlightCounter(js, fail_id="bad"), [(bus.subject(ROLLOUTS), b"y", m)
+                                                                   for m in ("a", "bad", "c")])
         await nc.close()
     asyncio.run(go())

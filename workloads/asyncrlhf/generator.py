@@ -4,12 +4,15 @@ Generators are stateless, so any number can run and any one may die: a prompt is
 its rollout group is published, so an unfinished prompt is redelivered to another generator.
 Each prompt names the oldest policy version allowed to answer it (`min_version`); a generator
 that is behind loads the newest announced snapshot first — that is what bounds staleness.
+A generator of a TBA searcher group (`generator.searchers`, named by ASYNCRLHF_SEARCHER) loads new
+weights only every `syncEvery` published snapshots (`sync_due`), unless a prompt's bound needs them.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 import zlib
 from dataclasses import dataclass, field
@@ -20,15 +23,18 @@ import nats
 from .api import JobSpec
 from . import shutdown
 from .bus import (
-    GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, dead_letter, keep_alive, latest_weights, publish,
+    GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, dead_letter, keep_alive, latest_weights,
+    publish_all,
 )
 from .engines import Engine, make_engine
+from .faults import fault_point
 from .kv import JobKV
 from .messages import (
     GENERATOR_HEARTBEAT_SECONDS, Completion, GeneratorStatus, MessageError, Prompt, RolloutGroup,
     WeightsAnnouncement,
 )
 from .models import encode_prompt, load_tokenizer, resolve_model
+from .probes import STALL_MIN_SECONDS, Probes, serve_probes
 from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, prompt_of, score_batch
 from .refusals import RefusalLog
 from .snapshots import SnapshotError, check_structure, confined
@@ -54,8 +60,10 @@ class GeneratorState:
 
 class Generator:
     def __init__(self, spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str,
-                 engine: Optional[Engine] = None, fetch_size: Optional[int] = None, snapshot_root: str = "") -> None:
+                 engine: Optional[Engine] = None, fetch_size: Optional[int] = None, snapshot_root: str = "",
+                 searcher: str = "") -> None:
         self.spec, self.bus, self.nats_url, self.id = spec, bus, nats_url, generator_id
+        self.group = spec.generator.group_named(searcher)  # ValueError for a group the spec does not name
         self.snapshot_root = snapshot_root  # when set, announced snapshots must lie under it
         self.model_path = resolve_model(spec.model.policy)
         self.tokenizer = load_tokenizer(spec.model.tokenizer or self.model_path)
@@ -66,6 +74,9 @@ class Generator:
         self.stopping = asyncio.Event()
         job, namespace = (bus.job, bus.namespace) if bus is not None else ("", "")  # no bus: a test's engine check
         self.telemetry = GeneratorTelemetry(job, namespace, generator_id, self.state)  # telemetry.py
+        # /livez: a loop stalled past one ack wait has lost its prompts' keep-alives (probes.py)
+        self.probes = Probes(max(STALL_MIN_SECONDS, spec.nats.ack_wait_seconds), self.hold_limit)
+        self.probes.stopping = self.stopping.is_set
 
     # --- weights -------------------------------------------------------------------------
 
@@ -75,6 +86,7 @@ class Generator:
         refusals = self.state.refusals
         if not refusals.may_try(ann.checksum, time.monotonic()):
             return False
+        fault_point("reload")
         try:
             if self.snapshot_root:
                 confined(ann.path, self.snapshot_root)
@@ -94,12 +106,16 @@ class Generator:
         log.info("generator %s loaded policy v%d", self.id, ann.version)
         return True
 
-    async def reload_latest(self, js) -> bool:
+    async def reload_latest(self, js, need: int = 0) -> bool:
         """The one way weights change: load the newest announced snapshot when it is not the one
         held (a snapshot is identified by version and checksum: a learner restarted from an older
-        checkpoint announces versions again with other weights). True when weights changed."""
+        checkpoint announces versions again with other weights) and the group's sync is due (or a
+        prompt needs at least version `need`). True when weights changed."""
         ann = await latest_weights(js, self.bus)
         if ann is None or ann.checksum == self.state.checksum:
+            return False
+        gap = self.group.sync_every * self.spec.weight_sync.every_steps
+        if not sync_due(self.state.version, ann.version, gap, need):
             return False
         return await asyncio.to_thread(self.try_reload, ann)
 
@@ -114,7 +130,7 @@ class Generator:
         `limit` seconds (the caller hands its prompts back rather than hold them for ever)."""
         deadline = time.monotonic() + limit
         while True:
-            await self.reload_latest(js)
+            await self.reload_latest(js, need)
             if self.state.version >= need:
                 return True
             if self.stopping.is_set() or time.monotonic() > deadline:
@@ -132,6 +148,7 @@ class Generator:
         seeds = [zlib.crc32(f"{self.spec.learner.seed}:{p.batch}:{p.index}:{p.attempt}".encode()) for p in prompts]
         samples = self.engine.generate(token_prompts, prompts[0].samples, seeds)
         elapsed = time.monotonic() - started
+        fault_point("generate", note=" ".join(p.id for p in prompts))  # the prompts are held, nothing published
         texts = [[self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in group] for group in samples]
         # a reward that fails raises RewardError: nothing is published, the prompts are handed back
         scores = iter(score_batch(self.scorer, RewardBatch.from_prompts(prompts, texts)))
@@ -168,7 +185,7 @@ class Generator:
             generator_id=self.id, policy_version=st.version, rollouts=st.rollouts, tokens=st.tokens,
             tokens_per_second=st.tokens / st.busy_seconds if st.busy_seconds else 0.0,
             refused_version=refused.version if refused else None, refused_checksum=refused.checksum if refused else "",
-            refused_reason=refused.reason[:500] if refused else "",
+            refused_reason=refused.reason[:500] if refused else "", **self.telemetry.bus_signals(),
         ))
 
     async def refresh_head(self, kv: JobKV) -> None:
@@ -180,7 +197,8 @@ class Generator:
     async def handle(self, js, kv: JobKV, msgs: list) -> None:
         # held prompts stay ours while we wait for weights and generate (however long that takes)
         async with keep_alive(lambda: msgs, self.spec.nats.ack_wait_seconds, limit=self.hold_limit):
-            await self._handle(js, kv, msgs)
+            with self.probes.working("answering prompts"):
+                await self._handle(js, kv, msgs)
 
     async def _handle(self, js, kv: JobKV, msgs: list) -> None:
         msgs, prompts = await self._decode(js, msgs)
@@ -206,9 +224,12 @@ class Generator:
                 await self._hand_back(err, [msgs[i] for i in idx])
                 continue
             self.state.reward_failures = 0
-            for i, group in zip(idx, groups):
-                await publish(js, self.bus.subject(ROLLOUTS), group.encode(), msg_id=group.id)
-                await msgs[i].ack()
+            subject = self.bus.subject(ROLLOUTS)
+
+            async def ack(j: int, idx=idx) -> None:  # the prompt's group is stored: its prompt is done
+                await msgs[idx[j]].ack()
+
+            await publish_all(js, [(subject, g.encode(), g.id) for g in groups], then=ack)
             self.state.rollouts += len(groups)
             self.state.samples += sum(len(g.completions) for g in groups)
             self.state.tokens += tokens
@@ -237,10 +258,13 @@ class Generator:
 
     async def run(self) -> GeneratorState:
         nc = await connect(self.nats_url, name=f"generator-{self.id}")
+        self.probes.connected = lambda: nc.is_connected
         js = nc.jetstream()
         kv = await JobKV.open(js, self.bus.bucket)
         sub = await js.pull_subscribe_bind(GENERATORS_CONSUMER, self.bus.stream)
-        await self.reload_latest(js)
+        with self.probes.working("loading weights"):
+            await self.reload_latest(js)
+        self.probes.weights_checked = True  # ready: the newest weights (or the initial ones, none announced)
         await self.report(kv)
         heartbeat = asyncio.create_task(self._heartbeat(kv))
         try:
@@ -263,13 +287,17 @@ class Generator:
     async def _step(self, js, kv, sub) -> bool:
         """Take prompts and answer them, or, when there are none, pick up new weights; True once
         the learner is done."""
+        self.probes.progress()
+        fault_point("generator-loop")
         try:
             with self.telemetry.timed(self.telemetry.prompt_wait):
                 msgs = await sub.fetch(self.fetch_size, timeout=1.0)
         except (nats.errors.TimeoutError, asyncio.TimeoutError):
             if await kv.learner_finished():
                 return True
-            if await self.reload_latest(js):
+            with self.probes.working("loading weights"):
+                reloaded = await self.reload_latest(js)
+            if reloaded:
                 await self.report(kv)
             return False
         if not msgs:  # a fetch can end with only status messages (e.g. its consumer was deleted)
@@ -287,12 +315,25 @@ class Generator:
             await self.report(kv)
 
 
-async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str, snapshot_root: str = "") -> None:
-    gen = Generator(spec, bus, nats_url, generator_id, snapshot_root=snapshot_root)
+def sync_due(held: int, newest: int, gap: int, need: int = 0) -> bool:
+    """Whether a generator holding version `held` loads the announced `newest` (another snapshot
+    than the one held): always when it needs a version it does not have (`need` > held, the
+    staleness bound) or the announcement is not newer (a learner restarted from an older
+    checkpoint), else once `newest` is `gap` versions ahead (gap = syncEvery x weightSync.everySteps;
+    1 x everySteps, the default group, loads every snapshot)."""
+    return need > held or newest <= held or newest - held >= gap
+
+
+async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str, snapshot_root: str = "",
+                     searcher: str = "") -> None:
+    gen = Generator(spec, bus, nats_url, generator_id, snapshot_root=snapshot_root, searcher=searcher)
     shutdown.install(gen.stopping)
     gen.telemetry.serve(spec.metrics.port)
+    probes = serve_probes(gen.probes, os.environ)  # the engine is loaded: /readyz and /livez answer from now on
     try:
         state = await gen.run()
     finally:
         gen.telemetry.close()
+        if probes is not None:
+            probes.close()
     log.info("generator %s done: %d rollout groups, %d tokens", generator_id, state.rollouts, state.tokens)
