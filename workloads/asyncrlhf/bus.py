@@ -39,9 +39,9 @@ from nats.js.api import (
     StreamConfig,
 )
 from nats.js.errors import NotFoundError
-from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_incrementing
 
 from . import workload_env
+from .bus_publish import PUBLISH_RETRYABLE, PUBLISHES_IN_FLIGHT, publish, publish_all  # noqa: F401 (re-exported)
 from .messages import MessageError, WeightsAnnouncement
 
 PROMPTS, ROLLOUTS, WEIGHTS, PREFERENCES = "prompts", "rollouts", "weights", "preferences"
@@ -52,9 +52,6 @@ GENERATORS_CONSUMER = "generators"
 LEARNER_CONSUMER = "learner"
 REWARD_CONSUMER = "reward"
 DEDUP_WINDOW_SECONDS = 3600.0
-# a full stream (APIError), the bus away or restarting, the stream gone (the learner recreates it)
-PUBLISH_RETRYABLE = (nats.errors.TimeoutError, nats.js.errors.APIError, nats.errors.ConnectionClosedError,
-                     nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 log = logging.getLogger("asyncrlhf.bus")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?")
 
@@ -276,58 +273,6 @@ async def dead_letter(js, bus: JobBus, msg, reason: str) -> None:
         await msg.term()
     except (nats.errors.Error, asyncio.TimeoutError) as err:
         log.warning("could not terminate a dead letter (it will come back and be set aside again): %s", err)
-
-
-async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600,
-                  recreate: Optional[Callable[[], Awaitable[None]]] = None) -> None:
-    """Publish with de-duplication; waits (back-pressure) while the stream is full or the bus is
-    away, 0.1 s more each try up to 2 s. No stream for the subject: `recreate` (the learner's)
-    makes it again, others wait for it."""
-    try:  # the common case without the retry machinery (it costs as much as the publish itself)
-        await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
-        return
-    except PUBLISH_RETRYABLE as err:
-        if attempts <= 1:
-            raise
-        if isinstance(err, nats.js.errors.NoStreamResponseError) and recreate is not None:
-            await recreate()
-    await asyncio.sleep(0.1)  # the first of the waits below
-    async for attempt in AsyncRetrying(stop=stop_after_attempt(attempts - 1), wait=wait_incrementing(0.2, 0.1, 2.0),
-                                       retry=retry_if_exception_type(PUBLISH_RETRYABLE), reraise=True):
-        with attempt:
-            try:
-                await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
-            except nats.js.errors.NoStreamResponseError:
-                if recreate is not None:
-                    await recreate()
-                raise
-
-
-PUBLISHES_IN_FLIGHT = 64  # PubAcks outstanding at once: enough to hide the round trip, few enough to stay polite
-
-
-async def publish_all(js, messages: Iterable[tuple[str, bytes, str]], *,
-                      then: Optional[Callable[[int], Awaitable[None]]] = None,
-                      in_flight: int = PUBLISHES_IN_FLIGHT) -> None:
-    """`publish` each (subject, payload, msg_id) with up to `in_flight` PubAcks awaited at once
-    (one at a time, each publish costs a round trip to the server's disk). `then(i)` runs as soon
-    as message i is stored (a generator acks its prompt there). The order messages land in the
-    stream is not kept; de-duplication ids make a retry of any of them safe. A publish that fails
-    for good cancels the rest and raises."""
-    bound = asyncio.Semaphore(in_flight)
-
-    async def one(i: int, subject: str, payload: bytes, msg_id: str) -> None:
-        async with bound:
-            await publish(js, subject, payload, msg_id)
-        if then is not None:
-            await then(i)
-
-    tasks = [asyncio.ensure_future(one(i, *m)) for i, m in enumerate(messages)]
-    try:
-        await asyncio.gather(*tasks)
-    finally:  # on a failure (or cancellation) the others stop too (asyncio.TaskGroup needs Python 3.11)
-        for task in tasks:
-            task.cancel()
 
 
 @asynccontextmanager
