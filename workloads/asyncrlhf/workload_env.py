@@ -20,9 +20,17 @@ SNAPSHOT_DIR = "ASYNCRLHF_SNAPSHOT_DIR"  # the shared volume: snapshots/ and che
 RUN_DIR = "ASYNCRLHF_RUN_DIR"  # where the learner writes metrics.jsonl and ledger.jsonl
 CACHE = "ASYNCRLHF_CACHE"  # where built-in models are built and cached
 GENERATOR_ID = "GENERATOR_ID"  # the generator's name on the bus (a pod: its pod name)
+SEARCHER = "ASYNCRLHF_SEARCHER"  # the generator's group in generator.searchers (unset: the default group)
 NATS_CREDS = "ASYNCRLHF_NATS_CREDS"  # path of a NATS .creds file (from a Secret)
 NATS_USER = "ASYNCRLHF_NATS_USER"  # or user and password (from a Secret; never logged)
 NATS_PASSWORD = "ASYNCRLHF_NATS_PASSWORD"
+# the prefix of the connection's reply subjects: a job's NATS user may only subscribe below its own
+NATS_INBOX_PREFIX = "ASYNCRLHF_NATS_INBOX_PREFIX"
+NATS_TLS_CA = "ASYNCRLHF_NATS_TLS_CA"  # path of the CA bundle that verifies the server (TLS on when the file exists)
+NATS_TLS_CERT = "ASYNCRLHF_NATS_TLS_CERT"  # path of a client certificate (mutual TLS; with NATS_TLS_KEY)
+NATS_TLS_KEY = "ASYNCRLHF_NATS_TLS_KEY"
+PROBES_ADDRESS = "ASYNCRLHF_PROBES_ADDRESS"  # host:port of a generator's /readyz and /livez (unset: none)
+PROBES_PORT = 8081  # the pods' probe port (kubelet only: no Service, no NetworkPolicy rule needed)
 
 REPORT_SUBDIR = "report"  # the run directory's default: <snapshot dir>/report
 
@@ -49,6 +57,7 @@ class WorkloadEnv:
     snapshot_dir: str = ""
     run_dir: str = ""
     generator_id: str = ""
+    searcher: str = ""
 
     @classmethod
     def for_learner(cls, env: Mapping[str, str] = os.environ, nats_url: str = "") -> "WorkloadEnv":
@@ -59,13 +68,14 @@ class WorkloadEnv:
     @classmethod
     def for_generator(cls, env: Mapping[str, str] = os.environ, nats_url: str = "") -> "WorkloadEnv":
         return cls(nats_url=required(NATS_URL, env, nats_url), snapshot_dir=env.get(SNAPSHOT_DIR, ""),
-                   generator_id=env.get(GENERATOR_ID) or env.get("HOSTNAME") or "gen-0")
+                   generator_id=env.get(GENERATOR_ID) or env.get("HOSTNAME") or "gen-0",
+                   searcher=env.get(SEARCHER, ""))
 
     def variables(self) -> dict[str, str]:
         """The variables that carry this environment to a child process."""
         out = {NATS_URL: self.nats_url}
         for name, value in ((SNAPSHOT_DIR, self.snapshot_dir), (RUN_DIR, self.run_dir),
-                            (GENERATOR_ID, self.generator_id)):
+                            (GENERATOR_ID, self.generator_id), (SEARCHER, self.searcher)):
             if value:
                 out[name] = value
         return out
