@@ -48,16 +48,19 @@ from .weights import save_snapshot_files
 class TrainModule(torch.nn.Module):
     """The trained parameters as one module for DeepSpeed: the policy and (PPO) the value head."""
 
-    def __init__(self, policy: torch.nn.Module, value_head: Optional[torch.nn.Linear]) -> None:
+    def __init__(self, policy: torch.nn.Module, value_head: Optional[torch.nn.Linear],
+                 detach_value_input: bool = False) -> None:
         super().__init__()
         self.policy = policy
         self.value_head = value_head
+        self.detach_value_input = detach_value_input  # algorithm.valueHead 'detached'
 
     def forward(self, input_ids, attention_mask, with_values: bool = False):
         out = self.policy(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=with_values)
         if not with_values:
             return out.logits, None
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
+        hidden = hidden.detach() if self.detach_value_input else hidden
         return out.logits, self.value_head(hidden).float().squeeze(-1)
 
 
@@ -137,7 +140,8 @@ class DeepSpeedBackend(TorchBackend):
         self.partitioned_at_load = self.zero3 and all(hasattr(p, "ds_id") for p in self.model.parameters())
         self.steps = config["gradient_accumulation_steps"]
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=TrainModule(self.model, self.value_head), config=config)
+            model=TrainModule(self.model, self.value_head, spec.algorithm.value_head == "detached"),
+            config=config)
 
     def _policy_dtype(self) -> str:
         """DeepSpeed keeps the fp32 masters itself: the module is in model.dtype (bf16 on GPUs)."""

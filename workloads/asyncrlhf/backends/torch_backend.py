@@ -19,6 +19,7 @@ written in `model.dtype` and the fp32 masters go into the checkpoint. The frozen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,7 @@ class TorchBackend:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
         self.pad_id = self.model.config.pad_token_id or 0
+        self.behaviour_logprobs: Optional[torch.Tensor] = None  # the step's generator log-probs (oldLogprobs learner)
         self.parameter_count = count_parameters(self.model)
         self.temperature = spec.generator.sampling.temperature
 
@@ -126,8 +128,14 @@ class TorchBackend:
         """(logits, value-head outputs or None) of the trained model; DeepSpeed runs its engine here."""
         with self._autocast():
             out = self.model(input_ids=ids, attention_mask=attn, output_hidden_states=with_values)
-            values = self.value_head(out.hidden_states[-1].float()).squeeze(-1) if with_values else None
+            values = self.value_head(self._value_input(out.hidden_states[-1])).squeeze(-1) if with_values else None
         return out.logits, values
+
+    def _value_input(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The value head's input: the trunk's last hidden state, detached with algorithm.valueHead
+        'detached' (the value loss then trains the head only, not the policy's trunk)."""
+        hidden = hidden.float()
+        return hidden.detach() if self.spec.algorithm.value_head == "detached" else hidden
 
     def _forward(self, batch: Batch, rows: slice, with_values: bool):
         """Token log-probs (and values) of `rows`, padded to the full batch's width."""
@@ -163,7 +171,21 @@ class TorchBackend:
             logprobs=logprobs, old_logprobs=batch.old_logprobs[rows], ref_logprobs=ref[rows],
             mask=batch.mask[rows], scores=scores[rows], group_size=batch.group_size,
             values=values, old_values=None if old_values is None else old_values[rows],
+            behaviour_logprobs=None if self.behaviour_logprobs is None else self.behaviour_logprobs[rows],
         )
+
+    @torch.no_grad()
+    def _learner_old_logprobs(self, batch: Batch) -> torch.Tensor:
+        """pi_old recomputed with the learner's weights at the start of the step (algorithm.oldLogprobs
+        'learner'): one forward without gradients over this process's micro-batches (padding ones
+        too: DeepSpeed's ranks must run the same number of forwards), gathered into the full batch."""
+        plan = self.plan(batch)
+        parts = [self._forward(batch, rows, False)[0] for rows, _ in plan.micro_batches]
+        return self._gather_rows(torch.cat(parts[: len(plan.real)]), batch)
+
+    def _gather_rows(self, local: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Every process's rows of a per-row tensor: here one process holds them all."""
+        return local
 
     @torch.no_grad()
     def _reference_outputs(self, batch: Batch) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -218,6 +240,10 @@ class TorchBackend:
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         batch = batch.to(self.device)
+        self.behaviour_logprobs = None
+        if self.spec.algorithm.old_logprobs == "learner":  # the generator's log-probs kept for importanceCap
+            self.behaviour_logprobs = batch.old_logprobs
+            batch = dataclasses.replace(batch, old_logprobs=self._learner_old_logprobs(batch))
         inputs = self._step_inputs(batch, step)
         self._set_lr(lr_at(self.spec, step))
         metrics: dict[str, float] = {}

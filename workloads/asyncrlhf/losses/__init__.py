@@ -20,17 +20,19 @@ everything from `asyncrlhf.losses`, and pick a loss by the spec's literal with `
 
 from __future__ import annotations
 
-from .base import (Loss, LossBatch, LossParams, Normalizer, apply_no_eos_penalty, best_and_worst,
-                   leave_one_out_advantages, merge_metrics, scheduled_beta, sequence_logprob, slice_prepared)
+from .base import (Loss, LossBatch, LossParams, Normalizer, apply_no_eos_penalty, best_and_worst, dual_clip,
+                   leave_one_out_advantages, merge_metrics, scheduled_beta, sequence_logprob, slice_prepared,
+                   truncated_importance_weights)
 from .policy_gradient import (GRPO, GRPO_STD_EPS, PPO, RLOO, ProximalRLOO, gae, group_normalized_advantages,
                               last_token_index, masked_whiten, ppo_token_rewards)
 from .preference import BestOfNSFT, OnlineDPO, TrajectoryBalance
 
 __all__ = [
     "GRPO", "GRPO_STD_EPS", "LOSSES", "PPO", "RLOO", "BestOfNSFT", "Loss", "LossBatch", "LossParams", "Normalizer",
-    "OnlineDPO", "ProximalRLOO", "TrajectoryBalance", "apply_no_eos_penalty", "best_and_worst", "gae", "get_loss",
+    "OnlineDPO", "ProximalRLOO", "TrajectoryBalance", "apply_no_eos_penalty", "best_and_worst", "dual_clip", "gae",
+    "get_loss",
     "group_normalized_advantages", "last_token_index", "leave_one_out_advantages", "masked_whiten", "merge_metrics",
-    "ppo_token_rewards", "scheduled_beta", "sequence_logprob", "slice_prepared",
+    "ppo_token_rewards", "scheduled_beta", "sequence_logprob", "slice_prepared", "truncated_importance_weights",
 ]
 
 LOSSES: dict[str, Loss] = {

@@ -7,6 +7,7 @@ nothing else; see the package docstring for the two-phase (prepare, then micro-b
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Protocol
 
@@ -29,6 +30,9 @@ class LossBatch:
     group_size: int  # K
     values: Optional[Tensor] = None  # [N, T] value-head outputs (ppo only, requires grad)
     old_values: Optional[Tensor] = None  # [N, T] value-head outputs before the update (ppo only)
+    # [N, T] the generator's own log-probs when old_logprobs were recomputed by the learner
+    # (algorithm.oldLogprobs: learner); None: old_logprobs ARE the behaviour log-probs
+    behaviour_logprobs: Optional[Tensor] = None
 
     @property
     def rows(self) -> int:
@@ -45,17 +49,23 @@ class LossParams:
     gamma: float = 1.0
     lam: float = 0.95
     vf_coef: float = 0.1
+    dual_clip: Optional[float] = None  # c > 1: a negative-advantage term is at most -c A (Ye et al. 2020)
+    importance_cap: Optional[float] = None  # truncated importance weight min(pi_old / pi_behaviour, cap)
 
     @classmethod
     def from_spec(cls, algo: "AlgorithmSpec", step: int) -> "LossParams":
-        """The step's parameters; β moves linearly from `algo.beta` to the schedule's final value."""
+        """The step's parameters; β moves linearly from `algo.beta` to the schedule's final value, and
+        c_KL is that β (unless the deprecated klCoef is set)."""
+        beta = scheduled_beta(algo.beta, algo.beta_schedule.final, algo.beta_schedule.steps, step)
         return cls(
-            beta=scheduled_beta(algo.beta, algo.beta_schedule.final, algo.beta_schedule.steps, step),
-            kl_coef=algo.kl_coef,
+            beta=beta,
+            kl_coef=beta if algo.kl_coef is None else algo.kl_coef,
             clip_epsilon=algo.clip_epsilon,
             gamma=algo.gamma,
             lam=algo.lam,
             vf_coef=algo.vf_coef,
+            dual_clip=algo.dual_clip,
+            importance_cap=algo.importance_cap,
         )
 
 
@@ -147,6 +157,27 @@ def kl_metric(logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor, norm: Normal
 def kl_shaped_returns(batch: LossBatch, p: LossParams) -> Tensor:
     """R_i = score_i - c_KL * sum_t (log pi_old - log pi_ref): the sequence reward with the KL penalty."""
     return batch.scores - p.kl_coef * sequence_logprob(batch.old_logprobs - batch.ref_logprobs, batch.mask)
+
+
+def dual_clip(per_term: Tensor, adv: Tensor, c: Optional[float]) -> tuple[Tensor, Tensor]:
+    """Dual clip (Ye et al. 2020): where A < 0 a loss term is at most -c A (its gradient is then 0), so
+    a sample whose ratio pi/pi_old ran far above 1 cannot dominate; terms with A >= 0 are unchanged.
+    Returns the terms and where the bound was taken (float)."""
+    if c is None:
+        return per_term, torch.zeros_like(per_term)
+    bounded = torch.where(adv < 0, torch.minimum(per_term, -c * adv), per_term)
+    return bounded, (bounded < per_term).float()
+
+
+def truncated_importance_weights(batch: LossBatch, p: LossParams, per_token: bool) -> Optional[Tensor]:
+    """min(pi_old / pi_behaviour, cap), without gradient: per sequence ([N]) or per token ([N, T]).
+    None when there is nothing to correct (no cap, or old_logprobs are the behaviour log-probs)."""
+    if p.importance_cap is None or batch.behaviour_logprobs is None:
+        return None
+    log_w = (batch.old_logprobs - batch.behaviour_logprobs) * batch.mask
+    if not per_token:
+        log_w = log_w.sum(-1)
+    return torch.exp(torch.clamp(log_w, max=math.log(p.importance_cap))).detach()
 
 
 def leave_one_out_advantages(returns: Tensor, k: int) -> Tensor:

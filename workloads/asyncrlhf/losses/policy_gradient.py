@@ -9,10 +9,27 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import (LossBatch, LossParams, by_group, kl_metric, kl_shaped_returns, leave_one_out_advantages,
-                   require_logprobs, sequence_logprob)
+from .base import (LossBatch, LossParams, by_group, dual_clip, kl_metric, kl_shaped_returns,
+                   leave_one_out_advantages, require_logprobs, sequence_logprob, truncated_importance_weights)
 
 GRPO_STD_EPS = 1e-4  # as in DeepSeekMath's GRPO and TRL: keeps all-equal groups finite (A = 0)
+
+
+def with_importance_weights(prepared: dict[str, Tensor], full: LossBatch, p: LossParams,
+                            per_token: bool) -> dict[str, Tensor]:
+    """`prepared` plus the truncated importance weights (algorithm.importanceCap), when there are any."""
+    weights = truncated_importance_weights(full, p, per_token)
+    return prepared if weights is None else {**prepared, "is_weight": weights}
+
+
+def _weighted(terms: Tensor, prepared: dict[str, Tensor], metrics: dict[str, float], norm_count: float,
+              mask: Tensor | None = None) -> Tensor:
+    """The loss terms times their importance weights (if any), reporting the weights' mean."""
+    weights = prepared.get("is_weight")
+    if weights is None:
+        return terms
+    metrics["is_weight_mean"] = ((weights * mask).sum() if mask is not None else weights.sum()).item() / norm_count
+    return terms * weights.to(terms.dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -26,25 +43,30 @@ class RLOO:
 
     def prepare(self, full: LossBatch, p: LossParams) -> dict[str, Tensor]:
         returns = kl_shaped_returns(full, p)
-        return {"advantages": leave_one_out_advantages(returns, full.group_size), "returns": returns}
+        prepared = {"advantages": leave_one_out_advantages(returns, full.group_size), "returns": returns}
+        return with_importance_weights(prepared, full, p, per_token=False)
 
     def __call__(self, micro, prepared, p, norm):
         logprobs = require_logprobs(micro)
         seq_logprob = sequence_logprob(logprobs, micro.mask)
         adv = prepared["advantages"].to(seq_logprob.dtype)
-        loss = -(adv * seq_logprob).sum() / norm.sequences
+        metrics: dict[str, float] = {}
+        loss = _weighted(-(adv * seq_logprob), prepared, metrics, norm.sequences).sum() / norm.sequences
         return loss, {
             "loss": loss.item(),
             "advantage_mean": adv.sum().item() / norm.sequences,
             "return_mean": prepared["returns"].sum().item() / norm.sequences,
             "kl": kl_metric(logprobs.detach(), micro.ref_logprobs, micro.mask, norm),
+            **metrics,
         }
 
 
 class ProximalRLOO(RLOO):
     """Proximal RLOO: the leave-one-out advantage times a clipped SEQUENCE ratio pi/pi_old.
 
-    L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)), rho_i = exp(log pi(y_i) - log pi_old(y_i)).
+    L = mean_i max(-A_i rho_i, -A_i clip(rho_i, 1-eps, 1+eps)), rho_i = exp(log pi(y_i) - log pi_old(y_i));
+    with dualClip c a term with A_i < 0 is at most -c A_i; with importanceCap each term is weighted by
+    min(pi_old(y_i) / pi_behaviour(y_i), cap).
     """
 
     def __call__(self, micro, prepared, p, norm):
@@ -53,10 +75,12 @@ class ProximalRLOO(RLOO):
         rho = torch.exp(log_rho)
         adv = prepared["advantages"].to(rho.dtype)
         clipped = torch.clamp(rho, 1.0 - p.clip_epsilon, 1.0 + p.clip_epsilon)
-        per_seq = torch.maximum(-adv * rho, -adv * clipped)
-        loss = per_seq.sum() / norm.sequences
+        per_seq, dual = dual_clip(torch.maximum(-adv * rho, -adv * clipped), adv, p.dual_clip)
+        metrics = {"dual_clip_frac": dual.sum().item() / norm.sequences} if p.dual_clip is not None else {}
+        loss = _weighted(per_seq, prepared, metrics, norm.sequences).sum() / norm.sequences
         was_clipped = (-adv * clipped > -adv * rho).float()
         return loss, {
+            **metrics,
             "loss": loss.item(),
             "clip_frac": was_clipped.sum().item() / norm.sequences,
             "ratio_mean": rho.detach().sum().item() / norm.sequences,
@@ -97,7 +121,8 @@ class GRPO:
     needs_value_head = False
 
     def prepare(self, full: LossBatch, p: LossParams) -> dict[str, Tensor]:
-        return {"advantages": group_normalized_advantages(full.scores, full.group_size)}
+        prepared = {"advantages": group_normalized_advantages(full.scores, full.group_size)}
+        return with_importance_weights(prepared, full, p, per_token=True)
 
     def __call__(self, micro, prepared, p, norm):
         logprobs = require_logprobs(micro)
@@ -105,9 +130,12 @@ class GRPO:
         surrogate, was_clipped = _clipped_token_surrogate(
             logprobs - micro.old_logprobs, adv, p.clip_epsilon
         )
+        mask = micro.mask
+        surrogate, dual = dual_clip(surrogate, adv, p.dual_clip)
+        metrics = {"dual_clip_frac": (dual * mask).sum().item() / norm.tokens} if p.dual_clip is not None else {}
+        surrogate = _weighted(surrogate, prepared, metrics, norm.tokens, mask)
         log_ref_ratio = micro.ref_logprobs - logprobs
         k3 = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
-        mask = micro.mask
         pg = (surrogate * mask).sum() / norm.tokens
         kl = (k3 * mask).sum() / norm.tokens
         loss = pg + p.kl_coef * kl
@@ -115,6 +143,7 @@ class GRPO:
             "loss": loss.item(),
             "pg_loss": pg.item(),
             "kl_k3_per_token": kl.item(),
+            **metrics,
             "clip_frac": (was_clipped * mask).sum().item() / norm.tokens,
             "kl": kl_metric(logprobs.detach(), micro.ref_logprobs, mask, norm),
         }
@@ -176,16 +205,19 @@ class PPO:
         rewards = ppo_token_rewards(full, p)
         advantages = gae(rewards, full.old_values, full.mask, p.gamma, p.lam)
         returns = advantages + full.old_values * full.mask
-        return {"advantages": masked_whiten(advantages, full.mask), "returns": returns}
+        prepared = {"advantages": masked_whiten(advantages, full.mask), "returns": returns}
+        return with_importance_weights(prepared, full, p, per_token=True)
 
     def __call__(self, micro, prepared, p, norm):
         logprobs = require_logprobs(micro)
         if micro.values is None or micro.old_values is None:
             raise ValueError("ppo needs LossBatch.values and old_values in every micro-batch")
         mask, adv, returns = micro.mask, prepared["advantages"], prepared["returns"]
-        surrogate, was_clipped = _clipped_token_surrogate(
-            logprobs - micro.old_logprobs, adv.to(logprobs.dtype), p.clip_epsilon
-        )
+        adv = adv.to(logprobs.dtype)
+        surrogate, was_clipped = _clipped_token_surrogate(logprobs - micro.old_logprobs, adv, p.clip_epsilon)
+        surrogate, dual = dual_clip(surrogate, adv, p.dual_clip)
+        metrics = {"dual_clip_frac": (dual * mask).sum().item() / norm.tokens} if p.dual_clip is not None else {}
+        surrogate = _weighted(surrogate, prepared, metrics, norm.tokens, mask)
         pg = (surrogate * mask).sum() / norm.tokens
         v_clipped = micro.old_values + torch.clamp(
             micro.values - micro.old_values, -p.clip_epsilon, p.clip_epsilon
@@ -200,5 +232,6 @@ class PPO:
             "clip_frac": (was_clipped * mask).sum().item() / norm.tokens,
             "vf_clip_frac": ((vf_clipped > vf_unclipped).float() * mask).sum().item() / norm.tokens,
             "return_mean": (returns * mask).sum().item() / norm.tokens,
+            **metrics,
             "kl": kl_metric(logprobs.detach(), micro.ref_logprobs, mask, norm),
         }

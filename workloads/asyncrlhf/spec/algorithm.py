@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Literal, Optional
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import LossName, SpecModel
+
+# The losses that read the generator's (behaviour) log-probs: the ratio pi/pi_old or the KL shaping of the
+# reward uses them (losses/base.py). online-dpo, tb and best-of-n-sft use the reference and the current
+# policy only.
+BEHAVIOUR_LOGPROB_LOSSES = ("rloo", "proximal-rloo", "grpo", "ppo")
+RATIO_CLIPPED_LOSSES = ("proximal-rloo", "grpo", "ppo")
 
 
 class BetaSchedule(SpecModel):
@@ -20,11 +27,43 @@ class AlgorithmSpec(SpecModel):
     """The loss and its hyper-parameters (see docs/algorithms.md)."""
 
     loss: LossName = Field("online-dpo", description="Training objective.")
-    beta: float = Field(0.1, gt=0, le=1000, description="β of online DPO and Trajectory Balance.")
+    beta: float = Field(
+        0.1, gt=0, le=1000,
+        description="β: the KL coefficient of every loss (online DPO's and TB's β, the c_KL of the KL "
+        "penalty of rloo, proximal-rloo, grpo and ppo): they all regularise towards the same "
+        "optimum pi_ref exp(r/β).",
+    )
     beta_schedule: BetaSchedule = Field(
         default_factory=BetaSchedule, description="Optional β schedule."
     )
-    kl_coef: float = Field(0.05, ge=0, le=1000, description="KL penalty coefficient c_KL.")
+    kl_coef: Optional[float] = Field(
+        None, ge=0, le=1000,
+        description="Deprecated: c_KL is β. When set (older manifests), it is still the KL coefficient of "
+        "rloo, proximal-rloo, grpo and ppo (β stays that of online-dpo and tb); move the value to beta.",
+    )
+    old_logprobs: Literal["behaviour", "learner"] = Field(
+        "behaviour",
+        description="Source of pi_old in the ratio and the KL penalty: behaviour = the generator's "
+        "log-probs (true importance ratios), learner = recomputed with the learner's weights at the "
+        "start of the step (one extra forward without gradients, as the reference async code).",
+    )
+    dual_clip: Optional[float] = Field(
+        None, gt=1, le=100,
+        description="Dual-clip constant c > 1 for the ratio-clipped losses (proximal-rloo, grpo, ppo): a "
+        "sample with a negative advantage A contributes at most -c A to the loss; unset = no bound.",
+    )
+    importance_cap: Optional[float] = Field(
+        None, ge=1, le=1000,
+        description="With oldLogprobs learner: weight each sample (rloo, proximal-rloo: the sequence; grpo, "
+        "ppo: each token) by the truncated importance weight min(pi_old / pi_behaviour, cap), which "
+        "corrects for the generator's staleness; unset = no correction.",
+    )
+    value_head: Literal["shared", "detached"] = Field(
+        "shared",
+        description="ppo's value head: shared = its loss also trains the policy's trunk (PPOv2 with one "
+        "model); detached = a linear head on the trunk's detached last hidden state (the value loss "
+        "trains the head only).",
+    )
     samples_per_prompt: int = Field(
         4, ge=1, le=256, description="Completions per prompt K."
     )
@@ -36,6 +75,18 @@ class AlgorithmSpec(SpecModel):
     lam: float = Field(0.95, ge=0, le=1, description="PPO GAE λ.")
     vf_coef: float = Field(0.1, ge=0, le=1000, description="PPO value-loss coefficient.")
 
+    @property
+    def kl_coefficient(self) -> float:
+        """c_KL: β, unless the deprecated klCoef is set."""
+        return self.beta if self.kl_coef is None else self.kl_coef
+
+    @model_validator(mode="after")
+    def _warn_deprecated(self) -> "AlgorithmSpec":
+        if self.kl_coef is not None:
+            warnings.warn(f"algorithm.klCoef is deprecated: the KL coefficient of every loss is algorithm.beta "
+                          f"(c_KL = β); klCoef {self.kl_coef:g} still applies to {self.loss}'s KL penalty, "
+                          "move it to beta", FutureWarning, stacklevel=2)
+        return self
 
 class ReplayBufferSpec(SpecModel):
     """TBA replay buffer; used when `enabled` (the default for loss=tb)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from .algorithm import BEHAVIOUR_LOGPROB_LOSSES, RATIO_CLIPPED_LOSSES
+
 
 class CrossFieldRule:
     """A constraint across fields, checked by `JobSpec` (Python) and by the apiserver (CEL).
@@ -19,6 +21,58 @@ class CrossFieldRule:
 MESSAGE_LIMIT_BYTES = 1 << 20
 BYTES_PER_TOKEN = 48
 MAX_GROUP_TOKENS = (MESSAGE_LIMIT_BYTES - (64 << 10)) // BYTES_PER_TOKEN
+
+_BEHAVIOUR = "[" + ", ".join(f"'{x}'" for x in BEHAVIOUR_LOGPROB_LOSSES) + "]"
+_CLIPPED = "[" + ", ".join(f"'{x}'" for x in RATIO_CLIPPED_LOSSES) + "]"
+
+
+def _reads_behaviour_logprobs(s) -> bool:
+    """Whether the loss reads the generator's log-probs (pi_old = behaviour, or the importance weight)."""
+    a = s.algorithm
+    return a.loss in BEHAVIOUR_LOGPROB_LOSSES and (a.old_logprobs == "behaviour" or a.importance_cap is not None)
+
+
+# The off-policy switches (algorithm.oldLogprobs, dualClip, importanceCap, valueHead) and the sampling
+# they need; docs/algorithms.md § Off-policy switches.
+OFF_POLICY_RULES = [
+    CrossFieldRule(
+        "algorithm.oldLogprobs",
+        f"self.algorithm.oldLogprobs == 'behaviour' || self.algorithm.loss in {_BEHAVIOUR}",
+        "oldLogprobs 'learner' recomputes pi_old, which this loss does not read: use it with "
+        f"{', '.join(BEHAVIOUR_LOGPROB_LOSSES)}, or leave it 'behaviour'",
+        lambda s: s.algorithm.old_logprobs == "behaviour" or s.algorithm.loss in BEHAVIOUR_LOGPROB_LOSSES,
+    ),
+    CrossFieldRule(
+        "algorithm.dualClip",
+        f"!has(self.algorithm.dualClip) || self.algorithm.loss in {_CLIPPED}",
+        f"dualClip bounds a clipped ratio, which this loss does not have: use it with "
+        f"{', '.join(RATIO_CLIPPED_LOSSES)}, or leave it unset",
+        lambda s: s.algorithm.dual_clip is None or s.algorithm.loss in RATIO_CLIPPED_LOSSES,
+    ),
+    CrossFieldRule(
+        "algorithm.importanceCap",
+        "!has(self.algorithm.importanceCap) || self.algorithm.oldLogprobs == 'learner'",
+        "importanceCap truncates pi_old / pi_behaviour, which is 1 when pi_old is the behaviour policy: "
+        "set oldLogprobs 'learner', or leave importanceCap unset",
+        lambda s: s.algorithm.importance_cap is None or s.algorithm.old_logprobs == "learner",
+    ),
+    CrossFieldRule(
+        "algorithm.valueHead",
+        "self.algorithm.valueHead == 'shared' || self.algorithm.loss == 'ppo'",
+        "valueHead is ppo's value head and this loss has none: leave it 'shared'",
+        lambda s: s.algorithm.value_head == "shared" or s.algorithm.loss == "ppo",
+    ),
+    CrossFieldRule(
+        "generator.sampling.topP",
+        f"self.generator.sampling.topP == 1.0 || !(self.algorithm.loss in {_BEHAVIOUR}) "
+        "|| (self.algorithm.oldLogprobs == 'learner' && !has(self.algorithm.importanceCap))",
+        "with topP < 1 the generator's log-probs are those of the truncated (renormalised) distribution, not "
+        "the learner's full softmax, so ratios and KL penalties built on them are wrong: set topP 1, or "
+        "algorithm.oldLogprobs 'learner' without importanceCap (pi_old recomputed by the learner), or a "
+        "loss that reads no behaviour log-probs (online-dpo, tb, best-of-n-sft)",
+        lambda s: s.generator.sampling.top_p == 1.0 or not _reads_behaviour_logprobs(s),
+    ),
+]
 
 # Each rule is written twice by necessity — once in CEL for the apiserver, once in Python —
 # and kept side by side so they cannot drift; tests/test_crd.py::test_cel_rules_agree_with_pydantic
@@ -49,6 +103,7 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: s.algorithm.loss not in ("online-dpo", "rloo", "proximal-rloo", "grpo", "tb")
         or s.algorithm.samples_per_prompt >= 2,
     ),
+    *OFF_POLICY_RULES,
     CrossFieldRule(
         "task.prompts.path",
         "self.task.prompts.source != 'file' || self.task.prompts.path != ''",
