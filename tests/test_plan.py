@@ -736,7 +736,7 @@ def test_the_owned_lists_cover_everything_the_operator_sets():
     from asyncrlhf.spec import pods as rules
 
     for kind in ("Job", "Deployment"):
-        pod = children(job(model={"tokenSecret": {"name": "hf"}}, nats={"credentialsSecret": "s"}))[kind]
+        pod = children(job(model={"tokenSecret": {"name": "hf"}}, nats={"credentialsSecret": "s", "tlsSecret": "t"}))[kind]
         container = pod["spec"]["template"]["spec"]["containers"][0]
         for var in container["env"]:
             assert var["name"] in rules.OWNED_ENV or var["name"].startswith(rules.OWNED_ENV_PREFIX) \

@@ -19,7 +19,7 @@ import kopf
 from asyncrlhf import api
 
 from . import plan, queueing
-from .jetstream import Buses, Credentials, read_credentials
+from .jetstream import Buses, Credentials, ensure_job_secret, read_credentials
 from .kube import Kube, KubeError
 from .settings import OperatorConfig
 
@@ -58,7 +58,7 @@ def now() -> datetime:
 async def bus_access(ctx: Context, namespace: str, nats: api.NatsSpec) -> tuple[str, Credentials]:
     """The job's NATS URL and the credentials to use there."""
     url = plan.nats_url(nats, ctx.config.nats_url)
-    return url, await read_credentials(ctx.kube, namespace, nats.credentials_secret)
+    return url, await read_credentials(ctx.kube, namespace, nats)
 
 
 
@@ -125,6 +125,7 @@ async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool
     """The job's stream and consumers, then every child; the resync clock starts again."""
     url, credentials = await bus_access(ctx, job.metadata.namespace, job.spec.nats)
     await ctx.buses.ensure(job, url, credentials)
+    await ensure_job_secret(ctx.kube, job, owner_of(body))  # before the pods that mount it
     await apply_children(ctx, body, job, finished=finished, admission=admission)
     ctx.mark_resynced(body["metadata"].get("uid", ""))
 

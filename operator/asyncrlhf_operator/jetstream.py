@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import logging
 import os
+import ssl
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from functools import lru_cache
+from typing import Any, Mapping, Optional
 
 import kopf
 import nats
@@ -25,11 +29,13 @@ from nats.aio.client import RawCredentials
 from nats.js.errors import BucketNotFoundError, NotFoundError
 
 from asyncrlhf import api, workload_env
-from asyncrlhf.bus import JobBus, delete_job_resources, ensure_job_resources
+from asyncrlhf.bus import JobBus, delete_job_resources, ensure_job_resources, tls_context
 from asyncrlhf.kv import LEARNER_KEY, JobKV
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 
+from . import natsauth, plan
 from .kube import Kube
+from .plan import natsaccess
 
 log = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 10.0
@@ -37,29 +43,82 @@ CONNECT_TIMEOUT = 10.0
 
 @dataclass(frozen=True)
 class Credentials:
-    """What the job's credentials Secret holds: a .creds file, or user and password."""
+    """How to reach a bus: a .creds file, or user and password; TLS: the CA (PEM) that verifies the
+    server, a client certificate and key (PEM) for mutual TLS."""
 
     creds: str = field(default="", repr=False)  # never in a log line or a traceback
     user: str = ""
     password: str = field(default="", repr=False)
+    ca: str = field(default="", repr=False)
+    cert: str = field(default="", repr=False)
+    key: str = field(default="", repr=False)
+
+    def tls(self) -> Optional[ssl.SSLContext]:
+        """The SSL context (None: no CA given). A client key is loaded from memory (memfd), never a file."""
+        context = tls_context(ca_data=self.ca)
+        if context is not None and self.cert and self.key:
+            with _memory_file(self.cert) as cert, _memory_file(self.key) as key:
+                context.load_cert_chain(cert, key)
+        return context
 
 
-def operator_credentials() -> Credentials:
-    """The operator's own NATS credentials (the chart's NATS, from its Secret via env)."""
-    return Credentials(user=os.environ.get(workload_env.NATS_USER, ""),
-                       password=os.environ.get(workload_env.NATS_PASSWORD, ""))
+@contextmanager
+def _memory_file(text: str):
+    fd = os.memfd_create("asyncrlhf-nats-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, text.encode())
+        yield f"/proc/self/fd/{fd}"
+    finally:
+        os.close(fd)
 
 
-async def read_credentials(kube: Kube, namespace: str, secret: str) -> Credentials:
-    if not secret:
-        return operator_credentials()
+def _read(path: str) -> str:
+    if not path or not os.path.isfile(path):
+        return ""
+    with open(path) as f:
+        return f.read()
+
+
+@lru_cache(maxsize=4)
+def _minted_operator_creds(authority: natsauth.Authority) -> str:
+    return authority.operator_creds()  # one user per process: minted once, kept in memory
+
+
+def operator_credentials(env: Mapping[str, str] = os.environ) -> Credentials:
+    """The operator's own NATS credentials for its bus (the chart's NATS): in JWT mode a user it
+    mints itself with the account signing key; else user and password (from the chart's Secret);
+    TLS from the files the chart mounts."""
+    tls = {"ca": _read(env.get(workload_env.NATS_TLS_CA, "")), "cert": _read(env.get(workload_env.NATS_TLS_CERT, "")),
+           "key": _read(env.get(workload_env.NATS_TLS_KEY, ""))}
+    authority = natsauth.authority_from_env(env)
+    if authority is not None:
+        return Credentials(creds=_minted_operator_creds(authority), **tls)
+    return Credentials(user=env.get(workload_env.NATS_USER, ""), password=env.get(workload_env.NATS_PASSWORD, ""),
+                       **tls)
+
+
+async def _secret_data(kube: Kube, namespace: str, secret: str, field_name: str) -> dict[str, str]:
     obj = await kube.get("v1", "Secret", namespace, secret)
     if obj is None:
-        raise kopf.TemporaryError(f"spec.nats.credentialsSecret: Secret {namespace}/{secret} not found",
-                                  delay=30)
-    data = {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
-    return Credentials(creds=data.get("creds", ""), user=data.get("user", ""),
-                       password=data.get("password", ""))
+        raise kopf.TemporaryError(f"spec.nats.{field_name}: Secret {namespace}/{secret} not found", delay=30)
+    return {k: base64.b64decode(v).decode() for k, v in (obj.get("data") or {}).items()}
+
+
+async def read_credentials(kube: Kube, namespace: str, nats_spec: api.NatsSpec) -> Credentials:
+    """The credentials (and TLS) the operator uses on a job's bus: the job's Secrets when it names
+    them, else the operator's own (only ever for the operator's own bus: validation refuses a job
+    that names a bus and no credentials)."""
+    own = operator_credentials()
+    creds = own
+    if nats_spec.credentials_secret:
+        data = await _secret_data(kube, namespace, nats_spec.credentials_secret, "credentialsSecret")
+        creds = Credentials(creds=data.get("creds", ""), user=data.get("user", ""), password=data.get("password", ""),
+                            ca=own.ca if not nats_spec.url else "")
+    if nats_spec.tls_secret:
+        data = await _secret_data(kube, namespace, nats_spec.tls_secret, "tlsSecret")
+        creds = dataclasses.replace(creds, ca=data.get("ca.crt", ""), cert=data.get("tls.crt", ""),
+                                    key=data.get("tls.key", ""))
+    return creds
 
 
 class Buses:
@@ -90,6 +149,9 @@ class Buses:
             options["user_credentials"] = RawCredentials(credentials.creds)
         elif credentials.user:
             options.update(user=credentials.user, password=credentials.password)
+        tls = credentials.tls()
+        if tls is not None:
+            options["tls"] = tls
 
         async def quiet(err: Exception) -> None:
             log.debug("NATS %s: %s", url, err)
@@ -124,3 +186,28 @@ class Buses:
 
 def job_bus(job: api.AsyncRLHFJob) -> JobBus:
     return JobBus(job.metadata.namespace, job.metadata.name)
+
+
+def job_secret(job: api.AsyncRLHFJob, owner: plan.Owner, data: Mapping[str, str]) -> dict[str, Any]:
+    """The operator's Secret `<job>-nats` (owned by the job: deleted with it)."""
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": plan.metadata(owner, natsaccess.job_secret_name(job), "nats-credentials"),
+            "data": {k: base64.b64encode(v.encode()).decode() for k, v in sorted(data.items())}}
+
+
+async def ensure_job_secret(kube: Kube, job: api.AsyncRLHFJob, owner: plan.Owner) -> None:
+    """For a job on the operator's bus: in JWT mode its own NATS user (kept while it is still valid
+    for this job, else minted again), and the operator's CA. Nothing to give: no Secret."""
+    if not natsaccess.uses_operator_bus(job):
+        return
+    authority, own = natsauth.authority_from_env(), operator_credentials()
+    data: dict[str, str] = {}
+    if own.ca and not job.spec.nats.tls_secret:
+        data[natsaccess.CA_KEY] = own.ca
+    if authority is not None and not job.spec.nats.credentials_secret:
+        existing = await kube.get("v1", "Secret", owner.namespace, natsaccess.job_secret_name(job))
+        old = base64.b64decode(((existing or {}).get("data") or {}).get(natsaccess.CREDS_KEY, "")).decode()
+        bus = job_bus(job)
+        data[natsaccess.CREDS_KEY] = old if authority.still_valid(old, bus) else authority.job_creds(bus)
+    if data:
+        await kube.apply(job_secret(job, owner, data))

@@ -51,6 +51,10 @@ class Names:
     def workload(self) -> str:  # ServiceAccount and NetworkPolicy
         return f"{self.job}-workload"
 
+    @property
+    def nats(self) -> str:  # the operator's Secret for the job's bus: minted creds, the operator's CA
+        return f"{self.job}-nats"
+
 
 def selector(owner: Owner, component: Optional[str] = None) -> dict[str, str]:
     labels = {"app.kubernetes.io/name": "asyncrlhf", "app.kubernetes.io/instance": owner.name}

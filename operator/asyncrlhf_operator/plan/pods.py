@@ -19,11 +19,11 @@ from asyncrlhf import api, workload_env
 from .config import CONFIG_DIR, CONFIG_HASH, CONFIG_PATH, config_hash
 from .merge import strategic_merge
 from .meta import Names, Owner, labels, metadata, selector
+from .natsaccess import NATS_CREDS_DIR, nats_env, nats_volumes  # noqa: F401 (NATS_CREDS_DIR: plan's API)
 from .network import RENDEZVOUS_PORT, nats_url
 from .volumes import model_cache_claim_name, snapshot_claim_name
 
 SNAPSHOT_DIR = "/snapshots"
-NATS_CREDS_DIR = "/var/run/asyncrlhf/nats"
 RUN_AS = 1000
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 GPU = "nvidia.com/gpu"
@@ -51,13 +51,7 @@ def _env(job: api.AsyncRLHFJob, default_url: str) -> list[dict[str, Any]]:
     token = job.spec.model.token_secret
     if token.name:
         env.append({"name": HF_TOKEN, "valueFrom": {"secretKeyRef": {"name": token.name, "key": token.key}}})
-    secret = job.spec.nats.credentials_secret
-    if secret:
-        for var, key in ((workload_env.NATS_USER, "user"), (workload_env.NATS_PASSWORD, "password")):
-            env.append({"name": var, "valueFrom": {
-                "secretKeyRef": {"name": secret, "key": key, "optional": True}}})
-        env.append({"name": workload_env.NATS_CREDS, "value": f"{NATS_CREDS_DIR}/creds"})
-    return env
+    return env + nats_env(job)
 
 
 def _reward_env(job: api.AsyncRLHFJob) -> list[dict[str, Any]]:
@@ -91,12 +85,8 @@ def _volumes(job: api.AsyncRLHFJob, owner: Owner) -> tuple[list[dict], list[dict
         {"name": "cache", "mountPath": "/cache"},
         {"name": "dshm", "mountPath": "/dev/shm"},
     ]
-    if job.spec.nats.credentials_secret:
-        volumes.append({"name": "nats-credentials", "secret": {
-            "secretName": job.spec.nats.credentials_secret, "optional": True,
-            "items": [{"key": "creds", "path": "creds"}]}})
-        mounts.append({"name": "nats-credentials", "mountPath": NATS_CREDS_DIR, "readOnly": True})
-    return volumes, mounts
+    nats_volumes_, nats_mounts = nats_volumes(job)
+    return volumes + nats_volumes_, mounts + nats_mounts
 
 
 def _cache_volume(job: api.AsyncRLHFJob, owner: Owner) -> dict[str, Any]:

@@ -70,7 +70,15 @@ class NatsSpec(SpecModel):
     )
     credentials_secret: str = Field(
         "", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY,
-        description="Secret with key 'creds' (a NATS .creds file) or 'user'/'password'.",
+        description="Secret with key 'creds' (a NATS .creds file) or 'user'/'password'. Empty on the "
+        "operator's bus: the operator's Secret <job>-nats (a user JWT limited to this job's subjects, "
+        "when the operator runs in JWT mode).",
+    )
+    tls_secret: str = Field(
+        "", max_length=253, pattern=DNS_SUBDOMAIN_OR_EMPTY,
+        description="Secret with key 'ca.crt' (the CA that signed the bus's server certificate) and, for "
+        "mutual TLS, 'tls.crt' and 'tls.key': the pods and the operator connect with TLS and verify the "
+        "server. Empty on the operator's bus: the operator's CA, when it has one.",
     )
     max_bytes: int = Field(
         1 << 30, ge=1 << 20, le=1 << 50,

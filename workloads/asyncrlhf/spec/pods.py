@@ -31,8 +31,9 @@ OWNED_ENV = frozenset({
     "NPROC_PER_NODE", "MASTER_ADDR", "MASTER_PORT", "HOME", "XDG_CACHE_HOME", "HF_HOME",
 })
 OWNED_ENV_PREFIX = "ASYNCRLHF_"
-OWNED_VOLUMES = frozenset({"config", "snapshots", "nats-credentials"})
-OWNED_MOUNT_PATHS = frozenset({"/etc/asyncrlhf", "/snapshots", "/var/run/asyncrlhf/nats"})
+OWNED_VOLUMES = frozenset({"config", "snapshots", "nats-credentials", "nats-job", "nats-tls"})
+OWNED_MOUNT_PATHS = frozenset({"/etc/asyncrlhf", "/snapshots", "/var/run/asyncrlhf/nats",
+                               "/var/run/asyncrlhf/nats-job", "/var/run/asyncrlhf/nats-tls"})
 OWNED_RESOURCES = {"cpu": "resources.cpu", "memory": "resources.memory", "nvidia.com/gpu": "the GPU count"}
 OWNED_LABEL_PREFIX = "app.kubernetes.io/"
 
