@@ -1,0 +1,221 @@
+"""The reward-KL frontier under staleness (Async RLHF, Noukhovitch et al. 2024, in miniature).
+
+Protocol (docs/algorithms.md § The reward-KL frontier):
+  * task: the built-in sort-digits prompts; GOLD reward = the rule (fraction of positions sorted, 0..1),
+    used only to evaluate. PROXY reward = a Bradley-Terry linear head on the frozen reference's last
+    hidden states (mean over the answer's tokens and the last token's), fitted on gold-labelled pairs
+    of the reference's own samples and rescaled to the gold's mean and spread there. Training sees only
+    the proxy, so the policy can over-optimise it;
+  * staleness: exact lag N. The batch of step i is sampled by the policy of version max(0, i - N) (the
+    learner's weights N updates ago), scored by the proxy, and trained on with the real learner
+    (`TorchBackend.train_step`: the losses, micro-batches, the off-policy switches of the spec).
+    Everything runs in one process: this measures the algorithm, not the system;
+  * the same number of episodes (steps x prompts x K) for every N; the same beta for every loss
+    (c_KL = beta, AlgorithmSpec); each loss's lr probed on a small grid at N = 0 first;
+  * at every checkpoint, on FRESH samples of the current policy (fixed held-out prompts, fixed seeds:
+    common random numbers across runs): gold reward, proxy reward, and KL(pi || pi_ref) estimated as
+    the mean over samples y ~ pi of sum_t (log pi - log pi_ref) (unbiased on-policy; log-probs at the
+    sampling temperature, as the losses use them).
+
+Run (repository root):
+    .venv/bin/python bench/frontier.py --grid small          # what bench/results/frontier.* holds
+    .venv/bin/python bench/frontier.py --quick --out-dir /tmp/f --name frontier_quick   # the test's run
+Results: <out-dir>/<name>.json, .md, .png (default bench/results/frontier.*), with the command and commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "workloads"))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from frontier_task import Task, evaluate, rollout_batch  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+BETA = 0.1  # the KL coefficient of every loss (DPO's beta, the KL penalty's c_KL)
+LR_GRID = (1e-4, 3e-4, 1e-3)
+# the off-policy switches ablated (docs/algorithms.md § Off-policy switches), on proximal-rloo
+SWITCHES = {
+    "default": {},
+    "learner": {"oldLogprobs": "learner", "importanceCap": 2.0},
+    "dualclip": {"dualClip": 3.0},
+}
+
+
+@dataclass(frozen=True)
+class Grid:
+    """What one invocation runs."""
+
+    losses: tuple[str, ...]
+    staleness: tuple[int, ...]
+    seeds: tuple[int, ...]
+    sizes: tuple[str, ...]
+    steps: int
+    prompts: int  # per step
+    eval_prompts: int
+    eval_every: int
+    ablation_staleness: tuple[int, ...] = ()  # N at which proximal-rloo runs with each switch
+    lr_probe: bool = True
+    lrs: dict = field(default_factory=dict)  # loss -> lr, when not probed
+
+
+GRIDS = {
+    "quick": Grid(("online-dpo", "proximal-rloo"), (0, 2), (0, 1), ("tiny",), steps=4, prompts=4,
+                  eval_prompts=32, eval_every=2, ablation_staleness=(2,), lr_probe=False,
+                  lrs={"online-dpo": 3e-4, "proximal-rloo": 3e-4}),
+    "small": Grid(("online-dpo", "proximal-rloo", "ppo"), (0, 4, 16), (0, 1, 2), ("tiny",), steps=48,
+                  prompts=16, eval_prompts=256, eval_every=8, ablation_staleness=(16,)),
+    "full": Grid(("online-dpo", "rloo", "proximal-rloo", "ppo"), (0, 1, 2, 4, 8, 16, 32), tuple(range(5)),
+                 ("tiny", "small"), steps=256, prompts=32, eval_prompts=512, eval_every=16,
+                 ablation_staleness=(4, 16, 32)),
+}
+K = 4
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    loss: str
+    n: int
+    seed: int
+    size: str
+    lr: float
+    switch: str = "default"
+
+    @property
+    def name(self) -> str:
+        return f"{self.size}-{self.loss}-n{self.n}-s{self.seed}-lr{self.lr:g}-{self.switch}"
+
+
+def job_spec(run: RunSpec, grid: Grid):
+    from asyncrlhf.api import JobSpec
+
+    return JobSpec.model_validate({
+        "algorithm": {"loss": run.loss, "beta": BETA, "samplesPerPrompt": K, **SWITCHES[run.switch]},
+        "task": {"reward": {"noEosPenalty": -1.0}},
+        "generator": {"sampling": {"temperature": 0.7, "maxTokens": 8}},
+        "learner": {"promptsPerStep": grid.prompts, "totalSteps": grid.steps, "microBatchSize": 0,
+                    "seed": run.seed, "optimizer": {"lr": run.lr, "maxGradNorm": 1.0}},
+    })
+
+
+def train(run: RunSpec, grid: Grid, task: Task) -> dict:
+    """One run: exact lag N, a checkpoint every eval_every steps; the curve of (step, KL, gold, proxy)."""
+    from asyncrlhf.backends.torch_backend import TorchBackend
+    from asyncrlhf.models import load_causal_lm
+
+    torch.manual_seed(run.seed)
+    spec = job_spec(run, grid)
+    backend = TorchBackend(spec, task.path, task.path)
+    generator = load_causal_lm(task.path).eval()
+    versions = {0: _state(backend)}
+    curve, train_gold, started = [], [], time.monotonic()
+    for step in range(grid.steps + 1):
+        if step % grid.eval_every == 0 or step == grid.steps:
+            curve.append({"step": step, **evaluate(backend.model, task, grid.eval_prompts)})
+        if step == grid.steps:
+            break
+        version = max(0, step - run.n)
+        generator.load_state_dict(versions[version])
+        batch, gold = rollout_batch(generator, task, step, run.seed, grid.prompts, K)
+        train_gold.append(gold)
+        metrics = backend.train_step(batch, step)
+        if not all(map(_finite, metrics.values())):
+            raise RuntimeError(f"{run.name}: non-finite metrics at step {step}: {metrics}")
+        versions[step + 1] = _state(backend)
+        versions.pop(step + 1 - run.n - 1, None)  # only the last N+1 versions can still generate
+    return {**asdict(run), "curve": curve, "train_gold": train_gold, "seconds": round(time.monotonic() - started, 1)}
+
+
+def _state(backend) -> dict:
+    return {k: v.detach().clone() for k, v in backend.model.state_dict().items()}
+
+
+def _finite(x: float) -> bool:
+    return x == x and abs(x) != float("inf")
+
+
+def probe_lrs(grid: Grid, tasks: dict, log) -> tuple[dict, list]:
+    """Each loss's lr: the grid value with the best final gold reward at N = 0 (seed 0, first size)."""
+    if not grid.lr_probe:
+        return dict(grid.lrs), []
+    chosen, probes = {}, []
+    for loss in grid.losses:
+        scored = []
+        for lr in LR_GRID:
+            row = train(RunSpec(loss, 0, 0, grid.sizes[0], lr), grid, tasks[grid.sizes[0]])
+            probes.append(row)
+            scored.append((row["curve"][-1]["gold"], lr))
+            log(f"probe {loss} lr {lr:g}: gold {scored[-1][0]:.3f} KL {row['curve'][-1]['kl']:.2f}")
+        chosen[loss] = max(scored)[1]
+    return chosen, probes
+
+
+def planned_runs(grid: Grid, lrs: dict) -> list[RunSpec]:
+    runs = [RunSpec(loss, n, seed, size, lrs[loss]) for size in grid.sizes for loss in grid.losses
+            for n in grid.staleness for seed in grid.seeds]
+    if "proximal-rloo" in grid.losses:
+        runs += [RunSpec("proximal-rloo", n, seed, size, lrs["proximal-rloo"], switch)
+                 for size in grid.sizes for switch in SWITCHES if switch != "default"
+                 for n in grid.ablation_staleness for seed in grid.seeds]
+    return runs
+
+
+def code_state() -> dict:
+    def git(*cmd: str) -> str:
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        except (OSError, subprocess.CalledProcessError):
+            return ""
+
+    dirty = git("status", "--porcelain", "--", "workloads/asyncrlhf/losses", "workloads/asyncrlhf/backends",
+                "bench/frontier.py", "bench/frontier_task.py", "bench/frontier_report.py")
+    return {"commit": git("rev-parse", "HEAD").strip(), "relevant_files_modified": bool(dirty.strip())}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
+    ap.add_argument("--quick", action="store_true", help="the --grid quick run (the test's)")
+    ap.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    ap.add_argument("--out-dir", default=str(RESULTS))
+    ap.add_argument("--name", default="frontier", help="basename of <out-dir>/<name>.{json,md,png}")
+    args = ap.parse_args(argv)
+    grid = GRIDS["quick" if args.quick else args.grid]
+    if args.seeds:
+        grid = replace(grid, seeds=tuple(args.seeds))
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    log = lambda msg: print(f"[{time.monotonic() - started:7.1f}s] {msg}", flush=True)  # noqa: E731
+    tasks = {size: Task.build(size) for size in grid.sizes}
+    for size, task in tasks.items():
+        log(f"{size}: proxy pairwise accuracy on held-out pairs {task.proxy_accuracy:.3f} ({task.pairs} pairs)")
+    lrs, probes = probe_lrs(grid, tasks, log)
+    probed = {RunSpec(p["loss"], p["n"], p["seed"], p["size"], p["lr"], p["switch"]): p for p in probes}
+    rows = []
+    for run in planned_runs(grid, lrs):
+        rows.append(probed.get(run) or train(run, grid, tasks[run.size]))  # a probe run is the same run
+        last = rows[-1]["curve"][-1]
+        log(f"{run.name}: gold {last['gold']:.3f} proxy {last['proxy']:.3f} KL {last['kl']:.2f}")
+    report = {"command": "python bench/frontier.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "code": code_state(), "grid": asdict(grid), "beta": BETA, "lr_grid": LR_GRID, "lrs": lrs,
+              "switches": SWITCHES, "K": K, "tasks": {s: t.describe() for s, t in tasks.items()},
+              "lr_probes": probes, "runs": rows, "seconds": round(time.monotonic() - started, 1)}
+    from frontier_report import write_report
+
+    paths = write_report(report, Path(args.out_dir), args.name)
+    log("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

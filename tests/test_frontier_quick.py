@@ -1,0 +1,61 @@
+"""bench/frontier.py: the statistics against hand-computed values, and the --quick run end to end
+(2 losses x N in {0, 2} x 2 seeds + the two off-policy switches at N=2, 4 steps each; ~20 s of CPU)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+from frontier_report import ci, gold_at_kl, welch_p  # noqa: E402
+
+
+def test_ci_is_the_t_interval():
+    mean, half = ci([1.0, 2.0, 3.0])  # sd 1, t_{0.975, 2} = 4.3027
+    assert mean == 2.0
+    assert half == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    assert math.isnan(ci([1.0])[1])
+
+
+def test_welch_p_matches_the_hand_computed_test():
+    # t = (2 - 5) / sqrt(1/3 + 1/3) = -3.674, df = 4 (equal variances and sizes): p = 0.0213
+    assert welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.0213, abs=2e-4)
+    assert math.isnan(welch_p([1.0], [2.0, 3.0]))
+
+
+def test_gold_at_matched_kl_interpolates_at_the_first_crossing():
+    curve = [{"kl": 0.0, "gold": 0.3}, {"kl": 1.0, "gold": 0.5}, {"kl": 3.0, "gold": 0.4}]
+    assert gold_at_kl(curve, 2.0) == pytest.approx(0.45)  # halfway from (1, 0.5) to (3, 0.4)
+    assert gold_at_kl(curve, 0.5) == pytest.approx(0.4)
+    assert math.isnan(gold_at_kl(curve, 4.0))  # never reached
+
+
+@pytest.mark.slow
+def test_quick_frontier_run(tmp_path):
+    import frontier
+
+    assert frontier.main(["--quick", "--out-dir", str(tmp_path), "--name", "fq"]) == 0
+    report = json.loads((tmp_path / "fq.json").read_text())
+    runs = report["runs"]
+    grid = frontier.GRIDS["quick"]
+    assert len(runs) == len(grid.losses) * len(grid.staleness) * len(grid.seeds) + 2 * len(grid.seeds)
+    for run in runs:
+        first = run["curve"][0]
+        assert first["step"] == 0 and first["kl"] == 0.0  # the policy starts as the reference: KL exactly 0
+        assert [c["step"] for c in run["curve"]] == [0, 2, 4]
+        assert all(0.0 <= c["gold"] <= 1.0 for c in run["curve"])
+    # common random numbers: every run's first checkpoint evaluates the same model on the same samples
+    assert len({run["curve"][0]["gold"] for run in runs}) == 1
+    rows = report["summary"]
+    assert {(r["loss"], r["switch"], r["N"]) for r in rows} >= {("online-dpo", "default", 2),
+                                                                ("proximal-rloo", "learner", 2)}
+    assert all(math.isfinite(r["gold"][1]) for r in rows)  # two seeds: a confidence interval
+    md = (tmp_path / "fq.md").read_text()
+    assert "Gold reward at matched KL" in md and "Ablation of the off-policy switches" in md
+    assert (tmp_path / "fq.png").stat().st_size > 10_000
