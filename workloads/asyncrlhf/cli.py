@@ -188,7 +188,8 @@ def cmd_export(args) -> int:
     from .export import ExportError, describe, export
 
     try:
-        out = export(args.source, args.out_dir, version=args.version, tokenizer=args.tokenizer)
+        out = export(args.source, args.out_dir, version=args.version, tokenizer=args.tokenizer, merge=args.merge,
+                     base=args.base)
     except ExportError as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
@@ -282,6 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("source", help="a run directory (runs/<job>), a volume, or a snapshot directory")
     exp.add_argument("out_dir", help="where to write the model (a new or empty directory)")
     exp.add_argument("--version", type=int, help="the snapshot version (step) to export; default: the newest")
+    exp.add_argument("--merge", action="store_true",
+                     help="LoRA runs: fold the adapter into the base model's weights (default: export the adapter)")
+    exp.add_argument("--base", default="", help="LoRA --merge: the base model (default: the job's model.policy)")
     exp.add_argument("--tokenizer", default="", help="tokenizer path or hub id, for a snapshot without one")
     exp.set_defaults(func=cmd_export)
 

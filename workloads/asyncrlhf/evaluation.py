@@ -34,6 +34,7 @@ import torch
 
 from .api import JobSpec
 from .logprobs import pack, token_logprobs
+from .lora import apply_snapshot
 from .models import encode_prompt, load_causal_lm, load_tokenizer
 from .report import EVAL_KIND, read_evals
 from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, score_batch
@@ -130,7 +131,8 @@ class Evaluator:
             if version_of(snapshot) != step:
                 log.warning("not evaluating step %d: the newest snapshot is %s", step, snapshot)
                 return None
-            self.policy.load_state_dict(load_snapshot_state(snapshot), strict=True)
+            # a LoRA run's snapshot is an adapter: applied to the base policy (lora.py)
+            self.policy = apply_snapshot(self.policy, snapshot, load_snapshot_state(snapshot))
         elif step != 0:
             return None
         if isinstance(self.reward, OnePassReward) and head is not None:

@@ -12,6 +12,12 @@ the snapshot's files without the manifest, and what an older snapshot lacks (tok
 generation config) filled in from the job's model. The copy is written into a temporary directory
 and renamed into place, so OUT_DIR is complete or absent.
 
+A LoRA run's snapshots hold an adapter (adapter_config.json + adapter_model.safetensors, lora.py):
+`export` writes the adapter (and the tokenizer), which `peft.PeftModel.from_pretrained(base, OUT_DIR)`
+and vLLM (`LoRARequest`) load on the base; `--merge` folds it into the base's weights and writes a
+plain model directory instead. The base is `--base`, else the job's model.policy, else the base the
+adapter names.
+
 Why the learner saves the tokenizer itself (`snapshot_tokenizer`): a hub-id policy has no files
 on disk to copy, and the template training used must travel with the weights — an inline
 `model.chatTemplate` is set on the tokenizer before it is saved.
@@ -27,6 +33,7 @@ from pathlib import Path
 from typing import Optional
 
 from .api import JobSpec
+from .lora import adapter_base, is_adapter, merged_model
 from .manifest import ManifestError, load_manifest
 from .models import AUTO_TEMPLATE, NO_TEMPLATE, load_tokenizer, resolve_model
 from .snapshots import MANIFEST, SnapshotError, list_versions, snapshot_dir, verify_snapshot
@@ -111,13 +118,18 @@ def verify(snapshot: Path) -> None:
 
 
 def export(source: str | Path, out_dir: str | Path, *, version: Optional[int] = None,
-           tokenizer: str = "") -> Path:
-    """Write the HF model directory of a run's newest snapshot (or `version`) to `out_dir`."""
+           tokenizer: str = "", merge: bool = False, base: str = "") -> Path:
+    """Write the HF model directory of a run's newest snapshot (or `version`) to `out_dir`; a LoRA
+    snapshot's adapter, or with `merge` the base model with the adapter folded in."""
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ExportError(f"{out} exists and is not empty: choose a new directory (nothing is overwritten)")
     found = find_snapshot(source, version)
     verify(found.snapshot)
+    if is_adapter(found.snapshot):
+        return _export_adapter(found, out, tokenizer, merge, base)
+    if merge:
+        raise ExportError(f"{found.snapshot} holds full weights, not a LoRA adapter: nothing to merge (drop --merge)")
     if not list(found.snapshot.glob("*.safetensors")) or not (found.snapshot / "config.json").is_file():
         raise ExportError(f"{found.snapshot}: no config.json or .safetensors weights: not a model snapshot")
     if out.exists():
@@ -130,7 +142,26 @@ def export(source: str | Path, out_dir: str | Path, *, version: Optional[int] = 
     return out
 
 
-def _complete(directory: Path, found: Source, tokenizer: str) -> None:
+def _export_adapter(found: Source, out: Path, tokenizer: str, merge: bool, base: str) -> Path:
+    """The adapter as it is (plus the tokenizer), or merged into its base (a plain model directory)."""
+    spec = _job_spec(found)
+    if out.exists():
+        out.rmdir()
+    with atomic_dir(out) as tmp:
+        if merge:
+            base = base or (resolve_model(spec.model.policy) if spec is not None else adapter_base(found.snapshot))
+            if not base:
+                raise ExportError(f"{found.snapshot}: the adapter names no base model: pass --base (a path or hub id)")
+            dtype = spec.model.dtype if spec is not None else "float32"
+            merged_model(base, found.snapshot, dtype).save_pretrained(tmp)
+        for f in sorted(found.snapshot.iterdir()):
+            if f.is_file() and f.name != MANIFEST and not (merge and f.name.startswith("adapter_")):
+                shutil.copy2(f, tmp / f.name)
+        _complete(tmp, found, tokenizer, generation_config=merge)
+    return out
+
+
+def _complete(directory: Path, found: Source, tokenizer: str, generation_config: bool = True) -> None:
     """Fill in what an older snapshot (or one of a hub-id policy) lacks: tokenizer, generation config."""
     if tokenizer:
         load_tokenizer(tokenizer).save_pretrained(directory)
@@ -141,7 +172,7 @@ def _complete(directory: Path, found: Source, tokenizer: str) -> None:
                 f"{found.snapshot} has no tokenizer files and no job manifest ({JOB_FILE}) is beside it: "
                 "pass --tokenizer with the policy's tokenizer (a path or hub id)")
         snapshot_tokenizer(spec, resolve_model(spec.model.policy)).save_pretrained(directory)
-    if not (directory / "generation_config.json").is_file():
+    if generation_config and not (directory / "generation_config.json").is_file():
         from transformers import AutoConfig, GenerationConfig
 
         GenerationConfig.from_model_config(AutoConfig.from_pretrained(directory)).save_pretrained(directory)

@@ -24,6 +24,7 @@ from .storage import atomic_dir
 from .weightfiles import HASH, HASHES, file_digest
 
 MANIFEST = "MANIFEST.json"
+ADAPTER_CONFIG = "adapter_config.json"  # a LoRA run's snapshot holds an adapter, not full weights (lora.py)
 _VERSION_DIR = re.compile(r"^v(\d+)$")
 _CHUNK = 1 << 20
 
@@ -49,7 +50,11 @@ def _manifest_bytes(directory: Path, version: int, known: Optional[dict[str, str
     known = known or {}
     files = sorted(p for p in directory.iterdir() if p.is_file() and p.name != MANIFEST)
     entries = {p.name: {"size": p.stat().st_size, HASH: known.get(p.name) or file_digest(p)} for p in files}
-    return json.dumps({"version": version, "files": entries}, indent=1, sort_keys=True).encode()
+    manifest: dict = {"version": version, "files": entries}
+    if (directory / ADAPTER_CONFIG).is_file():  # says what the weights are: an adapter, and on which base
+        base = json.loads((directory / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+        manifest["adapter"] = {"kind": "lora", "base": base}
+    return json.dumps(manifest, indent=1, sort_keys=True).encode()
 
 
 def file_matches(path: Path, entry: dict) -> bool:

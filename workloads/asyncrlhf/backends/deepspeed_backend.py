@@ -21,6 +21,9 @@ What is inherited (torch_backend.TorchBackend): the batch layout, the full-batch
     depend on the number of ranks or the ZeRO stage, and torch and DeepSpeed checkpoints are
     interchangeable. The price: rank 0 holds the full fp32 optimizer state in host memory while
     writing (12 bytes per parameter).
+  * LoRA (learner.lora, ZeRO-1/2 only: spec/rules.py): DeepSpeed is given the adapter's parameters
+    only; snapshots, masters and optimizer state are the adapter's, under PEFT's saved names, so
+    they too are interchangeable with TorchBackend's.
 """
 
 from __future__ import annotations
@@ -34,11 +37,13 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from ..api import JobSpec
+from .. import lora
 from ..devicereport import report_at_exit
 from ..losses import merge_metrics
 from .base import Batch
 from ..placement import learner_device
 from .distributed import init_process_group
+from .ds_config import accumulation_steps, ds_config, spec_plan  # noqa: F401 (imported from here by tests)
 from .micro import MicroPlan, micro_plan, share_rows, shard_groups
 from .optim_state import MASTER_WEIGHTS, read_optimizer_state, save_optimizer_state
 from .torch_backend import StepInputs, TorchBackend
@@ -62,42 +67,6 @@ class TrainModule(torch.nn.Module):
         hidden = out.hidden_states[-1].to(self.value_head.weight.dtype)
         hidden = hidden.detach() if self.detach_value_input else hidden
         return out.logits, self.value_head(hidden).float().squeeze(-1)
-
-
-def spec_plan(spec: JobSpec, world: int) -> MicroPlan:
-    """Rank 0's plan for a full step: it has the largest share, hence the most micro-batches."""
-    return micro_plan(spec.learner.prompts_per_step, spec.algorithm.samples_per_prompt,
-                      spec.learner.micro_batch_size, world, rank=0)
-
-
-def accumulation_steps(spec: JobSpec, world: int) -> int:
-    """Micro-batches per rank and optimizer step: the same on every rank and every step."""
-    return spec_plan(spec, world).steps
-
-
-def ds_config(spec: JobSpec, world: int) -> dict:
-    """The DeepSpeed config a spec asks for."""
-    learner, opt = spec.learner, spec.learner.optimizer
-    plan = spec_plan(spec, world)
-    steps, rows = plan.steps, plan.rows_per_micro
-    zero: dict = {"stage": learner.zero_stage}
-    if learner.offload:
-        zero["offload_optimizer"] = {"device": "cpu"}
-    return {
-        "train_micro_batch_size_per_gpu": rows,
-        "gradient_accumulation_steps": steps,
-        "train_batch_size": rows * steps * world,
-        "gradient_clipping": opt.max_grad_norm,
-        # torch's AdamW: the same update as TorchBackend, and no C++/CUDA op to build
-        "optimizer": {"type": "AdamW", "params": {"lr": opt.lr, "weight_decay": opt.weight_decay,
-                                                  "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}},
-        "zero_force_ds_cpu_optimizer": False,
-        "zero_optimization": zero,
-        "bf16": {"enabled": spec.model.dtype == "bfloat16"},
-        "fp16": {"enabled": spec.model.dtype == "float16"},
-        "steps_per_print": 1 << 30,
-        "wall_clock_breakdown": False,
-    }
 
 
 def _skip_shm_comm_build() -> None:
@@ -139,9 +108,9 @@ class DeepSpeedBackend(TorchBackend):
         # of it. The reference, only run forward, is whole on each rank.
         self.partitioned_at_load = self.zero3 and all(hasattr(p, "ds_id") for p in self.model.parameters())
         self.steps = config["gradient_accumulation_steps"]
+        module = TrainModule(self.model, self.value_head, spec.algorithm.value_head == "detached")
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=TrainModule(self.model, self.value_head, spec.algorithm.value_head == "detached"),
-            config=config)
+            model=module, model_parameters=lora.trainable_parameters(module), config=config)
 
     def _policy_dtype(self) -> str:
         """DeepSpeed keeps the fp32 masters itself: the module is in model.dtype (bf16 on GPUs)."""
@@ -242,6 +211,8 @@ class DeepSpeedBackend(TorchBackend):
         return {name[len("policy."):]: t for name, t in state.items() if name.startswith("policy.")}
 
     def save_weights(self, directory: Path) -> dict[str, str]:
+        if self.lora:  # ZeRO-1/2: every rank holds the whole adapter
+            return lora.save_adapter_files(self.model, directory, self.spec.model.dtype) if self.rank == 0 else {}
         state = self._policy_state()
         if self.rank != 0:
             return {}
@@ -250,6 +221,9 @@ class DeepSpeedBackend(TorchBackend):
     def load_weights(self, directory: Path) -> None:
         from ..snapshots import load_snapshot_state
 
+        if self.lora:
+            self._load_adapter(load_snapshot_state(directory) if self.rank == 0 else {}, str(directory))
+            return
         state = load_snapshot_state(directory) if self.rank == 0 else {}
         if self.rank == 0:
             expected = {name for name, _ in self.model.named_parameters()}
@@ -258,6 +232,18 @@ class DeepSpeedBackend(TorchBackend):
                                  f"{sorted(expected - set(state))[:5]}, unexpected {sorted(set(state) - expected)[:5]}")
         for name, param in self.model.named_parameters():
             self._set_full(param, self._from_rank0(state.get(name), param))
+
+    def _load_adapter(self, state: dict[str, torch.Tensor], where: str) -> None:
+        """Rank 0's adapter tensors (PEFT's saved names, checked there) into every rank's adapter and masters."""
+        if self.rank == 0:
+            lora.load_adapter_state(self.model, state, where)
+        for name, param in self._trained():
+            if name.startswith("policy."):
+                self._set_full(param, self._from_rank0(param.data if self.rank == 0 else None, param))
+
+    def _trained(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """The parameters DeepSpeed trains (LoRA: the adapter's and the value head's), by module name."""
+        return [(n, p) for n, p in self.engine.module.named_parameters() if p.requires_grad]
 
     def _from_rank0(self, value: Optional[torch.Tensor], param) -> torch.Tensor:
         shape = param.ds_shape if hasattr(param, "ds_shape") else param.shape
@@ -309,7 +295,7 @@ class DeepSpeedBackend(TorchBackend):
         from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
         step = self._adam_step()
-        named = list(self.engine.module.named_parameters())
+        named = self._trained()
         state, master = {}, {}
         for pid, (name, param) in enumerate(named):
             full = safe_get_full_fp32_param(param)
@@ -327,15 +313,15 @@ class DeepSpeedBackend(TorchBackend):
             save_file({k[len("value_head."):]: v for k, v in master.items() if k.startswith("value_head.")},
                       str(directory / "value_head.safetensors"))
         if self.spec.model.dtype != "float32":
-            save_file({k[len("policy."):]: v for k, v in master.items() if k.startswith("policy.")},
-                      str(directory / MASTER_WEIGHTS))
+            save_file({lora.saved_name(k[len("policy."):], self.lora): v for k, v in master.items()
+                       if k.startswith("policy.")}, str(directory / MASTER_WEIGHTS))
 
     def load_state(self, directory: Path) -> None:
         """Optimizer moments and step (and fp32 masters, value head) from a TorchBackend-format checkpoint."""
         saved = read_optimizer_state(directory) if self.rank == 0 else None
         extra = self._extra_weights(directory) if self.rank == 0 else {}
         step = self._broadcast_int(int(saved["state"][0]["step"]) if saved and saved["state"] else 0)
-        named = list(self.engine.module.named_parameters())
+        named = self._trained()
         for name, param in named:
             if self._broadcast_int(int(name in extra)):
                 self._set_full(param, self._from_rank0(extra.get(name), param))
@@ -352,7 +338,9 @@ class DeepSpeedBackend(TorchBackend):
     def _extra_weights(self, directory: Path) -> dict[str, torch.Tensor]:
         out = {}
         if (directory / MASTER_WEIGHTS).exists():
-            out |= {f"policy.{k}": v for k, v in load_file(str(directory / MASTER_WEIGHTS)).items()}
+            names = {lora.saved_name(n[len("policy."):], self.lora): n for n, _ in self._trained()
+                     if n.startswith("policy.")}
+            out |= {names.get(k, f"policy.{k}"): v for k, v in load_file(str(directory / MASTER_WEIGHTS)).items()}
         if self.value_head is not None and (directory / "value_head.safetensors").exists():
             out |= {f"value_head.{k}": v for k, v in load_file(str(directory / "value_head.safetensors")).items()}
         return out

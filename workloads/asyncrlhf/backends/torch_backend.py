@@ -14,6 +14,10 @@ and the forward pass under autocast to `model.dtype` (fp16 adds a gradient scale
 written in `model.dtype` and the fp32 masters go into the checkpoint. The frozen reference lives in
 `model.dtype` on the same device, or in host memory between its forward passes
 (`learner.offloadReference`).
+
+LoRA (`learner.lora`, lora.py): the policy is the base in `model.dtype`, frozen, wrapped with a PEFT
+adapter whose fp32 matrices are all the optimizer sees; the reference is that model with the adapter
+switched off (no second copy); snapshots, the masters and the optimizer state are the adapter's.
 """
 
 from __future__ import annotations
@@ -30,12 +34,13 @@ from safetensors.torch import load_file, save_file
 
 from ..api import JobSpec
 from ..devicereport import report_at_exit
+from .. import lora
 from ..logprobs import pack, token_logprobs
 from ..losses import LossBatch, LossParams, Normalizer, apply_no_eos_penalty, get_loss, merge_metrics, slice_prepared
 from ..models import load_causal_lm
 from ..placement import learner_device
 from ..sizing import count_parameters
-from .base import Batch
+from .base import Batch, token_limits
 from .micro import MicroPlan, micro_plan
 from .optim_state import MASTER_WEIGHTS, load_optimizer, save_optimizer
 from ..weightfiles import write_safetensors
@@ -83,7 +88,7 @@ class TorchBackend:
         self.device = local_device(spec)
         self._load_models(spec, policy_path, reference_path)
         self.model.to(self.device)
-        params = list(self.model.parameters())
+        params = lora.trainable_parameters(self.model)
         if self.value_head is not None:
             self.value_head.to(self.device)
             params += list(self.value_head.parameters())
@@ -92,8 +97,9 @@ class TorchBackend:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=spec.model.dtype == "float16")
 
     def _policy_dtype(self) -> str:
-        """The trained weights' dtype: fp32 masters here (autocast computes in model.dtype)."""
-        return "float32"
+        """The trained weights' dtype: fp32 masters here (autocast computes in model.dtype); with LoRA
+        the frozen base stays in model.dtype (PEFT keeps the adapter in fp32)."""
+        return self.spec.model.dtype if self.lora else "float32"
 
     def _autocast(self):
         dtype = self.spec.model.dtype
@@ -101,11 +107,21 @@ class TorchBackend:
 
     def _load_models(self, spec: JobSpec, policy_path: str, reference_path: str) -> None:
         self.spec = spec
-        self.ref = load_causal_lm(reference_path, spec.model.dtype).eval().requires_grad_(False)
+        self.lora = spec.learner.lora.enabled
+        self.ref = None  # LoRA: the policy with its adapter off
+        if not self.lora:
+            self.ref = load_causal_lm(reference_path, spec.model.dtype).eval().requires_grad_(False)
+        elif reference_path != policy_path:
+            raise ValueError(f"learner.lora: the reference of a LoRA run is the policy's base ({policy_path}), "
+                             f"but model.reference names {reference_path}: leave model.reference empty")
         self.ref_home = torch.device("cpu") if spec.learner.offload_reference else self.device
-        self.ref.to(self.ref_home)
+        if self.ref is not None:
+            self.ref.to(self.ref_home)
         with self._policy_loading():
             self.model = load_causal_lm(policy_path, self._policy_dtype()).train()
+        if self.lora:  # seeded: every rank of a DeepSpeed learner must draw the same A matrices
+            torch.manual_seed(spec.learner.seed)
+            self.model = lora.wrap_policy(self.model, spec.learner.lora, base=policy_path)
         self.loss = get_loss(spec.algorithm.loss)
         self.value_head: Optional[torch.nn.Linear] = None
         if self.loss.needs_value_head:
@@ -114,8 +130,11 @@ class TorchBackend:
             torch.nn.init.zeros_(self.value_head.weight)
             torch.nn.init.zeros_(self.value_head.bias)
         self.pad_id = self.model.config.pad_token_id or 0
+        self.vocab_size, self.max_positions = token_limits(self.model)  # what intake lets through
         self.behaviour_logprobs: Optional[torch.Tensor] = None  # the step's generator log-probs (oldLogprobs learner)
-        self.parameter_count = count_parameters(self.model)
+        # what snapshots and checkpoints hold (sizing.py): with LoRA the adapter only
+        self.parameter_count = (sum(p.numel() for p in lora.trainable_parameters(self.model)) if self.lora
+                                else count_parameters(self.model))
         self.temperature = spec.generator.sampling.temperature
 
     def _policy_loading(self):
@@ -151,13 +170,19 @@ class TorchBackend:
     def _reference(self, batch: Batch, rows: slice) -> torch.Tensor:
         ids, attn, mask = (t.to(self.device) for t in pack(batch.prompts[rows], batch.responses[rows], self.pad_id))
         with self._reference_on_device():
-            logits = self.ref(input_ids=ids, attention_mask=attn).logits
+            logits = self._reference_logits(ids, attn)
         return _pad_to(token_logprobs(logits, ids, mask, self.temperature), batch.mask.shape[1])
+
+    def _reference_logits(self, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        if self.ref is not None:
+            return self.ref(input_ids=ids, attention_mask=attn).logits
+        with self.model.disable_adapter(), self._autocast():  # LoRA: the base is the reference
+            return self.model(input_ids=ids, attention_mask=attn).logits
 
     @contextlib.contextmanager
     def _reference_on_device(self):
         """The reference on the training device for the block (offloaded: moved there and back)."""
-        if self.ref_home == self.device:
+        if self.ref_home == self.device or self.ref is None:
             yield
             return
         self.ref.to(self.device)
@@ -256,19 +281,31 @@ class TorchBackend:
     # --- state ---------------------------------------------------------------------------
 
     def save_weights(self, directory: Path) -> dict[str, str]:
+        if self.lora:
+            return lora.save_adapter_files(self.model, directory, self.spec.model.dtype)
         return save_snapshot_files(self.model, directory, self.spec.model.dtype)
 
     def load_weights(self, directory: Path) -> None:
         from ..snapshots import load_snapshot_state
 
-        self.model.load_state_dict(load_snapshot_state(directory), strict=True)
+        self._set_trained_state(load_snapshot_state(directory), str(directory))
+
+    def _trained_state(self) -> dict[str, torch.Tensor]:
+        """What a snapshot and the fp32 masters hold: the adapter (LoRA) or every weight."""
+        return lora.adapter_state(self.model) if self.lora else self.model.state_dict()
+
+    def _set_trained_state(self, state: dict[str, torch.Tensor], where: str) -> None:
+        if self.lora:
+            lora.load_adapter_state(self.model, {k: v.to(self.device) for k, v in state.items()}, where)
+        else:
+            self.model.load_state_dict(state, strict=True)
 
     def save_state(self, directory: Path) -> None:
         save_optimizer(self.optimizer, directory)
         if self.value_head is not None:
             save_file(self.value_head.state_dict(), str(directory / "value_head.safetensors"))
         if self.spec.model.dtype != "float32":  # the snapshot holds the weights rounded to model.dtype
-            write_safetensors(directory / MASTER_WEIGHTS, list(self.model.state_dict().items()))
+            write_safetensors(directory / MASTER_WEIGHTS, list(self._trained_state().items()))
 
     def load_state(self, directory: Path) -> None:
         load_optimizer(self.optimizer, directory)
@@ -276,8 +313,8 @@ class TorchBackend:
             self.value_head.load_state_dict(load_file(str(directory / "value_head.safetensors"),
                                                       device=str(self.device)))
         if (directory / MASTER_WEIGHTS).exists():
-            self.model.load_state_dict(load_file(str(directory / MASTER_WEIGHTS), device=str(self.device)),
-                                       strict=True)
+            self._set_trained_state(load_file(str(directory / MASTER_WEIGHTS), device=str(self.device)),
+                                   str(directory / MASTER_WEIGHTS))
 
 
 def _pad_to(x: torch.Tensor, width: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from ..api import JobSpec
 from ..devicereport import report_at_exit
 from ..workload_env import GENERATOR_ID
 from ..logprobs import pack, token_logprobs
+from ..lora import apply_adapter, is_adapter
 from ..models import load_causal_lm
 from ..placement import generator_devices
 from ..snapshots import load_snapshot_state
@@ -68,6 +69,9 @@ class HFEngine:
         """Load a snapshot in place. With its checksum, verified as it is read (one read of each
         file; nothing changes unless every file matches): engines/verified.py."""
         state = load_verified_state(snapshot_dir, checksum) if checksum else load_snapshot_state(snapshot_dir)
+        if is_adapter(snapshot_dir):  # a LoRA run's snapshot: the adapter, applied to the base (PEFT)
+            self.model = apply_adapter(self.model, snapshot_dir, state)
+            return
         params = self.model.state_dict()
         # on the CPU the loaded tensors become the parameters (no copy) when they fit exactly
         same = self.device.type == "cpu" and all(k in params and v.dtype == params[k].dtype for k, v in state.items())

@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import SpecModel
+from .lora import LoraSpec
 from .observability import AutoscaleSpec
 from .pods import QUANTITY, PodTemplate
 
@@ -90,6 +91,10 @@ class LearnerSpec(SpecModel):
         "forward pass (frees its GPU memory for training; costs two copies of its weights per step).",
     )
     optimizer: OptimizerSpec = Field(default_factory=OptimizerSpec, description="Optimizer.")
+    lora: LoraSpec = Field(
+        default_factory=LoraSpec, description="Train a LoRA adapter (PEFT) instead of the whole policy; snapshots "
+        "then carry only the adapter.",
+    )
     prompts_per_step: int = Field(
         16, ge=1, le=65536, description="Prompts per optimizer step."
     )

@@ -149,6 +149,13 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: s.learner.backend == "deepspeed" or not s.learner.offload,
     ),
     CrossFieldRule(
+        "learner.lora",
+        "!self.learner.lora.enabled || self.learner.backend != 'deepspeed' || self.learner.zeroStage != 3",
+        "LoRA with DeepSpeed ZeRO-3 is not supported: use learner.zeroStage 2 (or 1; the adapter's optimizer "
+        "state is small, and every rank holds the frozen base in model.dtype), or learner.lora.enabled false",
+        lambda s: not s.learner.lora.enabled or s.learner.backend != "deepspeed" or s.learner.zero_stage != 3,
+    ),
+    CrossFieldRule(
         "learner.offloadReference",
         "!self.learner.offloadReference || self.learner.gpusPerNode > 0",
         "offloadReference moves the reference model between host and GPU: it needs learner.gpusPerNode > 0 "

@@ -1,0 +1,363 @@
+"""LoRA (spec.learner.lora): only the adapter trains, the reference is the base with the adapter off,
+snapshots carry only the adapter (listed and hashed in the manifest, which names the base), engines
+apply it (a tampered one is refused), a checkpoint resumes, and export writes the adapter or the
+merged model."""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from asyncrlhf.api import JobSpec
+from asyncrlhf.backends import to_batch
+from asyncrlhf.backends.torch_backend import TorchBackend
+from asyncrlhf.lora import ADAPTER_WEIGHTS, AdapterError, adapter_state, apply_adapter, is_adapter, lora_config
+from asyncrlhf.messages import Completion, RolloutGroup
+from asyncrlhf.models import encode_prompt, load_causal_lm, load_tokenizer, resolve_model
+from asyncrlhf.snapshots import ADAPTER_CONFIG, MANIFEST, SnapshotError, write_snapshot
+from asyncrlhf.spec.lora import LoraSpec
+from asyncrlhf.tasks import sort_digits_prompt
+
+K, GROUPS = 4, 3
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    return resolve_model("builtin:tiny-sort")
+
+
+def lora_spec(**lora) -> JobSpec:
+    return JobSpec.model_validate({
+        "algorithm": {"loss": "grpo", "samplesPerPrompt": K},
+        "learner": {"promptsPerStep": GROUPS, "microBatchSize": K, "optimizer": {"lr": 1e-2},
+                    "lora": {"enabled": True, "rank": 4, "alpha": 8} | lora},
+    })
+
+
+def rollouts(tiny: str, batches: int, seed: int = 0) -> list[list[RolloutGroup]]:
+    """Sort-digits prompts with random answers and mixed scores (log-probs 0: a ratio far from 1 is
+    clipped, which these tests do not mind)."""
+    rng, tokenizer = random.Random(seed), load_tokenizer(tiny)
+    out = []
+    for b in range(batches):
+        groups = []
+        for i in range(GROUPS):
+            rec = sort_digits_prompt(rng)
+            answers = [[rng.randrange(4, 14) for _ in range(rng.randint(2, 5))] + [2] for _ in range(K)]
+            completions = [Completion(text="", token_ids=a, logprobs=[-1.0] * len(a), eos=True,
+                                      score=rng.choice([0.0, 1.0])) for a in answers]
+            groups.append(RolloutGroup(id=f"r{b}{i}", prompt_id=f"p{b}{i}", batch=b, index=i, prompt_text=rec.text,
+                                       prompt_token_ids=encode_prompt(tokenizer, rec.text), completions=completions,
+                                       policy_version=b, generator_id="t"))
+        out.append(groups)
+    return out
+
+
+def perturb_adapter(model, seed: int = 0) -> None:
+    """A fresh adapter is the base (B = 0); move B so the adapter changes the function."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.2)
+
+
+# --- the spec -----------------------------------------------------------------------------------
+
+
+def test_lora_is_off_by_default_and_targets_every_linear_layer():
+    spec = JobSpec.model_validate({})
+    assert spec.learner.lora.enabled is False
+    assert spec.learner.lora.target_modules == ["all-linear"]
+
+
+@pytest.mark.parametrize("lora,where", [
+    ({"rank": 0}, "rank"), ({"rank": 1024}, "rank"), ({"alpha": 0}, "alpha"), ({"dropout": 1.0}, "dropout"),
+    ({"targetModules": []}, "targetModules"), ({"targetModules": ["q_proj; rm"]}, "targetModules"),
+    ({"targetModules": ["all-linear", "q_proj"]}, "all-linear"),
+])
+def test_bad_lora_settings_are_refused(lora, where):
+    with pytest.raises(ValidationError, match=where):
+        JobSpec.model_validate({"learner": {"lora": {"enabled": True} | lora}})
+
+
+def test_lora_with_zero3_is_refused_with_what_to_do():
+    with pytest.raises(ValidationError, match="zeroStage 2"):
+        JobSpec.model_validate({"learner": {"backend": "deepspeed", "zeroStage": 3, "lora": {"enabled": True}}})
+    JobSpec.model_validate({"learner": {"backend": "deepspeed", "zeroStage": 2, "lora": {"enabled": True}}})
+
+
+def test_peft_config_follows_the_spec():
+    config = lora_config(LoraSpec(enabled=True, rank=8, alpha=4, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 4, 0.1)
+    assert set(config.target_modules) == {"q_proj", "v_proj"}
+    assert lora_config(LoraSpec()).target_modules == "all-linear"
+
+
+def test_unknown_target_modules_are_refused_naming_the_field(tiny):
+    with pytest.raises(AdapterError, match="targetModules"):
+        TorchBackend(lora_spec(targetModules=["no_such_proj"]), tiny, tiny)
+
+
+# --- the learner ------------------------------------------------------------------------------
+
+
+def test_only_the_adapter_is_trained_and_counted(tiny):
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    optimized = [p for g in backend.optimizer.param_groups for p in g["params"]]
+    names = {id(p): n for n, p in backend.model.named_parameters()}
+    assert optimized and all("lora_A" in names[id(p)] or "lora_B" in names[id(p)] for p in optimized)
+    # tiny-sort: hidden 64, intermediate 256, 2 layers; rank 4 on q,k,v,o (64x64), gate, up (64->256), down
+    per_layer = 4 * 4 * (64 + 64) + 2 * 4 * (64 + 256) + 4 * (256 + 64)
+    assert backend.parameter_count == sum(p.numel() for p in optimized) == 2 * per_layer
+    assert backend.ref is None  # no second copy of the model
+
+
+def test_reference_is_the_base_with_the_adapter_off(tiny):
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    perturb_adapter(backend.model)
+    base = load_causal_lm(tiny).eval()
+    ids = torch.tensor([[1, 5, 9, 4, 14, 7], [1, 8, 3, 14, 5, 6]])
+    attn = torch.ones_like(ids)
+    with torch.no_grad():
+        want = base(input_ids=ids, attention_mask=attn).logits
+        assert torch.equal(backend._reference_logits(ids, attn), want)
+        adapted = backend.model(input_ids=ids, attention_mask=attn).logits
+    assert (adapted - want).abs().max() > 1e-2  # the adapter is on for the policy
+
+
+def test_training_moves_only_the_adapter_and_the_base_stays(tiny):
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    base_before = {n: p.clone() for n, p in backend.model.named_parameters() if "lora_" not in n}
+    adapter_before = {k: v.clone() for k, v in adapter_state(backend.model).items()}
+    for step, groups in enumerate(rollouts(tiny, 2)):
+        backend.train_step(to_batch(groups, backend.pad_id), step)
+    after = dict(backend.model.named_parameters())
+    assert all(torch.equal(after[n], p) for n, p in base_before.items())
+    moved = adapter_state(backend.model)
+    assert any(not torch.equal(moved[k], v) for k, v in adapter_before.items() if "lora_B" in k)
+
+
+# --- snapshots and checkpoints ----------------------------------------------------------------
+
+
+def write_adapter_snapshot(backend: TorchBackend, root: Path, version: int):
+    return write_snapshot(root, version, backend.save_weights)
+
+
+def test_a_snapshot_is_the_adapter_only_hashed_in_a_manifest_naming_the_base(tiny, tmp_path):
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    perturb_adapter(backend.model)
+    info = write_adapter_snapshot(backend, tmp_path, 1)
+    files = {p.name for p in Path(info.path).iterdir()}
+    assert files == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST}
+    manifest = json.loads((Path(info.path) / MANIFEST).read_text())
+    assert manifest["adapter"] == {"kind": "lora", "base": tiny}
+    assert set(manifest["files"]) == {ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+    assert all(len(entry["blake3"]) == 64 for entry in manifest["files"].values())
+    # the adapter's bytes: 2 x rank-4 matrices per linear layer in fp32, a few kB of header
+    weights = manifest["files"][ADAPTER_WEIGHTS]["size"]
+    assert backend.parameter_count * 4 <= weights < backend.parameter_count * 4 + 16_384
+    config = json.loads((Path(info.path) / ADAPTER_CONFIG).read_text())
+    assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, tiny)
+
+
+def test_a_checkpoint_of_a_lora_run_resumes_to_the_same_step(tiny, tmp_path):
+    """Train 2 steps, snapshot + checkpoint, train the 3rd; a fresh learner restored from the
+    checkpoint trains the 3rd step to the same loss and adapter."""
+    spec = lora_spec()
+    batches = rollouts(tiny, 3)
+    first = TorchBackend(spec, tiny, tiny)
+    for step in range(2):
+        first.train_step(to_batch(batches[step], first.pad_id), step)
+    snapshot = write_adapter_snapshot(first, tmp_path, 2)
+    (tmp_path / "checkpoint").mkdir()
+    first.save_state(tmp_path / "checkpoint")
+    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} == {"optimizer.safetensors", "optimizer.json"}
+    want = first.train_step(to_batch(batches[2], first.pad_id), 2)
+
+    fresh = TorchBackend(spec, tiny, tiny)
+    fresh.load_weights(Path(snapshot.path))
+    fresh.load_state(tmp_path / "checkpoint")
+    got = fresh.train_step(to_batch(batches[2], fresh.pad_id), 2)
+    assert got["loss"] == pytest.approx(want["loss"], rel=1e-6, abs=1e-9)
+    expected = adapter_state(first.model)
+    assert all(torch.allclose(v, expected[k], atol=1e-7) for k, v in adapter_state(fresh.model).items())
+    # the optimizer state is the adapter's: a checkpoint is a few times the adapter, not the model
+    assert (tmp_path / "checkpoint" / "optimizer.safetensors").stat().st_size < 3 * fresh.parameter_count * 4 + 65_536
+
+
+def test_an_adapter_of_another_shape_is_refused(tiny, tmp_path):
+    info = write_adapter_snapshot(TorchBackend(lora_spec(rank=8), tiny, tiny), tmp_path, 1)
+    with pytest.raises(AdapterError, match="does not fit"):
+        TorchBackend(lora_spec(targetModules=["q_proj"]), tiny, tiny).load_weights(Path(info.path))
+
+
+# --- generators --------------------------------------------------------------------------------
+
+
+def test_the_hf_engine_applies_the_adapter_and_refuses_a_tampered_one(tiny, tmp_path):
+    from asyncrlhf.engines.hf import HFEngine
+
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    perturb_adapter(backend.model)
+    info = write_adapter_snapshot(backend, tmp_path, 1)
+    engine = HFEngine(JobSpec.model_validate({"generator": {"engine": "hf"}}), tiny)
+    ids = torch.tensor([[1, 5, 9, 4, 14, 7]])
+    with torch.no_grad():
+        base = engine.model(input_ids=ids).logits
+        engine.reload(info.path, info.checksum)
+        assert is_adapter(info.path)
+        got = engine.model(input_ids=ids).logits
+        want = backend.model.eval()(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-5) and (got - base).abs().max() > 1e-2
+
+    perturb_adapter(backend.model, seed=1)  # the next version, then a flipped byte in its adapter
+    second = write_adapter_snapshot(backend, tmp_path, 2)
+    weights = Path(second.path) / ADAPTER_WEIGHTS
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(SnapshotError, match="corrupt"):
+        engine.reload(second.path, second.checksum)
+    with torch.no_grad():
+        assert torch.equal(engine.model(input_ids=ids).logits, got)  # the old adapter stays
+
+
+
+# --- export ------------------------------------------------------------------------------------
+
+PROMPTS = ["3 1 2 =", "9 0 9 5 =", "7 7 1 ="]
+
+
+def greedy(model, tokenizer) -> list[list[int]]:
+    out = []
+    for text in PROMPTS:
+        ids = torch.tensor([encode_prompt(tokenizer, text)])
+        gen = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=8,
+                             eos_token_id=2, pad_token_id=0)
+        out.append(gen[0, ids.shape[1]:].tolist())
+    return out
+
+
+def lora_run(tmp_path: Path, tiny: str) -> tuple[Path, TorchBackend]:
+    """A run directory as `asyncrlhf run` leaves it for a LoRA job: job.yaml and an adapter snapshot."""
+    import yaml
+
+    from asyncrlhf.export import snapshot_tokenizer
+
+    spec = lora_spec()
+    run = tmp_path / "runs" / "job"
+    run.mkdir(parents=True)
+    (run / "job.yaml").write_text(yaml.safe_dump({"apiVersion": "asyncrlhf.dev/v1alpha1", "kind": "AsyncRLHFJob",
+                                                  "metadata": {"name": "job"},
+                                                  "spec": spec.model_dump(by_alias=True, mode="json")}))
+    backend, tokenizer = TorchBackend(spec, tiny, tiny), snapshot_tokenizer(spec, tiny)
+    perturb_adapter(backend.model, seed=5)
+
+    def save(directory: Path):
+        digests = backend.save_weights(directory)
+        tokenizer.save_pretrained(directory)
+        return digests
+
+    write_snapshot(run / "volume", 4, save)
+    return run, backend.model.eval()
+
+
+def test_export_writes_the_adapter_or_the_merged_model_with_the_snapshots_greedy_tokens(tiny, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from asyncrlhf.export import ExportError, export
+
+    run, policy = lora_run(tmp_path, tiny)
+    tokenizer = load_tokenizer(tiny)
+    want = greedy(policy, tokenizer)
+    assert want != greedy(load_causal_lm(tiny), tokenizer)  # the adapter changes what is generated
+
+    adapter = export(run, tmp_path / "adapter")
+    files = {p.name for p in adapter.iterdir()}
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, "tokenizer.json"} <= files and not {MANIFEST, "config.json"} & files
+    assert greedy(PeftModel.from_pretrained(load_causal_lm(tiny), str(adapter)), tokenizer) == want
+
+    merged = export(run, tmp_path / "merged", merge=True)
+    files = {p.name for p in merged.iterdir()}
+    assert {"config.json", "generation_config.json", "model.safetensors", "tokenizer.json"} <= files
+    assert not any(name.startswith("adapter_") for name in files)
+    model = AutoModelForCausalLM.from_pretrained(merged)
+    assert greedy(model, AutoTokenizer.from_pretrained(merged)) == want
+
+    with pytest.raises(ExportError, match="not empty"):
+        export(run, merged, merge=True)
+
+
+# --- DeepSpeed ---------------------------------------------------------------------------------
+
+
+def deepspeed_spec() -> JobSpec:
+    return JobSpec.model_validate(lora_spec().model_dump(by_alias=True) | {
+        "learner": lora_spec().learner.model_dump(by_alias=True) | {"backend": "deepspeed", "zeroStage": 2}})
+
+
+def deepspeed_worker(out: Path) -> None:
+    """DeepSpeed ZeRO-2 with LoRA in one process (this file run as a script, so that the process
+    group does not outlive it): 2 steps, snapshot + checkpoint, the 3rd step; then a fresh engine
+    restored from them redoes the 3rd step."""
+    from asyncrlhf.backends.deepspeed_backend import DeepSpeedBackend
+
+    tiny, spec = resolve_model("builtin:tiny-sort"), deepspeed_spec()
+    batches = rollouts(tiny, 3)
+    first = DeepSpeedBackend(spec, tiny, tiny)
+    metrics = [first.train_step(to_batch(batches[s], first.pad_id), s) for s in range(2)]
+    write_snapshot(out, 2, first.save_weights)
+    (out / "checkpoint").mkdir()
+    first.save_state(out / "checkpoint")
+    metrics.append(first.train_step(to_batch(batches[2], first.pad_id), 2))
+    write_snapshot(out, 3, first.save_weights)
+    fresh = DeepSpeedBackend(spec, tiny, tiny)
+    fresh.load_weights(out / "snapshots" / "v2")
+    fresh.load_state(out / "checkpoint")
+    resumed = fresh.train_step(to_batch(batches[2], fresh.pad_id), 2)
+    (out / "result.json").write_text(json.dumps({"metrics": metrics, "resumed": resumed,
+                                                 "trained": len(list(first.engine.optimizer.param_groups[0]["params"]))}))
+
+
+@pytest.mark.slow
+def test_deepspeed_trains_the_same_adapter_as_torch_and_resumes(tiny, tmp_path):
+    import os
+    import subprocess
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
+    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    torch_backend = TorchBackend(lora_spec(), tiny, tiny)
+    want = [torch_backend.train_step(to_batch(g, torch_backend.pad_id), s) for s, g in enumerate(rollouts(tiny, 3))]
+    for got, expected in zip(result["metrics"], want, strict=True):
+        assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4, abs=1e-6)
+    assert result["resumed"]["loss"] == pytest.approx(result["metrics"][2]["loss"], rel=1e-6, abs=1e-9)
+    assert {p.name for p in (tmp_path / "snapshots" / "v3").iterdir()} == {ADAPTER_CONFIG, ADAPTER_WEIGHTS, MANIFEST}
+    from asyncrlhf.snapshots import load_snapshot_state
+
+    trained = load_snapshot_state(tmp_path / "snapshots" / "v3")
+    expected_state = adapter_state(torch_backend.model)
+    assert set(trained) == set(expected_state)
+    assert max((trained[k] - expected_state[k]).abs().max().item() for k in trained) < 1e-4
+    # the DeepSpeed checkpoint resumes the torch backend too (same names, no pickle)
+    other = TorchBackend(lora_spec(), tiny, tiny)
+    other.load_weights(tmp_path / "snapshots" / "v2")
+    other.load_state(tmp_path / "checkpoint")
+    last = other.train_step(to_batch(rollouts(tiny, 3)[2], other.pad_id), 2)
+    assert last["loss"] == pytest.approx(want[2]["loss"], rel=1e-4)
+
+
+if __name__ == "__main__":
+    torch.set_num_threads(1)
+    deepspeed_worker(Path(sys.argv[1]))
