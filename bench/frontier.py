@@ -43,7 +43,7 @@ from frontier_task import Task, evaluate, rollout_batch  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 BETA = 0.1  # the KL coefficient of every loss (DPO's beta, the KL penalty's c_KL)
-LR_GRID = (1e-4, 3e-4, 1e-3)
+LR_GRID = (3e-5, 1e-4, 3e-4, 1e-3)
 # the off-policy switches ablated (docs/algorithms.md § Off-policy switches), on proximal-rloo
 SWITCHES = {
     "default": {},
