@@ -148,6 +148,7 @@ class RecordingBackend:
     """A backend that records its calls; the channel records what was sent."""
 
     pad_id, parameter_count = 3, 1000
+    vocab_size, max_positions = 0, 0  # unknown: not checked
 
     def __init__(self) -> None:
         self.calls = []

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from asyncrlhf.checkpoints import LearnerState
-from asyncrlhf.intake import RolloutIntake
+from asyncrlhf.intake import RolloutIntake, TokenLimits
 from asyncrlhf.messages import Completion, RolloutGroup
 
 
@@ -78,3 +80,47 @@ def test_other_rollouts_are_acked_and_counted():
     future = rollout(3, 0, 7)  # a version this run never published
     assert accept(it, future).policy_version == 7 and future.acked and it.state.dropped == 1
     assert not dead
+
+
+def group_with(prompt: list[int], completions: list[list[int]], rid: str = "r-2-0") -> Msg:
+    return Msg(RolloutGroup(
+        id=rid, prompt_id="p", batch=2, index=0, prompt_text="", prompt_token_ids=prompt, policy_version=2,
+        generator_id="g", completions=[Completion(text="", token_ids=ids, logprobs=[-0.1] * len(ids), eos=True,
+                                                  score=0.0) for ids in completions]).encode())
+
+
+LIMITS = TokenLimits(vocab_size=100, max_positions=8)
+TOKEN_CASES = [  # prompt, completions -> the dead letter's reason ("" = kept)
+    ([1, 2, 3], [[4, 5], [6]], ""),
+    ([1, 2, 3], [[4, 5, 6, 7, 8]], ""),  # 3 + 5 = 8 positions: exactly fits
+    ([1, 2, 3], [[4, 5, 6, 7, 8, 9]], "r-2-0: 3 prompt + 6 completion tokens, more than the model's 8 positions"),
+    ([1, 100, 3], [[4]], "r-2-0: prompt has token id 100, outside the model's vocabulary (0..99)"),
+    ([1, 2], [[4], [99, 250]], "r-2-0: completion 1 has token id 250, outside the model's vocabulary (0..99)"),
+]
+
+
+@pytest.mark.parametrize("prompt,completions,reason", TOKEN_CASES)
+def test_rollouts_the_model_cannot_read_go_to_the_dead_letters(prompt, completions, reason):
+    it, dead = intake()
+    it.limits = LIMITS
+    msg = group_with(prompt, completions)
+    assert accept(it, msg) is None
+    if reason:
+        assert dead == [(msg, f"rollout the model cannot read: {reason}")] and it.state.dead == 1
+        assert not it.pending and not msg.acked
+    else:
+        assert not dead and it.pending[2][0][1] is msg
+
+
+def test_unknown_limits_check_nothing():
+    it, dead = intake()  # TokenLimits() by default: a backend that cannot tell
+    accept(it, group_with([10**6], [[10**6] * 50]))
+    assert not dead and it.pending
+
+
+def test_the_torch_backend_reports_the_models_limits():
+    from asyncrlhf.backends.base import token_limits
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=77, n_positions=33, n_embd=8, n_layer=1, n_head=2))
+    assert token_limits(model) == (77, 33)

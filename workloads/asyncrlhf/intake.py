@@ -6,8 +6,10 @@ rollout, and the ones it had are redelivered. A redelivery of a message still ke
 ack deadline passed during a long step) replaces the handle: acking it would delete the only
 durable copy. What schedule.classify says is not to be kept is acked at once and counted (a
 rollout too stale is also handed to `on_stale`, which releases its prompt again). A message that
-cannot be a rollout of this job (undecodable, bad values, a place past the job's shape) goes to
-the dead letters, counted: it never fails or wedges the learner.
+cannot be a rollout of this job (undecodable, bad values, a place past the job's shape, token ids
+the model has no embedding for, more tokens than its positions) goes to the dead letters, counted:
+it never fails or wedges the learner (an id past the vocabulary would fail the step's embedding
+lookup, every time the message came back).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import dataclass
 from typing import Awaitable, Callable
 
 import nats
@@ -32,10 +35,32 @@ Hook = Callable[[], Awaitable[None]]
 DeadLetter = Callable[[object, str], Awaitable[None]]
 
 
+@dataclass(frozen=True)
+class TokenLimits:
+    """What the policy model can read (the TrainingBackend says); 0 = not known, not checked."""
+
+    vocab_size: int = 0  # token ids must be below it (the embedding's rows)
+    max_positions: int = 0  # prompt + completion tokens at most this many
+
+    def problem(self, group: RolloutGroup) -> str:
+        """Why the model cannot train on `group`, or ""."""
+        for name, ids in [("prompt", group.prompt_token_ids)] + [
+                (f"completion {k}", c.token_ids) for k, c in enumerate(group.completions)]:
+            if self.vocab_size and ids and (max(ids) >= self.vocab_size or min(ids) < 0):
+                bad = next(t for t in ids if not 0 <= t < self.vocab_size)
+                return f"{group.id}: {name} has token id {bad}, outside the model's vocabulary (0..{self.vocab_size - 1})"
+        longest = max((len(c.token_ids) for c in group.completions), default=0)
+        if self.max_positions and len(group.prompt_token_ids) + longest > self.max_positions:
+            return (f"{group.id}: {len(group.prompt_token_ids)} prompt + {longest} completion tokens, more than "
+                    f"the model's {self.max_positions} positions")
+        return ""
+
+
 class RolloutIntake:
     def __init__(self, state: LearnerState, prompts_per_step: int, max_staleness: int, total_steps: int,
-                 dead_letter: DeadLetter) -> None:
+                 dead_letter: DeadLetter, limits: TokenLimits = TokenLimits()) -> None:
         self.state, self.per, self.n, self.total = state, prompts_per_step, max_staleness, total_steps
+        self.limits = limits
         self.dead_letter = dead_letter
         self.pending: dict[int, dict[int, tuple[RolloutGroup, object]]] = {}  # batch -> index -> (group, msg)
         # messages of trained steps not yet covered by a checkpoint (acked after it), by rollout id
@@ -88,6 +113,9 @@ class RolloutIntake:
             return None
         if reason := implausible(group.batch, group.index, self.per, self.total):
             await self.dead(msg, "rollout out of the job's bounds", f"{group.id}: {reason}")
+            return None
+        if reason := self.limits.problem(group):
+            await self.dead(msg, "rollout the model cannot read", reason)
             return None
         slots = self.pending.get(group.batch, {})
         verdict = classify(group.batch, group.index, group.policy_version, step, self.n, slots,

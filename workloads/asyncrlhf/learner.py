@@ -40,7 +40,7 @@ from .evaluation import Evaluator
 from .export import snapshot_tokenizer
 from .faults import fault_point
 from .feeding import PromptFeeder
-from .intake import RolloutIntake
+from .intake import RolloutIntake, TokenLimits
 from .learner_link import LearnerLink
 from .messages import LearnerProgress, MessageError, Preference, RolloutGroup, WeightsAnnouncement
 from .models import resolve_model
@@ -71,7 +71,8 @@ class Learner(WeightPublishing):
         self.log = RunLog(run_dir)
         self.feeder = PromptFeeder(spec, bus, self.state)
         self.intake = RolloutIntake(self.state, spec.learner.prompts_per_step, spec.async_.effective_staleness,
-                                    spec.learner.total_steps, self._dead_letter)
+                                    spec.learner.total_steps, self._dead_letter,
+                                    TokenLimits(backend.vocab_size, backend.max_positions))
         self.link = LearnerLink(spec, bus, self.feeder, self.intake)
         buffer_spec = spec.async_.replay_buffer
         self.replay = ReplayBuffer.from_spec(buffer_spec) if replay_enabled(buffer_spec, spec.algorithm.loss) else None

@@ -64,6 +64,8 @@ class TrainingBackend(Protocol):
 
     pad_id: int
     parameter_count: int  # the policy's parameters (whole, also when partitioned): sizes checkpoints
+    vocab_size: int  # token ids the policy has embeddings for (the learner dead-letters others; 0: unknown)
+    max_positions: int  # prompt + completion tokens the policy can take (0: no limit known)
 
     def train_step(self, batch: Batch, step: int) -> dict[str, float]:
         """Train on the step's batch (`algorithm.updatesPerBatch` optimizer steps); its metrics."""
@@ -80,6 +82,14 @@ class TrainingBackend(Protocol):
 
     def load_state(self, directory: Path) -> None:
         """Restore what save_state wrote."""
+
+
+def token_limits(model) -> tuple[int, int]:
+    """(vocab_size, max_positions) of an HF causal LM: the input embedding's rows (ids past them
+    fail the lookup; the config's vocab_size can be smaller than the padded matrix) and the
+    config's max_position_embeddings (0 when the config names none)."""
+    rows = model.get_input_embeddings().num_embeddings
+    return int(rows), int(getattr(model.config, "max_position_embeddings", 0) or 0)
 
 
 # the Protocol's methods in the order they are defined (vars keeps it)

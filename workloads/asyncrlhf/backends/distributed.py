@@ -287,6 +287,7 @@ class Leader:
     def __init__(self, backend: TrainingBackend, channel: CommandChannel) -> None:
         self.backend, self.channel = backend, channel
         self.pad_id, self.parameter_count = backend.pad_id, backend.parameter_count
+        self.vocab_size, self.max_positions = backend.vocab_size, backend.max_positions
         self.released = False
 
     def _call(self, cmd: Command):
