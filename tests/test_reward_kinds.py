@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -68,6 +69,13 @@ def none(prompts, completions, **kwargs):
     return None
 
 not_a_function = 3
+
+import threading
+release = threading.Event()
+
+def hang(prompts, completions, **kwargs):
+    release.wait(30)  # a call that does not come back (until the test lets it go)
+    return [0.0] * len(completions)
 '''
 
 
@@ -104,6 +112,31 @@ def test_a_failing_function_is_a_reward_error_naming_it_and_the_batch(user_modul
     with pytest.raises(RewardError) as err:
         score_batch(python_reward(function), BATCH)
     assert str(err.value) == message
+
+
+def test_a_function_that_hangs_times_out_as_a_reward_error_and_the_next_batch_is_scored(user_module):
+    spec = JobSpec.model_validate({"task": {"reward": {"kind": "sum", "terms": [
+        {"kind": "python", "function": "user_rewards:hang", "functionTimeoutSeconds": 0.2},
+        {"kind": "python", "function": "user_rewards:score_async"}]}}})
+    reward = make_reward(spec)
+    hung = reward.terms[0][1]
+    started = time.monotonic()
+    with pytest.raises(RewardError) as err:
+        score_batch(reward, BATCH)
+    assert 0.2 <= time.monotonic() - started < 5
+    assert str(err.value) == (
+        "python reward user_rewards:hang did not return within 0.2 s on batch 7 (2 prompts: job-p7-0, job-p7-1; "
+        "4 completions) (spec.task.reward.terms[0].functionTimeoutSeconds; 1 calls abandoned so far): the prompts "
+        "are retried; make the function faster or raise the timeout")
+    sys.modules["user_rewards"].release.set()  # the abandoned call ends; a new one is not blocked by it
+    assert score_batch(hung, BATCH) == [0.0] * 4 and hung.abandoned == 1
+
+
+def test_the_function_timeout_defaults_to_a_minute_and_is_bounded():
+    assert JobSpec().task.reward.function_timeout_seconds == 60.0
+    for bad in (0, -1, 3601, float("inf"), float("nan")):
+        with pytest.raises(ValueError):
+            JobSpec.model_validate({"task": {"reward": {"functionTimeoutSeconds": bad}}})
 
 
 @pytest.mark.parametrize("function, match", [

@@ -24,6 +24,7 @@ import logging
 import math
 import os
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -147,17 +148,42 @@ def import_function(function: str, path: str = "spec.task.reward.function") -> C
 
 
 class PythonReward:
-    """Your function: f(prompts=..., completions=..., **columns) -> list of floats (async def works too)."""
+    """Your function: f(prompts=..., completions=..., **columns) -> list of floats (async def works too).
+
+    Each call runs in a thread of its own, waited for `functionTimeoutSeconds`: a function that
+    hangs (a lock, a network call without a timeout) becomes a RewardError and its batch is retried,
+    instead of a generator that holds its prompts until its hold limit. Python cannot stop a
+    thread, so the hung call is left behind (a daemon thread, counted in `abandoned`)."""
 
     def __init__(self, source: RewardSource, path: str = "spec.task.reward.function") -> None:
         self.fn, self.name = import_function(source.function, path), f"python reward {source.function}"
+        self.timeout, self.timeout_path = source.function_timeout_seconds, f"{path.rsplit('.', 1)[0]}.functionTimeoutSeconds"
+        self.abandoned = 0
 
     def __call__(self, batch: RewardBatch) -> list[float]:
         columns = {k: v for k, v in batch.columns.items() if k not in ("prompts", "completions")}
-        result = self.fn(prompts=batch.prompts, completions=batch.completions, **columns)
-        if inspect.isawaitable(result):  # scoring runs in a worker thread: no event loop there
-            result = asyncio.run(_awaited(result))
-        return result
+        outcome: dict[str, Any] = {}
+
+        def call() -> None:
+            try:
+                result = self.fn(prompts=batch.prompts, completions=batch.completions, **columns)
+                if inspect.isawaitable(result):  # a thread of its own: no event loop there
+                    result = asyncio.run(_awaited(result))
+                outcome["value"] = result
+            except BaseException as err:  # noqa: BLE001 -- raised again in the caller's thread
+                outcome["error"] = err
+
+        worker = threading.Thread(target=call, name=f"{self.name} call", daemon=True)
+        worker.start()
+        worker.join(self.timeout)
+        if worker.is_alive():
+            self.abandoned += 1
+            raise RewardError(f"{self.name} did not return within {self.timeout:g} s on {batch.where} "
+                              f"({self.timeout_path}; {self.abandoned} calls abandoned so far): the prompts are "
+                              "retried; make the function faster or raise the timeout")
+        if "error" in outcome:
+            raise outcome["error"]
+        return outcome["value"]
 
 
 async def _awaited(awaitable):

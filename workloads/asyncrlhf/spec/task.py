@@ -166,6 +166,11 @@ class RewardSource(SpecModel):
 
 class RewardTerm(RewardSource):
     """One term of a kind=sum reward: weight x the term's reward."""
+    function_timeout_seconds: float = Field(
+        60.0, gt=0, le=3600,
+        description="kind=python: longest one call of the function may take; past it the batch's prompts "
+        "go back to the queue (retried) and the call is abandoned.",
+    )
 
     kind: Literal["rule", "model", "python", "http"] = Field("rule", description="The term's kind.")
     weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of the term in the sum.")
