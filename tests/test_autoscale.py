@@ -107,3 +107,98 @@ def test_the_simulated_job_converges_without_oscillating(ratio):
         # the right count, or one more where the right count puts the learner exactly at its target wait
         assert right <= settled["final"] <= right + 1, (phase, settled)
         assert settled["decisions_to_settle"] <= 12 and settled["reversals"] == 0, (phase, settled)
+
+
+# ---------------------------------------------------------------------------------------------
+# observe: two reads of the job's KV bucket -> one interval's signals
+
+from asyncrlhf.autoscale import SERVING_SECONDS, Sample, generator_idle, grew, learner_wait, observe  # noqa: E402
+from asyncrlhf.messages import RETIRED_GENERATORS, GeneratorStatus, LearnerProgress  # noqa: E402
+
+JOB = JobSpec.model_validate({"learner": {"promptsPerStep": 8}, "async": {"maxStaleness": 2}})
+
+
+def learner(uptime, wait, *, pending=None, done=False, failed="") -> LearnerProgress:
+    return LearnerProgress(step=3, total_steps=100, policy_version=3, uptime_seconds=uptime,
+                           rollout_wait_seconds=wait, prompts_pending=pending, done=done, failed=failed)
+
+
+def gen(gid, uptime, prompt=0.0, weights=0.0, busy=0.0, updated=1000.0) -> GeneratorStatus:
+    return GeneratorStatus(generator_id=gid, policy_version=3, uptime_seconds=uptime, prompt_wait_seconds=prompt,
+                           weights_wait_seconds=weights, busy_seconds=busy, updated=updated)
+
+
+@pytest.mark.parametrize("before, after, expected", [
+    (10.0, 25.0, 15.0), (10.0, 10.0, 0.0), (10.0, 3.0, None),  # went down: a restart
+])
+def test_grew(before, after, expected):
+    assert grew(before, after) == expected
+
+
+@pytest.mark.parametrize("prev, now, fraction, why", [
+    (learner(100, 10), learner(130, 22), 0.4, ""),  # 12 of 30 s
+    (learner(100, 10), learner(130, 10), 0.0, ""),
+    (learner(100, 10), learner(130, 50), 1.0, ""),  # (clipped: cannot wait more than the interval)
+    (None, learner(130, 22), None, "first read"),
+    (learner(100, 10), None, None, "no learner progress"),
+    (learner(100, 10), learner(20, 5), None, "restarted"),  # uptime went down
+    (learner(100, 10), learner(130, 5), None, "restarted"),  # a counter went down
+    (learner(100, 10), learner(100, 10), None, "has not reported"),  # the same report read twice
+    (learner(0, 0), learner(0, 0), None, "has not reported"),  # a learner without the counters (older image)
+    (learner(100, 10), learner(130, 22, done=True), None, "finished"),
+    (learner(100, 10), learner(130, 22, failed="oom"), None, "finished"),
+])
+def test_learner_wait(prev, now, fraction, why):
+    got, reason = learner_wait(prev, now)
+    assert got == (pytest.approx(fraction) if fraction is not None else None) and why in reason
+
+
+@pytest.mark.parametrize("prev, now, expected", [
+    (gen("a", 100, 5, 5, 80), gen("a", 140, 25, 15, 90), 0.75),  # (20 + 10) / 40
+    (gen("a", 100, 5, 5, 80), gen("a", 140, 5, 5, 120), 0.0),
+    (None, gen("a", 140, 25, 15), None),  # new generator: no interval yet
+    (gen("a", 100, 5, 5), gen("a", 10, 1, 0), None),  # restarted (same pod name, new process)
+    (gen("a", 100, 5, 5), gen("a", 140, 4, 5), None),  # a counter went down
+    (gen("a", 100, 5, 5, 80), gen("a", 140, 25, 15, 70), None),  # busy went down
+    (gen("a", 100, 5, 5), gen("a", 100, 5, 5), None),  # no report since the last read
+])
+def test_generator_idle(prev, now, expected):
+    got = generator_idle(prev, now)
+    assert got == (pytest.approx(expected) if expected is not None else None)
+
+
+def test_observe_builds_the_policy_input_from_two_reads():
+    t0, t1 = 1000.0, 1030.0
+    prev = Sample(t0, learner(100, 10), {"generator.a": gen("a", 50, 0, 0, updated=t0),
+                                        "generator.b": gen("b", 60, 0, 0, updated=t0)})
+    now = Sample(t1, learner(130, 25, pending=3), {
+        "generator.a": gen("a", 80, 12, 0, updated=t1),  # 12/30 idle
+        "generator.b": gen("b", 90, 3, 6, updated=t1 - 10),  # 9/30 idle
+        "generator.c": gen("c", 5, 5, 0, updated=t1),  # new: serving, not measured
+        "generator.d": gen("d", 900, 0, 0, updated=t1 - SERVING_SECONDS - 1),  # scaled down: gone
+        f"generator.{RETIRED_GENERATORS}": gen(RETIRED_GENERATORS, 0, updated=t1),
+    })
+    obs = observe(prev, now, JOB, replicas=3)
+    s = obs.signals
+    assert obs.reason == "" and obs.generators_measured == 2
+    assert s.learner_wait_fraction == pytest.approx(0.5) and s.generator_idle_fraction == pytest.approx(0.35)
+    assert (s.replicas, s.ready, s.prompts_pending) == (3, 3, 3)
+    assert (s.prompts_per_step, s.fetch_size, s.max_staleness) == (8, 8, 2)
+    assert observe(prev, now, JOB, replicas=3, ready=2).signals.ready == 2  # what the platform says caps it
+    assert observe(prev, now, JOB, replicas=2).signals.ready == 2  # more reports than wanted: scaling down
+    assert observe(prev, now, JOB, replicas=3, fetch_size=2).signals.fetch_size == 2
+
+
+def test_observe_without_measures_never_asks_for_fewer():
+    now = Sample(1030.0, learner(130, 25), {"generator.a": gen("a", 5, updated=1030.0)})
+    s = observe(Sample(1000.0, learner(100, 10)), now, JOB, replicas=1).signals
+    assert s.generator_idle_fraction == 0.0 and s.prompts_pending == 8  # unknown backlog: a step's
+    assert observe(None, now, JOB, replicas=1).signals is None  # first read
+
+
+def test_a_missed_read_makes_one_longer_interval():
+    """Counters are cumulative: skipping the middle read gives the mean of both halves."""
+    a, b, c = learner(100, 0), learner(130, 30), learner(160, 30)
+    whole = observe(Sample(0, a), Sample(60, c), JOB, replicas=1).signals.learner_wait_fraction
+    assert whole == pytest.approx(0.5)
+    assert observe(Sample(0, a), Sample(30, b), JOB, replicas=1).signals.learner_wait_fraction == 1.0

@@ -33,6 +33,7 @@ class Context:
     buses: Buses = dataclasses.field(default_factory=Buses)
     resynced: dict[str, float] = dataclasses.field(default_factory=dict)  # job uid -> monotonic time
     snapshot_failures: dict[str, Optional[str]] = dataclasses.field(default_factory=dict)  # uid -> name warned
+    autoscalers: dict[str, Any] = dataclasses.field(default_factory=dict)  # uid -> autoscaling.JobScaler
 
     def resync_due(self, uid: str) -> bool:
         return time.monotonic() - self.resynced.get(uid, -math.inf) >= self.config.resync_interval

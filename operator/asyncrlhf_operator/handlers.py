@@ -12,7 +12,7 @@ several operators with different settings in one process.
   Workload, restart a failed learner (up to learner.backoffLimit), write `.status`, post an
   Event on every phase change, start or stop the workloads when Kueue admits or evicts the job
   (queueing.py), apply the generators' scale-down when finished, delete the job after
-  ttlSecondsAfterFinished.
+  ttlSecondsAfterFinished, and let the autoscaler set the generator count (autoscaling.py).
 - delete (finalizer): delete the stream and KV bucket, and the PVC unless retained.
 """
 
@@ -29,7 +29,7 @@ import kopf
 from asyncrlhf import api
 from asyncrlhf.bus import JobBus
 
-from . import plan, queueing
+from . import autoscaling, plan, queueing
 from .children import (
     Context, apply_all, apply_children, bus_access, now, owner_of, previous_status, stop_workloads,
 )
@@ -171,6 +171,7 @@ async def finalize(body, memo: kopf.Memo, logger: logging.Logger, retry: int = 0
     record_phase(owner.namespace, owner.name, None)
     ctx.resynced.pop(owner.uid, None)
     ctx.snapshot_failures.pop(owner.uid, None)
+    ctx.autoscalers.pop(owner.uid, None)
     logger.info("deleted the stream and KV bucket of %s", owner.name)
 
 
@@ -282,6 +283,7 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if o.progress is not None and (job.spec.weight_sync.volume_snapshots.enabled or previous.get("volumeSnapshots")):
         new["volumeSnapshots"] = await take_volume_snapshots(ctx, body, job, o.progress.step,
                                                              previous.get("volumeSnapshots", []))
+    scaled = await autoscaling.autoscale(ctx, body, job, o, seen.kueue.gate, new)  # may set new["autoscale"]
     patch.status.update(status_patch(previous, new))
     post_transition(body, previous.get("phase", ""), new)
     post_problem(body, previous, new)
@@ -289,7 +291,7 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if new["phase"] in TERMINAL:
         await queueing.finish(ctx.kube, job, owner_of(body))  # the quota goes back at once
         return
-    await converge(ctx, body, job, dataclasses.replace(seen, observed=o))
+    await converge(ctx, body, scaled or job, dataclasses.replace(seen, observed=o))
 
 
 async def converge(ctx: Context, body, job: api.AsyncRLHFJob, seen: Seen) -> None:

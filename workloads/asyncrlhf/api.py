@@ -190,6 +190,37 @@ class Condition(SpecModel):
     last_transition_time: str = Field("", description="When the status last changed (RFC 3339).")
 
 
+class AutoscaleSignals(SpecModel):
+    """One interval's signals, as the autoscaler saw them (autoscale.observe)."""
+
+    learner_wait_fraction: float = Field(0.0, ge=0, le=1, description="Of the interval, the learner waited.")
+    generator_idle_fraction: float = Field(0.0, ge=0, le=1,
+                                           description="Mean over the generators measured: idle (no prompts, "
+                                           "or waiting for weights).")
+    prompts_pending: int = Field(0, ge=0, le=1 << 31, description="Released prompts no generator has taken.")
+    ready: int = Field(0, ge=0, le=1 << 20, description="Generators serving.")
+
+
+class AutoscaleDecision(SpecModel):
+    """A change of the generator count the autoscaler made."""
+
+    time: str = Field("", max_length=40, description="When (RFC 3339).")
+    from_replicas: int = Field(0, ge=0, le=1 << 20, description="Generators before.")
+    to_replicas: int = Field(0, ge=0, le=1 << 20, description="Generators after.")
+    reason: str = Field("", max_length=1024, description="Why, in words.")
+    signals: AutoscaleSignals = Field(default_factory=AutoscaleSignals, description="What it was decided on.")
+
+
+class AutoscaleStatus(SpecModel):
+    """The generator autoscaler's view (spec.generator.autoscale; docs/operator.md)."""
+
+    desired: int = Field(0, ge=0, le=1 << 20, description="Generators the autoscaler wants now.")
+    last_check_time: str = Field("", max_length=40, description="When it last looked at the signals (RFC 3339).")
+    last_check: str = Field("", max_length=1024, description="What it concluded then (or why it could not).")
+    signals: Optional[AutoscaleSignals] = Field(None, description="The last interval's signals.")
+    last_decision: Optional[AutoscaleDecision] = Field(None, description="The last change it made.")
+
+
 class JobStatus(SpecModel):
     """Observed state, written by the operator (cluster) or the local runner."""
 
@@ -223,6 +254,7 @@ class JobStatus(SpecModel):
     replicas: int = Field(0, description="Generator pods ready (the scale subresource's status replicas).")
     selector: str = Field("", description="Label selector of the generator pods (for HPA/KEDA).")
     last_progress_time: str = Field("", description="When the learner's step last advanced (RFC 3339).")
+    autoscale: Optional[AutoscaleStatus] = Field(None, description="The generator autoscaler, when enabled.")
 
 
 class AsyncRLHFJob(SpecModel):

@@ -42,7 +42,9 @@ from .faults import fault_point
 from .feeding import PromptFeeder
 from .intake import RolloutIntake, TokenLimits
 from .learner_link import LearnerLink
-from .messages import LearnerProgress, MessageError, Preference, RolloutGroup, WeightsAnnouncement
+from .messages import (
+    LEARNER_HEARTBEAT_SECONDS, LearnerProgress, MessageError, Preference, RolloutGroup, WeightsAnnouncement,
+)
 from .models import resolve_model
 from .replay import ReplayBuffer, replay_enabled
 from .publishing import REWARD_HEAD, WeightPublishing
@@ -86,6 +88,8 @@ class Learner(WeightPublishing):
         self.tokenizer = None  # saved into every snapshot (export.py); loaded by create
         self.telemetry = LearnerTelemetry(bus.job, bus.namespace, self.state, spec.algorithm.samples_per_prompt,
                                           spec.learner.total_steps)  # served by main_async (telemetry.py)
+        self._row: Optional[dict] = None  # the last step's metrics row (what a heartbeat reports)
+        self._progress_lock = asyncio.Lock()  # one progress write at a time: none lands after the final one
 
     @classmethod
     def create(cls, spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> "Learner":
@@ -214,7 +218,23 @@ class Learner(WeightPublishing):
         return self.state.elapsed + (time.monotonic() - self._started if self._started is not None else 0.0)
 
     def progress(self, row: Optional[dict], done: bool = False) -> LearnerProgress:
-        return progress_report(self.state, self.spec, self.elapsed(), row, done=done)
+        return progress_report(self.state, self.spec, self.elapsed(), row, done=done,
+                               signals=self.telemetry.bus_signals())
+
+    async def put_progress(self, row: Optional[dict], done: bool = False) -> None:
+        async with self._progress_lock:
+            self._row = row
+            await self.link.kv.put_progress(self.progress(row, done), attempts=30 if done else 1)
+
+    async def heartbeat(self) -> None:
+        """The progress again every LEARNER_HEARTBEAT_SECONDS, mid-step and while waiting too: the
+        autoscaler differentiates its wait and uptime counters (autoscale.observe). Not before a
+        resumed learner's first step (its reward is not known yet), nor after the last."""
+        while True:
+            await asyncio.sleep(LEARNER_HEARTBEAT_SECONDS)
+            async with self._progress_lock:
+                if self.state.step < self.spec.learner.total_steps and (self._row or not self.state.step):
+                    await self.link.kv.put_progress(self.progress(self._row))
 
     async def run(self) -> LearnerState:
         nc = await connect(self.nats_url, name="learner")
@@ -222,8 +242,12 @@ class Learner(WeightPublishing):
             await self.link.open(nc.jetstream(), with_preferences=self.head is not None)
             if self.head is not None:
                 await self.link.kv.put_head(self.head.head_message(), attempts=30)
-            async with keep_alive(self.intake.unacked, self.spec.nats.ack_wait_seconds):
-                await self.loop()
+            heartbeat = asyncio.create_task(self.heartbeat())
+            try:
+                async with keep_alive(self.intake.unacked, self.spec.nats.ack_wait_seconds):
+                    await self.loop()
+            finally:
+                heartbeat.cancel()
         except asyncio.CancelledError:
             log.info("learner stopping at step %d (unacked rollouts will be redelivered)", self.state.step)
         finally:
@@ -241,11 +265,11 @@ class Learner(WeightPublishing):
                 with self.telemetry.publishing():
                     await self.publish_weights()
                 await self.evaluate()
-            await self.link.kv.put_progress(self.progress(row))
+            await self.put_progress(row)
             await self.telemetry.observe_bus(self.link.js, self.bus, GENERATORS_CONSUMER, LEARNER_CONSUMER)
         if self.state.step >= total:
             self.log.finish()  # the trackers' run summary
-            await self.link.kv.put_progress(self.progress(row, done=True), attempts=30)
+            await self.put_progress(row, done=True)
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:

@@ -160,7 +160,7 @@ class GeneratorStatus(Message):
     refused_checksum: str = ""
     refused_reason: str = ""
     # cumulative in this process (autoscale.py differentiates two reads; a counter that went down = a restart)
-    busy_seconds: float = Field(0.0, ge=0, description="Seconds the engine generated, the current call included.")
+    busy_seconds: float = Field(0.0, ge=0, description="Seconds the engine generated (calls finished).")
     prompt_wait_seconds: float = Field(0.0, ge=0, description="Seconds idle because no prompt was there.")
     weights_wait_seconds: float = Field(0.0, ge=0, description="Seconds idle waiting for new enough weights.")
     uptime_seconds: float = Field(0.0, ge=0, description="Seconds since the generator process started.")

@@ -52,8 +52,9 @@ def metrics_row(step: int, groups: list[RolloutGroup], metrics: dict, *, elapsed
 
 
 def progress_report(st: LearnerState, spec: JobSpec, elapsed: float, row: Optional[dict], *, done: bool = False,
-                    failed: str = "") -> LearnerProgress:
-    """What the learner reports on the bus (the operator's `.status`, `asyncrlhf run`'s progress line)."""
+                    failed: str = "", signals: Optional[dict] = None) -> LearnerProgress:
+    """What the learner reports on the bus (the operator's `.status`, `asyncrlhf run`'s progress line);
+    `signals`: the autoscaler's counters (LearnerTelemetry.bus_signals)."""
     samples = st.consumed * spec.algorithm.samples_per_prompt
     return LearnerProgress(
         step=st.step, total_steps=spec.learner.total_steps, policy_version=st.published_version,
@@ -62,7 +63,7 @@ def progress_report(st: LearnerState, spec: JobSpec, elapsed: float, row: Option
         staleness_mean=st.staleness_sum / max(1, st.consumed), staleness_max=st.staleness_max,
         reward_mean=row["reward_mean"] if row else None,
         samples_per_second=samples / elapsed if elapsed > 0 else 0.0,
-        last_snapshot=st.last_snapshot, done=done, failed=failed,
+        last_snapshot=st.last_snapshot, done=done, failed=failed, **(signals or {}),
     )
 
 

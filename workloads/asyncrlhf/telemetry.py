@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from collections import deque
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 from prometheus_client import (
@@ -96,6 +96,10 @@ class Telemetry:
         self.labels = {"job": job, "namespace": namespace, "role": self.role} | extra_labels
         self._server = None
         self._make(Gauge, "asyncrlhf_start_time_seconds").set(time.time())
+        self.started = time.monotonic()  # the bus reports' uptime_seconds (autoscale.observe)
+
+    def uptime(self) -> float:
+        return time.monotonic() - self.started
 
     def _make(self, kind, name: str, **kwargs):
         metric = kind(_metric_name(name), _help(name), list(self.labels), registry=self.registry, **kwargs)
@@ -127,6 +131,28 @@ class Telemetry:
             self._server = None
 
 
+class Stopwatch:
+    """Cumulative seconds of an activity, the one under way included: what the bus reports carry
+    for the autoscaler (autoscale.observe differentiates two reads; a Prometheus counter only grows
+    when the activity ends, so a long wait would show up late, all at once). Event-loop use."""
+
+    def __init__(self) -> None:
+        self.done = 0.0
+        self.since: Optional[float] = None
+
+    @contextmanager
+    def running(self) -> Iterator[None]:
+        self.since = time.monotonic()
+        try:
+            yield
+        finally:
+            self.done += time.monotonic() - self.since
+            self.since = None
+
+    def seconds(self) -> float:
+        return self.done + (time.monotonic() - self.since if self.since is not None else 0.0)
+
+
 def listen_address(port: int, env) -> tuple[str, int]:
     """(host, port) of /metrics: the environment's host:port, else every address on the spec's port."""
     given = env.get(METRICS_ADDRESS, "")
@@ -155,6 +181,8 @@ class LearnerTelemetry(Telemetry):
         self.bus = {name: self._make(Gauge, name) for name in CATALOGUE if name.startswith("asyncrlhf_bus_")}
         self._checkpointed = 0.0  # checkpoint seconds inside the publish being timed
         self._bus_polled = 0.0
+        self.wait_clock = Stopwatch()
+        self.prompts_pending: Optional[int] = None  # the last poll's: prompts no generator has taken
         self.registry.register(self)
 
     def collect(self):
@@ -178,9 +206,15 @@ class LearnerTelemetry(Telemetry):
     def waiting(self) -> Iterator[None]:
         started = time.monotonic()
         try:
-            yield
+            with self.wait_clock.running():
+                yield
         finally:
             self.waited.inc(time.monotonic() - started)
+
+    def bus_signals(self) -> dict:
+        """The learner's progress fields the autoscaler reads (LearnerProgress)."""
+        return {"rollout_wait_seconds": self.wait_clock.seconds(), "uptime_seconds": self.uptime(),
+                "prompts_pending": self.prompts_pending}
 
     @contextmanager
     def publishing(self) -> Iterator[None]:
@@ -222,6 +256,7 @@ class LearnerTelemetry(Telemetry):
             log.debug("bus backlog not read: %s", err)
             return
         self.bus["asyncrlhf_bus_prompts_pending"].set((prompts.num_pending or 0) + (prompts.num_ack_pending or 0))
+        self.prompts_pending = prompts.num_pending or 0
         self.bus["asyncrlhf_bus_rollouts_pending"].set(rollouts.num_pending or 0)
         self.bus["asyncrlhf_bus_stream_bytes"].set(stream.state.bytes or 0)
         self.bus["asyncrlhf_bus_stream_max_bytes"].set(stream.config.max_bytes or 0)
@@ -258,6 +293,7 @@ class GeneratorTelemetry(Telemetry):
         self.prompt_wait = self._make(Counter, "asyncrlhf_generator_prompt_wait_seconds_total")
         self.weights_wait = self._make(Counter, "asyncrlhf_generator_weights_wait_seconds_total")
         self.window = BusyWindow()
+        self.clocks = {id(self.prompt_wait): Stopwatch(), id(self.weights_wait): Stopwatch()}  # bus_signals
         self.registry.register(self)
 
     def collect(self):
@@ -281,13 +317,22 @@ class GeneratorTelemetry(Telemetry):
     def timed(self, counter_or_histogram) -> Iterator[None]:
         started = time.monotonic()
         try:
-            yield
+            clock = self.clocks.get(id(counter_or_histogram))
+            with clock.running() if clock is not None else nullcontext():
+                yield
         finally:
             elapsed = time.monotonic() - started
             if isinstance(counter_or_histogram, Histogram):
                 counter_or_histogram.observe(elapsed)
             else:
                 counter_or_histogram.inc(elapsed)
+
+
+    def bus_signals(self) -> dict:
+        """The report fields the autoscaler reads (GeneratorStatus), cumulative in this process."""
+        busy = self.state.busy_seconds if self.state is not None else 0.0
+        return {"busy_seconds": busy, "prompt_wait_seconds": self.clocks[id(self.prompt_wait)].seconds(),
+                "weights_wait_seconds": self.clocks[id(self.weights_wait)].seconds(), "uptime_seconds": self.uptime()}
 
 
 class LocalPorts:
