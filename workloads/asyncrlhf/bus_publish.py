@@ -20,13 +20,14 @@ PUBLISH_RETRYABLE = (nats.errors.TimeoutError, nats.js.errors.APIError, nats.err
 
 
 async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: int = 600,
-                  recreate: Optional[Callable[[], Awaitable[None]]] = None) -> None:
+                  recreate: Optional[Callable[[], Awaitable[None]]] = None) -> bool:
     """Publish with de-duplication; waits (back-pressure) while the stream is full or the bus is
     away, 0.1 s more each try up to 2 s. No stream for the subject: `recreate` (the learner's)
-    makes it again, others wait for it."""
+    makes it again, others wait for it. False when the server already had `msg_id` (a duplicate:
+    not stored again, e.g. a generator held past the ack wait answering a redelivered prompt)."""
     try:  # the common case without the retry machinery (it costs as much as the publish itself)
-        await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
-        return
+        ack = await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+        return not ack.duplicate
     except PUBLISH_RETRYABLE as err:
         if attempts <= 1:
             raise
@@ -37,11 +38,12 @@ async def publish(js, subject: str, payload: bytes, msg_id: str, *, attempts: in
                                        retry=retry_if_exception_type(PUBLISH_RETRYABLE), reraise=True):
         with attempt:
             try:
-                await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
+                ack = await js.publish(subject, payload, headers={"Nats-Msg-Id": msg_id}, timeout=5)
             except nats.js.errors.NoStreamResponseError:
                 if recreate is not None:
                     await recreate()
                 raise
+    return not ack.duplicate
 
 
 PUBLISHES_IN_FLIGHT = 64  # PubAcks outstanding at once: enough to hide the round trip, few enough to stay polite
@@ -49,23 +51,24 @@ PUBLISHES_IN_FLIGHT = 64  # PubAcks outstanding at once: enough to hide the roun
 
 async def publish_all(js, messages: Iterable[tuple[str, bytes, str]], *,
                       then: Optional[Callable[[int], Awaitable[None]]] = None,
-                      in_flight: int = PUBLISHES_IN_FLIGHT) -> None:
+                      in_flight: int = PUBLISHES_IN_FLIGHT) -> list[bool]:
     """`publish` each (subject, payload, msg_id) with up to `in_flight` PubAcks awaited at once
     (one at a time, each publish costs a round trip to the server's disk). `then(i)` runs as soon
     as message i is stored (a generator acks its prompt there). The order messages land in the
     stream is not kept; de-duplication ids make a retry of any of them safe. A publish that fails
-    for good cancels the rest and raises."""
+    for good cancels the rest and raises. Returns `publish`'s answer for each (False: a duplicate)."""
     bound = asyncio.Semaphore(in_flight)
 
-    async def one(i: int, subject: str, payload: bytes, msg_id: str) -> None:
+    async def one(i: int, subject: str, payload: bytes, msg_id: str) -> bool:
         async with bound:
-            await publish(js, subject, payload, msg_id)
+            stored = await publish(js, subject, payload, msg_id)
         if then is not None:
             await then(i)
+        return stored
 
     tasks = [asyncio.ensure_future(one(i, *m)) for i, m in enumerate(messages)]
     try:
-        await asyncio.gather(*tasks)
+        return list(await asyncio.gather(*tasks))
     finally:  # on a failure (or cancellation) the others stop too (asyncio.TaskGroup needs Python 3.11)
         for task in tasks:
             task.cancel()

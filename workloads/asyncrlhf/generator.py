@@ -229,10 +229,16 @@ class Generator:
             async def ack(j: int, idx=idx) -> None:  # the prompt's group is stored: its prompt is done
                 await msgs[idx[j]].ack()
 
-            await publish_all(js, [(subject, g.encode(), g.id) for g in groups], then=ack)
-            self.state.rollouts += len(groups)
-            self.state.samples += sum(len(g.completions) for g in groups)
-            self.state.tokens += tokens
+            stored = await publish_all(js, [(subject, g.encode(), g.id) for g in groups], then=ack)
+            self._count([g for g, new in zip(groups, stored) if new], tokens if all(stored) else None)
+
+    def _count(self, groups: list[RolloutGroup], tokens: Optional[int]) -> None:
+        """What was published: a group the stream already had (this generator was held past the
+        ack wait, e.g. SIGSTOP'd, and another one answered the prompt) is not produced twice."""
+        self.state.rollouts += len(groups)
+        self.state.samples += sum(len(g.completions) for g in groups)
+        self.state.tokens += tokens if tokens is not None else sum(
+            len(c.token_ids) for g in groups for c in g.completions)
 
     async def _decode(self, js, msgs: list) -> tuple[list, list[Prompt]]:
         """The prompts that can be read; the others go to the job's dead letters (never redelivered)."""
