@@ -57,7 +57,7 @@ BASE = ROOT / "examples" / "local-tiny.yaml"
 RESULTS = ROOT / "bench" / "results"
 
 # Per-loss settings. Loss hyper-parameters follow the paper's (../shared/ALGORITHMS.md §1, §2):
-# c_KL 0.05 for rloo/ppo, PPO's GAE γ=1 λ=0.95, ε=0.2, vf_coef 0.1; online DPO β=0.1 (TL;DR, GSM8k).
+# c_KL 0.05 for rloo/ppo (algorithm.beta: c_KL = β since issue 15; was klCoef), PPO's GAE γ=1 λ=0.95, ε=0.2, vf_coef 0.1; online DPO β=0.1 (TL;DR, GSM8k).
 # All losses use K = 4 samples per prompt, T = 0.7, one update per batch, so every run sees the same
 # number of samples. TB's β: the paper's TL;DR schedule goes 1 → 0.05 for rewards of a reward model;
 # ours is 0..1 per completion, and a constant β = 0.1 (the DPO β) keeps r/β in the same range as the
@@ -78,13 +78,13 @@ RESULTS = ROOT / "bench" / "results"
 # tb in 60 steps). So every loss runs at lr 3e-4, constant, grad-norm clip 1.0, no warm-up.
 LOSS_SETTINGS: dict[str, dict] = {
     "online-dpo": {"lr": 3e-4, "algorithm": {"beta": 0.1}},
-    "rloo": {"lr": 3e-4, "algorithm": {"klCoef": 0.05}},
-    "ppo": {"lr": 3e-4, "algorithm": {"klCoef": 0.05, "gamma": 1.0, "lam": 0.95, "clipEpsilon": 0.2,
+    "rloo": {"lr": 3e-4, "algorithm": {"beta": 0.05}},
+    "ppo": {"lr": 3e-4, "algorithm": {"beta": 0.05, "gamma": 1.0, "lam": 0.95, "clipEpsilon": 0.2,
                                       "vfCoef": 0.1}},
     "tb": {"lr": 3e-4, "algorithm": {"beta": 0.1}},
     # not in the default sweep (not probed), available with --losses:
-    "proximal-rloo": {"lr": 3e-4, "algorithm": {"klCoef": 0.05, "clipEpsilon": 0.2}},
-    "grpo": {"lr": 3e-4, "algorithm": {"klCoef": 0.05, "clipEpsilon": 0.2}},
+    "proximal-rloo": {"lr": 3e-4, "algorithm": {"beta": 0.05, "clipEpsilon": 0.2}},
+    "grpo": {"lr": 3e-4, "algorithm": {"beta": 0.05, "clipEpsilon": 0.2}},
 }
 DEFAULT_LOSSES = ["online-dpo", "rloo", "ppo", "tb"]
 DEFAULT_STALENESS = [0, 1, 4, 16]
