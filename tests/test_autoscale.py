@@ -202,3 +202,50 @@ def test_a_missed_read_makes_one_longer_interval():
     whole = observe(Sample(0, a), Sample(60, c), JOB, replicas=1).signals.learner_wait_fraction
     assert whole == pytest.approx(0.5)
     assert observe(Sample(0, a), Sample(30, b), JOB, replicas=1).signals.learner_wait_fraction == 1.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The learner's heartbeat: its counters reach the bus mid-step and while it waits
+
+import asyncio  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from asyncrlhf import learner as learner_module  # noqa: E402
+
+
+def _learner_stub(step: int, row, total: int = 10):
+    written: list = []
+
+    class KV:
+        async def put_progress(self, progress, attempts=1):
+            written.append(progress)
+
+    stub = SimpleNamespace(state=SimpleNamespace(step=step), spec=SimpleNamespace(learner=SimpleNamespace(
+        total_steps=total)), _row=row, _progress_lock=asyncio.Lock(), link=SimpleNamespace(kv=KV()),
+        progress=lambda row, done=False: ("progress", row))
+    stub.heartbeat_due = lambda: learner_module.Learner.heartbeat_due(stub)
+    return stub, written
+
+
+@pytest.mark.parametrize("step, row, due", [
+    (0, None, True),  # a new learner waiting for its first batch: its wait must show
+    (4, {"reward_mean": 0.5}, True),
+    (4, None, False),  # resumed, before its first step: its reward is not known (status would lose it)
+    (10, {"reward_mean": 0.5}, False),  # done: the final progress is the last word
+])
+def test_the_learner_heartbeat_is_due(step, row, due):
+    assert _learner_stub(step, row)[0].heartbeat_due() is due
+
+
+def test_the_learner_heartbeat_writes_the_progress_again_and_again(monkeypatch):
+    monkeypatch.setattr(learner_module, "LEARNER_HEARTBEAT_SECONDS", 0.001)
+    stub, written = _learner_stub(4, {"reward_mean": 0.5})
+
+    async def run():
+        task = asyncio.create_task(learner_module.Learner.heartbeat(stub))
+        while len(written) < 3:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(asyncio.wait_for(run(), 10))
+    assert written[:3] == [("progress", {"reward_mean": 0.5})] * 3

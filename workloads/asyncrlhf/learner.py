@@ -233,8 +233,11 @@ class Learner(WeightPublishing):
         while True:
             await asyncio.sleep(LEARNER_HEARTBEAT_SECONDS)
             async with self._progress_lock:
-                if self.state.step < self.spec.learner.total_steps and (self._row or not self.state.step):
+                if self.heartbeat_due():
                     await self.link.kv.put_progress(self.progress(self._row))
+
+    def heartbeat_due(self) -> bool:
+        return self.state.step < self.spec.learner.total_steps and (self._row is not None or not self.state.step)
 
     async def run(self) -> LearnerState:
         nc = await connect(self.nats_url, name="learner")
