@@ -28,6 +28,13 @@ RUN_AS = 1000
 COMPLETION_INDEX = "batch.kubernetes.io/job-completion-index"
 GPU = "nvidia.com/gpu"
 HF_TOKEN = "HF_TOKEN"
+# A generator's probes (asyncrlhf.probes, its own port: metrics can be off). Startup: the engine
+# loads before /livez answers; a 70B model is 140 GB in bf16, ~1,400 s at 100 MB/s (a first pull
+# from the hub or a slow network volume), plus ~5 min of vLLM compilation and CUDA graph capture:
+# ~1,700 s, x1.5 margin -> 270 tries x 10 s = 45 min. Liveness: 6 x 10 s of failures (the endpoint
+# itself already waits out a stalled loop for max(10 s, ackWaitSeconds) and generation for its hold
+# limit), so a GC pause or a slow answer never kills a generator; a SIGSTOP'd one stops answering.
+PROBE_PERIOD_SECONDS, STARTUP_FAILURES, LIVENESS_FAILURES = 10, 270, 6
 
 
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
@@ -180,6 +187,18 @@ def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, held: 
     }
 
 
+def generator_probes() -> dict[str, Any]:
+    """startupProbe, livenessProbe and readinessProbe of a generator container. The learner has
+    none: its one liveness signal would be its step, and a checkpoint write of a large model
+    (minutes to an hour on a network volume) looks the same as a hang, while killing it there
+    costs every step since the last checkpoint; a learner that dies is restarted by its Job."""
+    def probe(path: str, failures: int) -> dict[str, Any]:
+        return {"httpGet": {"path": path, "port": "probes"}, "periodSeconds": PROBE_PERIOD_SECONDS,
+                "timeoutSeconds": 5, "failureThreshold": failures}
+    return {"startupProbe": probe("/livez", STARTUP_FAILURES), "livenessProbe": probe("/livez", LIVENESS_FAILURES),
+            "readinessProbe": probe("/readyz", 2)}
+
+
 def generator_replicas(job: api.AsyncRLHFJob, *, finished: bool = False, allowed: Optional[int] = None) -> int:
     """generator.replicas, 0 when suspended or finished, at most `allowed` (what Kueue admitted)."""
     if job.spec.suspend or finished:
@@ -206,6 +225,9 @@ def generator_deployment(
     volumes, mounts = _reward_code(job)
     pod["volumes"] += volumes
     container["volumeMounts"] += mounts
+    container.update(generator_probes())
+    container["ports"] = container.get("ports", []) + [{"name": "probes", "containerPort": workload_env.PROBES_PORT}]
+    container["env"].append({"name": workload_env.PROBES_ADDRESS, "value": f"0.0.0.0:{workload_env.PROBES_PORT}"})
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(owner, Names(owner.name).generator, "generator"),
