@@ -182,17 +182,35 @@ def code_state() -> dict:
     return {"commit": git("rev-parse", "HEAD").strip(), "relevant_files_modified": bool(dirty.strip())}
 
 
+def overridden(grid: Grid, args) -> Grid:
+    """The grid with the command line's overrides."""
+    for name in ("seeds", "sizes", "losses", "staleness"):
+        if getattr(args, name):
+            grid = replace(grid, **{name: tuple(getattr(args, name))})
+    if args.lr:
+        lrs = {loss: float(lr) for loss, _, lr in (v.partition("=") for v in args.lr)}
+        if set(lrs) != set(grid.losses):
+            raise SystemExit(f"--lr needs one LOSS=LR for each of {list(grid.losses)}, got {args.lr}")
+        grid = replace(grid, lr_probe=False, lrs=lrs)
+    return replace(grid, ablation_staleness=()) if args.no_ablation else grid
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
     ap.add_argument("--quick", action="store_true", help="the --grid quick run (the test's)")
     ap.add_argument("--seeds", type=int, nargs="+", help="override the grid's seeds")
+    ap.add_argument("--sizes", nargs="+", choices=["tiny", "small"], help="override the grid's model sizes")
+    ap.add_argument("--losses", nargs="+", help="override the grid's losses")
+    ap.add_argument("--staleness", type=int, nargs="+", help="override the grid's N values")
+    ap.add_argument("--lr", nargs="+", default=[], metavar="LOSS=LR",
+                    help="fixed learning rates (no probe), e.g. from a probe on the other size")
+    ap.add_argument("--no-ablation", action="store_true", help="skip the off-policy switch runs")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="frontier", help="basename of <out-dir>/<name>.{json,md,png}")
     args = ap.parse_args(argv)
     grid = GRIDS["quick" if args.quick else args.grid]
-    if args.seeds:
-        grid = replace(grid, seeds=tuple(args.seeds))
+    grid = overridden(grid, args)
     torch.set_num_threads(1)
     started = time.monotonic()
     log = lambda msg: print(f"[{time.monotonic() - started:7.1f}s] {msg}", flush=True)  # noqa: E731
