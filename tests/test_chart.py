@@ -59,6 +59,8 @@ SCENARIOS: dict[str, dict[str, Any]] = {
                          "rbac": {"scope": "namespaced"}, "operator": {"watchNamespace": "team-a"}},
     "no-network-policy": {"networkPolicy": {"enabled": False}},
     "nats-without-auth": {"nats": {"auth": {"enabled": False}}},
+    "nats-jwt-tls": {"nats": {"auth": {"mode": "jwt", "jwt": {"existingSecret": "asyncrlhf-nats-jwt"}},
+                              "tls": {"enabled": True, "secretName": "nats-tls"}}},
     "ha": {"operator": {"replicas": 2, "peering": {"enabled": True}}},
     "ha-namespaced": {"operator": {"replicas": 2, "peering": {"enabled": True}, "watchNamespace": "rlhf"},
                       "rbac": {"scope": "namespaced"}},
@@ -80,12 +82,14 @@ NAMESPACED_RULES = {
     ("batch", "jobs"): APPLIED | {"delete"},
     ("networking.k8s.io", "networkpolicies"): APPLIED,
     ("snapshot.storage.k8s.io", "volumesnapshots"): APPLIED | {"delete"},
-    ("", "secrets"): {"get"},
+    ("", "secrets"): {"get"},  # jwt or TLS: create and patch too (JWT_RULES)
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("kueue.x-k8s.io", "workloads"): APPLIED | {"delete"},
     ("kueue.x-k8s.io", "workloads/status"): {"patch"},
 }
+# nats.auth.mode jwt or nats.tls.enabled: the operator writes each job's Secret <job>-nats (jetstream.py)
+JWT_RULES = {**NAMESPACED_RULES, ("", "secrets"): APPLIED}
 CRD_READ_RULES = {("apiextensions.k8s.io", "customresourcedefinitions"): {"list", "watch"}}
 # Kinds that have no official schema (custom resources), checked by hand below instead.
 UNSCHEMAED_KINDS = {"CustomResourceDefinition", "ServiceMonitor", "PodMonitor", "ClusterKopfPeering", "KopfPeering"}
@@ -281,8 +285,8 @@ def test_rbac_has_no_wildcards_and_cannot_enumerate_secrets(scenario: str) -> No
         for rule in role["rules"]:
             for field in ("apiGroups", "resources", "verbs"):
                 assert "*" not in rule[field], (role["metadata"]["name"], rule)
-            if "secrets" in rule["resources"]:  # read one Secret by name, never enumerate them
-                assert rule["verbs"] == ["get"] and rule["resources"] == ["secrets"], rule
+            if "secrets" in rule["resources"]:  # read one Secret by name (write the jobs'), never enumerate them
+                assert rule["verbs"] in (["get"], ["get", "create", "patch"]) and rule["resources"] == ["secrets"], rule
             assert not {"escalate", "bind", "impersonate"} & set(rule["verbs"]), rule
 
 
@@ -470,6 +474,73 @@ def test_external_nats_renders_no_bus_and_points_the_operator_at_it() -> None:
     assert {"ports": [{"port": 4222, "protocol": "TCP"}]} in policy["spec"]["egress"]
 
 
+def test_jwt_mode_gives_the_operator_only_the_signing_seed_and_the_server_only_its_trust() -> None:
+    objects = render("nats-jwt-tls")
+    assert not by_kind(objects, "Secret")  # no shared password: the keys come from `asyncrlhf nats-auth`
+    env = {e["name"]: e for e in operator_container(objects)["env"]}
+    assert "ASYNCRLHF_NATS_USER" not in env and "ASYNCRLHF_NATS_PASSWORD" not in env
+    for name, key in (("ASYNCRLHF_NATS_ACCOUNT_SEED", "account-signing-seed"), ("ASYNCRLHF_NATS_ACCOUNT", "account")):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": "asyncrlhf-nats-jwt", "key": key}
+    assert env["ASYNCRLHF_NATS_TLS_CA"]["value"] == "/etc/asyncrlhf/nats-tls/ca.crt"
+    volumes = {v["name"]: v for v in one(objects, "Deployment")["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["nats-ca"]["secret"] == {"secretName": "nats-tls", "items": [{"key": "ca.crt", "path": "ca.crt"}]}
+    server = one(objects, "StatefulSet")["spec"]["template"]["spec"]
+    projected = {v["name"]: v["secret"] for v in server["volumes"] if "secret" in v}
+    assert projected["jwt"]["items"] == [{"key": "resolver.conf", "path": "resolver.conf"}]  # never the seed
+    assert {i["key"] for i in projected["tls"]["items"]} == {"tls.crt", "tls.key"}
+    assert not any(e["name"].startswith("NATS_") for e in server["containers"][0]["env"])
+    assert rbac_rules(one(objects, "ClusterRole")) == {**JWT_RULES, **CRD_READ_RULES}
+
+
+def test_the_rendered_jwt_and_tls_config_runs_and_admits_only_minted_users(tmp_path: Path) -> None:
+    """A real nats-server on the chart's nats.conf in JWT + TLS mode, with the Secret `asyncrlhf
+    nats-auth` makes and certificates made here: the operator's minted user (through the CA)
+    uses JetStream; no user, and no TLS trust, get nowhere."""
+    from asyncrlhf_operator import natsauth
+    from test_natsauth import certificates
+
+    keys, certs = natsauth.bootstrap("chart-test"), certificates(tmp_path)
+    config = next(o for o in by_kind(render("nats-jwt-tls"), "ConfigMap") if "nats.conf" in o["data"])["data"]["nats.conf"]
+    client, monitor = _free_port(), _free_port()
+    config = (config.replace("store_dir: /data", f"store_dir: {tmp_path / 'store'}")
+              .replace("/var/run/nats/nats.pid", str(tmp_path / "nats.pid"))
+              .replace("/etc/nats-tls/tls.crt", str(certs["server"])).replace("/etc/nats-tls/tls.key", str(certs["server.key"]))
+              .replace("0.0.0.0:4222", f"127.0.0.1:{client}").replace("0.0.0.0:8222", f"127.0.0.1:{monitor}"))
+    for where, text in (("nats/nats.conf", config), ("nats-jwt/resolver.conf", keys.secret_data()["resolver.conf"])):
+        (tmp_path / where).parent.mkdir(exist_ok=True)
+        (tmp_path / where).write_text(text)  # the two mounts side by side, as in the pod (/etc/nats, /etc/nats-jwt)
+    log = open(tmp_path / "nats.log", "wb")
+    server = subprocess.Popen([_nats_server(), "-c", str(tmp_path / "nats" / "nats.conf")],
+                              env={**os.environ, "POD_NAME": "nats-0"}, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        _wait_for_port(client, server, tmp_path / "nats.log")
+        asyncio.run(_check_jwt_and_tls(f"nats://127.0.0.1:{client}", keys, certs))
+    finally:
+        server.terminate()
+        server.wait(10)
+        log.close()
+
+
+async def _check_jwt_and_tls(url: str, keys, certs: dict[str, Path]) -> None:
+    import nats
+    from nats.aio.client import RawCredentials
+
+    from asyncrlhf.bus import tls_context
+
+    tls = tls_context(str(certs["ca"]))
+    for options in ({"tls": tls}, {"user_credentials": RawCredentials(keys.authority().operator_creds()),
+                                   "tls": tls_context(str(certs["other"]))}):
+        with pytest.raises((nats.errors.NoServersError, nats.errors.Error, OSError)):
+            await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0, allow_reconnect=False, **options)
+    connection = await nats.connect(url, user_credentials=RawCredentials(keys.authority().operator_creds()),
+                                    tls=tls, connect_timeout=5)
+    try:
+        await connection.jetstream().add_stream(name="CHART_TEST", subjects=["chart.test"])
+        assert (await connection.jetstream().publish("chart.test", b"rollout")).seq == 1
+    finally:
+        await connection.close()
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_no_secret_value_appears_outside_secrets(scenario: str) -> None:
     objects = render(scenario)
@@ -496,6 +567,9 @@ def test_values_that_would_leak_or_break_are_refused() -> None:
         "nats.externalUrl=nats://user:pw@host:4222": "externalUrl",
         "rbac.scope=everything": "scope",
         "metrics.serviceMonitor.enabled=true,metrics.enabled=false": "needs metrics.enabled",
+        "nats.auth.mode=jwt": "asyncrlhf nats-auth",
+        "nats.auth.mode=tokens": "must be one of 'password', 'jwt'",
+        "nats.tls.enabled=true": "nats.tls.secretName",
     }
     for setting, message in cases.items():
         result = run_helm("template", RELEASE, str(CHART), "--set", setting, check=False)
@@ -783,7 +857,9 @@ def _operator_api_calls() -> set[tuple[str, str, str]]:
             if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
                     and node.func.attr in verbs and ast.unparse(node.func.value).endswith("kube")):
                 continue
-            if node.func.attr == "apply":
+            if node.func.attr == "apply" and "job_secret(" in ast.unparse(node):
+                kinds = {("v1", "Secret")}  # jetstream.ensure_job_secret: the job's <job>-nats
+            elif node.func.attr == "apply":
                 kinds = {(c["apiVersion"], c["kind"]) for c in _planned_children()}
             else:
                 literal = [a for a in node.args[:2] if isinstance(a, ast.Constant)]
@@ -823,7 +899,7 @@ def test_rbac_is_exactly_what_the_operator_code_calls() -> None:
     """Every call the code makes is granted, and nothing is granted that no code calls (beyond
     `get` on what it writes, the read that goes with owning an object)."""
     needed = _operator_api_calls() | KOPF_CALLS
-    granted = {(g, r, v) for (g, r), verbs in NAMESPACED_RULES.items() for v in verbs}
+    granted = {(g, r, v) for (g, r), verbs in JWT_RULES.items() for v in verbs}  # everything the code can do
     assert needed - granted == set(), "the operator calls these but the chart does not grant them"
     extra = {(g, r, v) for g, r, v in granted - needed if v != "get"}
     assert extra == set(), "the chart grants these but no operator code calls them"

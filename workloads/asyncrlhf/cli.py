@@ -8,6 +8,7 @@
   asyncrlhf export RUN OUT_DIR     the trained model (newest snapshot) as a Hugging Face directory
   asyncrlhf crd [--write]          the CRD from the spec models (stdout; --write: crds/ and the chart)
   asyncrlhf operator               run the Kubernetes operator
+  asyncrlhf nats-auth              the keys of a JWT-mode NATS, as the Secret the chart reads
 """
 
 from __future__ import annotations
@@ -301,6 +302,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     render = sub.add_parser("render", help="print every Kubernetes object the operator would apply for a job")
     render_tool.add_arguments(render).set_defaults(func=cmd_render)
+    from asyncrlhf_operator import natsauth_cli  # no kopf: keys and tokens only
+    natsauth_cli.add_parser(sub)
     _add_operator_parser(sub)
     return parser
 

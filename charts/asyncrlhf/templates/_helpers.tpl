@@ -88,8 +88,14 @@ app.kubernetes.io/component: nats
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.enabled) }}
 {{- fail "metrics.serviceMonitor.enabled needs metrics.enabled (the ServiceMonitor selects the metrics Service)" }}
 {{- end }}
-{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (not .Values.nats.auth.existingSecret) }}
+{{- if and (not .Values.nats.enabled) .Values.nats.auth.enabled (ne .Values.nats.auth.mode "jwt") (not .Values.nats.auth.existingSecret) }}
 {{- fail "an external NATS with auth needs nats.auth.existingSecret (a Secret with the user and password); or set nats.auth.enabled=false" }}
+{{- end }}
+{{- if and .Values.nats.auth.enabled (eq .Values.nats.auth.mode "jwt") (not .Values.nats.auth.jwt.existingSecret) }}
+{{- fail "nats.auth.mode jwt needs nats.auth.jwt.existingSecret: make it once with `asyncrlhf nats-auth --namespace <release namespace> -o nats-jwt.yaml` and `kubectl apply -f nats-jwt.yaml`" }}
+{{- end }}
+{{- if and .Values.nats.tls.enabled (not .Values.nats.tls.secretName) }}
+{{- fail "nats.tls.enabled needs nats.tls.secretName: a Secret with tls.crt, tls.key and ca.crt (e.g. from a cert-manager Certificate for the NATS Service)" }}
 {{- end }}
 {{- end }}
 
@@ -114,7 +120,7 @@ names the job pods use too), the NATS server NATS_USER/NATS_PASSWORD (referenced
 */}}
 {{- define "asyncrlhf.natsAuthEnv" -}}
 {{- $values := .ctx.Values.nats.auth }}
-{{- if $values.enabled }}
+{{- if and $values.enabled (ne $values.mode "jwt") }}
 - name: {{ .prefix }}USER
   valueFrom:
     secretKeyRef:
@@ -126,6 +132,34 @@ names the job pods use too), the NATS server NATS_USER/NATS_PASSWORD (referenced
       name: {{ include "asyncrlhf.natsSecretName" .ctx }}
       key: {{ $values.passwordKey }}
 {{- end }}
+{{- end }}
+
+{{/*
+JWT mode (nats.auth.mode jwt): the operator's env, by secretKeyRef: the jobs' account signing
+seed and the account's public key (asyncrlhf_operator.natsauth reads them); TLS: the CA's path.
+*/}}
+{{- define "asyncrlhf.operatorNatsEnv" -}}
+{{- if and .Values.nats.auth.enabled (eq .Values.nats.auth.mode "jwt") }}
+- name: ASYNCRLHF_NATS_ACCOUNT_SEED
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.nats.auth.jwt.existingSecret }}
+      key: account-signing-seed
+- name: ASYNCRLHF_NATS_ACCOUNT
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.nats.auth.jwt.existingSecret }}
+      key: account
+{{- end }}
+{{- if .Values.nats.tls.enabled }}
+- name: ASYNCRLHF_NATS_TLS_CA
+  value: /etc/asyncrlhf/nats-tls/ca.crt
+{{- end }}
+{{- end }}
+
+{{/* The operator writes a Secret <job>-nats per job (JWT mode: the job's user; TLS: the CA). */}}
+{{- define "asyncrlhf.operatorWritesSecrets" -}}
+{{- if or (and .Values.nats.auth.enabled (eq .Values.nats.auth.mode "jwt")) .Values.nats.tls.enabled }}true{{ end }}
 {{- end }}
 
 {{/* Name of the kopf peering object the operator's replicas share (cluster-scoped in cluster
