@@ -191,6 +191,7 @@ def decision_to(kube, name: str, count: int):
     return ((job_status(kube, name).get("autoscale") or {}).get("lastDecision") or {}).get("toReplicas") == count
 
 
+@pytest.mark.slow
 def test_autoscaled_generators_follow_the_signals_on_the_bus(cluster):
     kube, url = cluster
     create_job(kube, "scaly", **SPEC)
