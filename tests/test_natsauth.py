@@ -310,3 +310,53 @@ async def test_a_bus_connection_through_tls(tmp_path, monkeypatch):
         with pytest.raises(Exception, match="CERTIFICATE_VERIFY_FAILED|certificate verify failed"):
             await nats.connect(server.url, tls=tls_context(str(certs["other"])), max_reconnect_attempts=0,
                                allow_reconnect=False, connect_timeout=3)
+
+
+# --- how the pods get it (plan) and the keys command ------------------------------------------------
+
+
+def _job(**nats):
+    from asyncrlhf import api
+
+    return api.AsyncRLHFJob.model_validate({"apiVersion": api.API_VERSION, "kind": api.KIND,
+                                            "metadata": {"name": "sort", "namespace": "team-a"},
+                                            "spec": {"model": {"policy": "builtin:tiny-sort"}, "nats": nats}})
+
+
+@pytest.mark.parametrize("nats,creds,ca,secrets", [
+    ({}, "/var/run/asyncrlhf/nats-job/creds", "/var/run/asyncrlhf/nats-job/ca.crt", {"nats-job": "sort-nats"}),
+    ({"credentialsSecret": "mine"}, "/var/run/asyncrlhf/nats/creds", "/var/run/asyncrlhf/nats-job/ca.crt",
+     {"nats-credentials": "mine", "nats-job": "sort-nats"}),
+    ({"url": "nats://bus.team:4222", "credentialsSecret": "mine", "tlsSecret": "bus-tls"},
+     "/var/run/asyncrlhf/nats/creds", "/var/run/asyncrlhf/nats-tls/ca.crt",
+     {"nats-credentials": "mine", "nats-tls": "bus-tls"}),  # a foreign bus never gets the operator's Secret
+])
+def test_the_pods_get_credentials_ca_and_inbox_prefix_from_the_right_secret(nats, creds, ca, secrets):
+    from asyncrlhf_operator.plan import natsaccess
+
+    job = _job(**nats)
+    env = {e["name"]: e.get("value") for e in natsaccess.nats_env(job)}
+    assert env[workload_env.NATS_CREDS] == creds and env[workload_env.NATS_TLS_CA] == ca
+    assert env[workload_env.NATS_INBOX_PREFIX] == "_INBOX.team-a.sort"
+    assert (workload_env.NATS_TLS_KEY in env) == ("tlsSecret" in nats)
+    volumes, mounts = natsaccess.nats_volumes(job)
+    assert {v["name"]: v["secret"]["secretName"] for v in volumes} == secrets
+    assert all(v["secret"]["optional"] for v in volumes) and all(m["readOnly"] for m in mounts)
+
+
+def test_nats_auth_writes_a_private_secret_once(tmp_path):
+    import argparse
+    import yaml
+
+    from asyncrlhf_operator import natsauth_cli
+
+    out = tmp_path / "nats-jwt.yaml"
+    args = argparse.Namespace(name="keys", namespace="ops", output=str(out))
+    assert natsauth_cli.run(args) == 0 and out.stat().st_mode & 0o777 == 0o600
+    secret = yaml.safe_load(out.read_text())
+    assert secret["metadata"] == {**secret["metadata"], "name": "keys", "namespace": "ops"}
+    data = secret["stringData"]
+    authority = natsauth.Authority(data["account-signing-seed"], data["account"])
+    assert f"{data['account']}: " in data["resolver.conf"] and "resolver: MEMORY" in data["resolver.conf"]
+    assert authority.signing_key != data["account"]  # a signing key, not the account's identity key
+    assert natsauth_cli.run(args) == 2  # never overwrites keys that jobs may be using
