@@ -249,3 +249,15 @@ def test_the_learner_heartbeat_writes_the_progress_again_and_again(monkeypatch):
 
     asyncio.run(asyncio.wait_for(run(), 10))
     assert written[:3] == [("progress", {"reward_mean": 0.5})] * 3
+
+
+def test_reports_written_before_the_autoscaler_counters_still_decode():
+    """Backward compatible: an older learner's or generator's message (no counters) reads with zeros,
+    and observe skips such an interval instead of misreading it."""
+    old_learner = b'{"v":1,"step":3,"total_steps":10,"policy_version":3,"updated":5.0}'
+    old_generator = b'{"v":1,"generator_id":"g","policy_version":2,"rollouts":4,"updated":5.0}'
+    progress, report = LearnerProgress.decode(old_learner), GeneratorStatus.decode(old_generator)
+    assert (progress.rollout_wait_seconds, progress.uptime_seconds, progress.prompts_pending) == (0.0, 0.0, None)
+    assert (report.busy_seconds, report.prompt_wait_seconds, report.weights_wait_seconds,
+            report.uptime_seconds) == (0.0, 0.0, 0.0, 0.0)
+    assert learner_wait(progress, progress)[0] is None and generator_idle(report, report) is None
