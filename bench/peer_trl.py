@@ -11,7 +11,10 @@ in its own process (peak memory = the process tree's RSS, sampled every 0.2 s):
   * asyncrlhf sync (N=0) and async (N=1), vLLM CPU generator on one core, learner on the other;
   * asyncrlhf sync with the HF engine (the same engine kind as TRL: what the design costs);
   * trl-online-dpo (TRL's experimental OnlineDPOTrainer, 2 samples per prompt) vs asyncrlhf
-    online-dpo with K=2, where --with-dpo is given.
+    online-dpo with K=2, where --with-dpo is given;
+  * trl-async-grpo (TRL's experimental AsyncGRPOTrainer) only with `--only trl-async-grpo` and a
+    `trl vllm-serve` server at $TRL_VLLM_URL: it generates on a vLLM server and sends weights over
+    NCCL, so it needs GPUs (scripts/gpu-smoke.sh runs it when a GPU and vLLM's CUDA build are there).
 Reports per run: wall-clock to the target reward (reward = the batch's mean score, smoothed over 5
 steps; the clock starts when step 1 has ended, so model loading and engine start-up, different in
 each, are left out; total wall-clock is printed too), reward at the same number of generated samples
@@ -127,6 +130,17 @@ def trial_trl(name: str, steps: int, out: Path) -> None:
         trainer = GRPOTrainer(model=path, reward_funcs=[sort_reward], args=config,
                               train_dataset=trl_dataset(PROMPTS * steps), processing_class=tokenizer,
                               callbacks=[step_clock(rows)])
+    elif name == "trl-async-grpo":  # GPU only: a `trl vllm-serve` server at TRL_VLLM_URL generates (scripts/gpu-smoke.sh)
+        from trl.experimental.async_grpo import AsyncGRPOConfig, AsyncGRPOTrainer
+
+        config = AsyncGRPOConfig(output_dir=str(out.parent / name), report_to="none", logging_steps=1,
+                                 save_strategy="no", seed=SEED, max_steps=steps, learning_rate=LR,
+                                 num_generations=K, max_completion_length=MAX_TOKENS, temperature=TEMPERATURE,
+                                 epsilon=EPS, max_staleness=1,
+                                 vllm_server_base_url=os.environ.get("TRL_VLLM_URL", "http://localhost:8000"))
+        trainer = AsyncGRPOTrainer(model=path, reward_funcs=[sort_reward], args=config,
+                                   train_dataset=trl_dataset(PROMPTS * steps), processing_class=tokenizer,
+                                   callbacks=[step_clock(rows)])
     else:
         from trl.experimental.online_dpo import OnlineDPOConfig, OnlineDPOTrainer
 
@@ -141,7 +155,7 @@ def trial_trl(name: str, steps: int, out: Path) -> None:
     out.write_text(json.dumps({"rows": rows, "ok": True}))
 
 
-TRIALS = {"trl-grpo": trial_trl, "asyncrlhf-sync": trial_ours, "asyncrlhf-async": trial_ours,
+TRIALS = {"trl-grpo": trial_trl, "trl-async-grpo": trial_trl, "asyncrlhf-sync": trial_ours, "asyncrlhf-async": trial_ours,
           "asyncrlhf-sync-hf": trial_ours, "trl-online-dpo": trial_trl, "asyncrlhf-online-dpo": trial_ours}
 
 
@@ -205,14 +219,15 @@ def ratios(by: dict) -> list[str]:
             f"asyncrlhf sync (HF engine) / TRL GRPO, time to target: "
             f"{ratio('asyncrlhf-sync-hf', 'trl-grpo', 'to_target')}",
             f"TRL GRPO / asyncrlhf async, training wall-clock for the same samples: "
-            f"{ratio('trl-grpo', 'asyncrlhf-async', 'train')}"]
+            f"{ratio('trl-grpo', 'asyncrlhf-async', 'train')}",
+            f"TRL GRPO / asyncrlhf sync-hf, training wall-clock: {ratio('trl-grpo', 'asyncrlhf-sync-hf', 'train')}"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--target", type=float, default=0.8)
-    parser.add_argument("--quick", action="store_true", help="3 steps, trl-grpo and asyncrlhf-async only")
+    parser.add_argument("--quick", action="store_true", help="3 steps, trl-grpo and asyncrlhf-sync-hf only")
     parser.add_argument("--with-dpo", action="store_true", help="also TRL's OnlineDPOTrainer vs asyncrlhf online-dpo")
     parser.add_argument("--only", nargs="*", choices=list(TRIALS))
     parser.add_argument("--trial", choices=list(TRIALS), help=argparse.SUPPRESS)
@@ -222,7 +237,7 @@ def main(argv: list[str] | None = None) -> dict:
         TRIALS[args.trial](args.trial, args.steps, Path(args.out))
         return {}
     steps = 3 if args.quick else args.steps
-    names = args.only or (["trl-grpo", "asyncrlhf-async"] if args.quick else
+    names = args.only or (["trl-grpo", "asyncrlhf-sync-hf"] if args.quick else
                           ["trl-grpo", "asyncrlhf-sync", "asyncrlhf-async", "asyncrlhf-sync-hf"]
                           + (["trl-online-dpo", "asyncrlhf-online-dpo"] if args.with_dpo else []))
     with tempfile.TemporaryDirectory(prefix="peer-trl-") as tmp:

@@ -6,7 +6,8 @@
 #   2. the local example with the learner (torch) and the generator on the GPU: vLLM when its CUDA build
 #      is installed, else the HF engine; both processes must report CUDA memory in summary.json;
 #   3. the same job with the DeepSpeed backend (when deepspeed is installed);
-#   4. `--dry-run --gpus 8` of every example.
+#   4. optional: TRL's async GRPO (bench/peer_trl.py's GPU-only run) when TRL and vLLM's CUDA build are there;
+#   5. `--dry-run --gpus 8` of every example.
 # One line per check: "ok <check>" or "FAIL <check>: <why>"; exit 1 when any check failed.
 set -u
 cd "$(dirname "$0")/.."
@@ -64,5 +65,16 @@ if have deepspeed; then
   check "local-$engine-deepspeed" run_job smoke-ds deepspeed
   check "local-$engine-deepspeed-on-cuda" used_cuda smoke-ds
 else echo "skip deepspeed: not installed"; fi
+# optional: TRL's asynchronous GRPO (the peer bench's GPU-only run): its trainer generates on a
+# `trl vllm-serve` server and sends weights over NCCL, so it needs TRL (the bench extra) and vLLM's CUDA build
+if have trl && [ "$engine" = vllm ]; then
+  model=$($PY -c "from asyncrlhf.models import resolve_model; print(resolve_model('builtin:tiny-sort'))")
+  CUDA_VISIBLE_DEVICES=0 $PY -m trl.cli.main vllm-serve --model "$model" --port 8765 --gpu-memory-utilization 0.3 \
+    >"$OUT/trl-vllm-serve.log" 2>&1 &
+  trl_server=$!
+  TRL_VLLM_URL=http://127.0.0.1:8765 check trl-async-grpo timeout 300 $PY bench/peer_trl.py --trial trl-async-grpo \
+    --steps 3 --out "$OUT/trl-async-grpo.json"
+  kill "$trl_server" 2>/dev/null; wait "$trl_server" 2>/dev/null
+else echo "skip trl-async-grpo: needs TRL (pip install -e '.[bench]') and vLLM's CUDA build"; fi
 for f in examples/*.yaml; do check "dry-run-$(basename "$f" .yaml)" $PY -m asyncrlhf.cli run --dry-run "$f" --gpus 8 --runs-dir "$OUT/dry"; done
 exit $failed
