@@ -33,6 +33,7 @@ from asyncrlhf_operator.status import Observed
 
 from test_operator_kmock import (  # noqa: F401  (cluster: the fixture)
     CHILDREN, CR, NS, cluster, create_job, events_of, eventually, job_status, mark_learner, replicas,
+    status_passes_for,
 )
 
 AUTOSCALE = {"enabled": True, "minReplicas": 1, "maxReplicas": 3, "maxStep": 2, "stabilizationSeconds": 0,
@@ -212,6 +213,13 @@ def test_autoscaled_generators_follow_the_signals_on_the_bus(cluster):
         down = eventually(lambda: decision_to(kube, "scaly", 1) and job_status(kube, "scaly")["autoscale"],
                           what="the scale-down in status")
         assert "generators idled" in down["lastDecision"]["reason"] and down["desired"] == 1
+        job.wait, job.idle = 0.8, 0.0  # starved again, but suspended: no decision, no look at the signals
+        kube.call("PATCH", f"{CR}/scaly", {"spec": {"suspend": True}})
+        eventually(lambda: job_status(kube, "scaly").get("phase") == "Suspended", what="Suspended")
+        checked = job_status(kube, "scaly")["autoscale"]["lastCheckTime"]
+        status_passes_for(kube, "scaly", 2 * AUTOSCALE["intervalSeconds"] + 1)
+        assert kube.get(f"{CR}/scaly")["spec"]["generator"]["replicas"] == 1
+        assert job_status(kube, "scaly")["autoscale"]["lastCheckTime"] == checked
     finally:
         job.stopping.set()
         job.join(10)
