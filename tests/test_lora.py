@@ -144,6 +144,17 @@ def test_training_moves_only_the_adapter_and_the_base_stays(tiny):
     assert any(not torch.equal(moved[k], v) for k, v in adapter_before.items() if "lora_B" in k)
 
 
+
+def test_the_checkpoint_interval_follows_the_adapters_size():
+    """sizing.py from backend.parameter_count: an 8B model's rank-16 adapter (41.9M parameters, counted
+    in bench/lora_size_bench.py) is checkpointed with every snapshot, its full weights every 40th."""
+    from asyncrlhf.sizing import checkpoint_every_steps
+
+    spec = JobSpec.model_validate({"model": {"dtype": "bfloat16"}, "learner": {"lora": {"enabled": True}}})
+    assert checkpoint_every_steps(spec, 41_943_040) == 1
+    assert checkpoint_every_steps(spec, 8_030_261_248) == 40  # 12 B/param vs 15% of 2 B/param
+
+
 # --- snapshots and checkpoints ----------------------------------------------------------------
 
 
@@ -295,6 +306,44 @@ def test_export_writes_the_adapter_or_the_merged_model_with_the_snapshots_greedy
 
     with pytest.raises(ExportError, match="not empty"):
         export(run, merged, merge=True)
+
+
+
+# --- a local run -------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_the_lora_example_runs_with_adapter_only_snapshots_and_its_reward_rises(tmp_path):
+    """examples/lora.yaml (HF engine), 20 steps: every snapshot holds the adapter and no full weights,
+    the summary reports the adapter's bytes, and the mean reward of the last 5 steps beats the first 5's."""
+    import asyncio
+
+    import yaml
+
+    from asyncrlhf.api import AsyncRLHFJob
+    from asyncrlhf.local import LocalRun
+    from asyncrlhf.report import read_metrics
+
+    manifest = yaml.safe_load((ROOT / "examples" / "lora.yaml").read_text())
+    manifest["spec"]["learner"]["totalSteps"] = 20
+    manifest["spec"]["weightSync"]["keepSnapshots"] = 30  # keep every snapshot, to look at each
+    result = asyncio.run(LocalRun(AsyncRLHFJob.model_validate(manifest), tmp_path, quiet=True).run())
+    assert result.ok, result.summary
+    rewards = [row["reward_mean"] for row in read_metrics(result.run_dir)]
+    assert len(rewards) == 20
+    assert sum(rewards[-5:]) / 5 > sum(rewards[:5]) / 5 + 0.05, rewards
+
+    snapshots = sorted((result.run_dir / "volume" / "snapshots").iterdir())
+    assert len(snapshots) == 20
+    for snapshot in snapshots:
+        weights = {p.name for p in snapshot.iterdir() if p.suffix == ".safetensors"}
+        assert weights == {ADAPTER_WEIGHTS} and is_adapter(snapshot), snapshot
+    summary = result.summary
+    assert summary["snapshot_kind"] == "adapter"
+    # rank 16 on 7 linear layers x 2 blocks of the tiny model, fp32: 47,104 parameters
+    assert 47_104 * 4 <= summary["snapshot_weight_bytes"] < 47_104 * 4 + 16_384
 
 
 # --- DeepSpeed ---------------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from . import __version__
+from .snapshots import snapshot_summary
 
 EVAL_KIND = "eval"  # metrics.jsonl lines of held-out evaluations carry "kind": "eval" (evaluation.py)
 
@@ -65,6 +66,7 @@ def summarize(job, run_dir: Path, wall_seconds: float, produced: int, snapshots:
         "peak_memory_bytes": peak_memory_bytes,
         "peak_memory_gib": round(peak_memory_bytes / (1 << 30), 3),
         **eval_summary(read_evals(run_dir)),
+        **snapshot_summary(Path(run_dir) / "volume"),  # asyncrlhf run's volume (a LoRA run's: adapters)
     }
 
 

@@ -156,6 +156,20 @@ def load_snapshot_state(path: str | Path) -> dict:
     return state
 
 
+def snapshot_summary(root: str | Path) -> dict:
+    """What the newest snapshot under `root` (a volume) weighs, from its manifest: the weight files'
+    bytes (what generators load: the adapter alone in a LoRA run) and every file's; {} when none."""
+    versions = list_versions(root)
+    manifest_path = snapshot_dir(root, versions[-1]) / MANIFEST if versions else None
+    if manifest_path is None or not manifest_path.is_file():
+        return {}
+    manifest = json.loads(manifest_path.read_text())
+    sizes = {name: entry["size"] for name, entry in manifest["files"].items()}
+    return {"snapshot_kind": "adapter" if "adapter" in manifest else "full",
+            "snapshot_weight_bytes": sum(n for name, n in sizes.items() if name.endswith(WEIGHT_SUFFIXES)),
+            "snapshot_bytes": sum(sizes.values())}
+
+
 def version_of(path: str | Path) -> int:
     """The version of a snapshot directory (`.../snapshots/v<version>`)."""
     m = _VERSION_DIR.match(Path(path).name)
