@@ -137,3 +137,38 @@ def test_state_round_trip_and_spec():
     assert restored.updates == 1
     with pytest.raises(ValueError, match="shape"):
         head.update(np.ones(3), 1.0)
+
+
+# --- deployment-time adaptation: the paper's optimistic second answer -------------------------
+# φ rows: a0 = (1, 0), a1 = (0, 0), a2 = (0, 3), a3 = (0.5, 0.5); a fresh head with λ = 1 has H⁻¹ = I,
+# so the bonus of a′ is ‖φ(a′) − φ(a0)‖: a1 1, a2 √10 = 3.162, a3 √0.5 = 0.707.
+PHI = np.array([[1.0, 0.0], [0.0, 0.0], [0.0, 3.0], [0.5, 0.5]])
+
+
+@pytest.mark.parametrize("bonus,second", [
+    (0.0, 3),  # greedy runner-up: rewards θ·φ = 1, 0, 0, 0.5
+    (0.2, 3),  # a1 0.2, a2 0.632, a3 0.5 + 0.141 = 0.641
+    (0.3, 2),  # a1 0.3, a2 0.949, a3 0.5 + 0.212 = 0.712
+    (100.0, 2),  # large ν: the most uncertain comparison (= select on φ(a′) − φ(a))
+])
+def test_deployment_pair_first_greedy_second_optimistic(bonus, second):
+    head = OnePassRewardHead(dim=2, lam=1.0)
+    head.theta = np.array([1.0, 0.0])
+    assert head.deployment_pair(PHI, bonus) == (0, second)
+
+
+def test_deployment_pair_bonus_is_relative_to_the_first_answer_in_the_h_inverse_norm():
+    # After one update along (0, 1) the H⁻¹ norm shrinks in that direction: H = I + w e2 e2ᵀ,
+    # w = σ′(z·θ₁); with θ set back to (1, 0) and ν = 1: a2's bonus is 3/√(1 + w) and a1's is 1.
+    head = OnePassRewardHead(dim=2, lam=1.0)
+    head.update(np.array([0.0, 1.0]), 1.0)
+    w = sigmoid_prime(float(head.theta[1]))
+    assert head.h_inv[1, 1] == pytest.approx(1.0 / (1.0 + w))
+    head.theta = np.array([1.0, 0.0])
+    a2 = 0.0 + np.sqrt(1.0 + 9.0 / (1.0 + w))  # ‖(−1, 3)‖ in H⁻¹ = diag(1, 1/(1+w))
+    a3 = 0.5 + np.sqrt(0.25 + 0.25 / (1.0 + w))
+    assert a2 > a3 and head.deployment_pair(PHI, 1.0) == (0, 2)
+    with pytest.raises(ValueError, match="two candidate"):
+        head.deployment_pair(PHI[:1])
+    with pytest.raises(ValueError, match="bonus"):
+        head.deployment_pair(PHI, -1.0)

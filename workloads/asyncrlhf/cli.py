@@ -154,7 +154,12 @@ def cmd_generator(args) -> int:
     from .reward_kinds import RewardConfigError
 
     try:
-        asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id, env.snapshot_dir))
+        job.spec.generator.group_named(env.searcher)
+    except ValueError as err:  # ASYNCRLHF_SEARCHER names a group the spec does not have
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    try:
+        asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id, env.snapshot_dir, env.searcher))
     except (RewardConfigError, ChatTemplateError, PlacementError, ModelNotFoundError) as err:  # a restart cannot help
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT

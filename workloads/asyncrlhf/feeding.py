@@ -17,6 +17,7 @@ from .api import JobSpec
 from .bus import PROMPTS, JobBus, publish
 from .checkpoints import LearnerState
 from .messages import Prompt
+from .replay import generated_samples
 from .schedule import RecordWindow, attempt_key, forget_attempts, min_version, release_range, unreleased_from
 from .tasks import PromptRecord, prompt_stream
 
@@ -68,6 +69,6 @@ class PromptFeeder:
         rec = self.records(b)[i]
         pid = f"{self.bus.job}-p{b}-{i}" + (f"-r{attempt}" if attempt else "")
         msg = Prompt(id=pid, batch=b, index=i, text=rec.text, answer=rec.answer, attempt=attempt,
-                     samples=self.spec.algorithm.samples_per_prompt, min_version=min_version(b, self.n),
+                     samples=generated_samples(self.spec), min_version=min_version(b, self.n),
                      messages=rec.messages, columns=rec.columns)
         await publish(js, self.bus.subject(PROMPTS), msg.encode(), msg_id=msg.id, recreate=recreate)

@@ -139,6 +139,23 @@ class OnePassRewardHead(_LinearHead):
         """Index of the candidate pair (rows of z) the head is most uncertain about."""
         return int(np.argmax(self.uncertainty(candidates)))
 
+    def deployment_pair(self, features, bonus: float = 1.0) -> tuple[int, int]:
+        """Deployment-time adaptation (Li et al. 2025): of n candidate answers (rows of φ, [n, d]),
+        serve the first greedily, a = argmax θ·φ(a), and the second optimistically,
+        a' = argmax_{a' ≠ a} θ·φ(a') + ν ‖φ(a') − φ(a)‖_{H⁻¹} (ν = `bonus`): an answer that is good
+        by the current estimate or whose comparison with the first is uncertain. ν = 0 is greedy
+        (top two), large ν approaches pure uncertainty (`select`)."""
+        phi = np.atleast_2d(np.asarray(features, dtype=np.float64))
+        if len(phi) < 2:
+            raise ValueError("deployment-time adaptation needs at least two candidate answers")
+        if bonus < 0:
+            raise ValueError(f"the exploration bonus must be >= 0, got {bonus}")
+        reward = phi @ self.theta
+        first = int(np.argmax(reward))
+        optimistic = reward + bonus * self.uncertainty(phi - phi[first])
+        optimistic[first] = -np.inf
+        return first, int(np.argmax(optimistic))
+
     def state_dict(self) -> dict[str, np.ndarray]:
         """Arrays for np.savez (no pickle)."""
         return {"theta": self.theta.copy(), "h_inv": self.h_inv.copy(),

@@ -14,8 +14,8 @@ Rules (docs/algorithms.md, "Replay buffer"):
 - `mark_sync()` starts a new generation: "recent" = added since the last `mark_sync()`;
 - `sample(k)` per training prompt: with probability m (recency_probability) the pool is the
   prompt's recent items (when it has none, all of its items), otherwise all of its items; the
-  recent pool is drawn uniformly, the full pool uniformly ('uniform') or by softmax(score)
-  ('reward'); 'recency' always uses the recent pool. K items are drawn without replacement,
+  recent pool is drawn uniformly, the full pool uniformly ('uniform') or by softmax(score / τ)
+  ('reward', τ = temperature); 'recency' always uses the recent pool. K items are drawn without replacement,
   or with replacement when the pool holds fewer than K;
 - `state_dict()` is plain JSON-serialisable data (payloads must be JSON-serialisable too).
 """
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence, Union
 import torch
 
 if TYPE_CHECKING:
-    from asyncrlhf.api import ReplayBufferSpec
+    from asyncrlhf.api import JobSpec, ReplayBufferSpec
 
 PromptId = Union[str, int]
 Rng = Union[torch.Generator, random.Random]
@@ -63,14 +63,26 @@ def replay_enabled(spec: "ReplayBufferSpec", loss: str) -> bool:
     return spec.enabled if spec.enabled is not None else loss == "tb"
 
 
+def generated_samples(spec: "JobSpec") -> int:
+    """Completions generated per prompt: S (`replayBuffer.generateSamples`) when the buffer is on
+    and S is set, else K (`algorithm.samplesPerPrompt`). The buffer keeps all S; each step trains
+    on K per prompt drawn by the buffer's rule (TBA: S = 24, K = 20 on GSM8k)."""
+    buffer, k = spec.async_.replay_buffer, spec.algorithm.samples_per_prompt
+    return buffer.generate_samples or k if replay_enabled(buffer, spec.algorithm.loss) else k
+
+
 class ReplayBuffer:
-    def __init__(self, capacity: int, recency_probability: float, sampling: str = "uniform") -> None:
+    def __init__(self, capacity: int, recency_probability: float, sampling: str = "uniform",
+                 temperature: float = 1.0) -> None:
         if capacity < 1:
             raise ValueError(f"replay capacity must be >= 1, got {capacity}")
         if not 0.0 <= recency_probability <= 1.0:
             raise ValueError(f"recency_probability must be in [0, 1], got {recency_probability}")
         if sampling not in SAMPLING_MODES:
             raise ValueError(f"replay sampling {sampling!r} is not one of {SAMPLING_MODES}")
+        if not (temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"replay temperature must be a positive number, got {temperature}")
+        self.temperature = temperature
         self.capacity, self.recency_probability, self.sampling = capacity, recency_probability, sampling
         self.generation = 0
         self._next_seq = 0
@@ -79,7 +91,7 @@ class ReplayBuffer:
 
     @classmethod
     def from_spec(cls, spec: "ReplayBufferSpec") -> "ReplayBuffer":
-        return cls(spec.capacity, spec.recency_probability, spec.sampling)
+        return cls(spec.capacity, spec.recency_probability, spec.sampling, spec.temperature)
 
     def __len__(self) -> int:
         return len(self._age)
@@ -155,8 +167,28 @@ class ReplayBuffer:
             weights = [1.0] * len(pool)
         else:
             pool = everything
-            weights = _softmax([i.score for i in pool]) if self.sampling == "reward" else [1.0] * len(pool)
+            weights = self._full_pool_weights(pool)
         return [pool[i] for i in draw.indices(weights, k)]
+
+    def _full_pool_weights(self, pool: list[ReplayItem]) -> list[float]:
+        if self.sampling != "reward":
+            return [1.0] * len(pool)
+        return _softmax([i.score / self.temperature for i in pool])
+
+    def probabilities(self, prompt_id: PromptId) -> dict[tuple[int, ...], float]:
+        """The probability that one draw (k = 1) for `prompt_id` picks each of its items, by tokens:
+        m/|recent| for a recent item plus (1 − m) × (1/|all| or softmax(score/τ)) — the rule
+        `sample` implements, in closed form (for tests and for reading a buffer's behaviour)."""
+        everything, recent = self.items(prompt_id), self.recent(prompt_id)
+        m = 1.0 if self.sampling == "recency" else self.recency_probability
+        if not recent:
+            m = 0.0  # an empty recent pool falls back to the whole pool
+        full = self._full_pool_weights(everything) if self.sampling != "recency" or not recent else []
+        total = sum(full)
+        out = {i.tokens: (1 - m) * w / total for i, w in zip(everything, full)} if full else {}
+        for i in recent:
+            out[i.tokens] = out.get(i.tokens, 0.0) + m / len(recent)
+        return out
 
     # -- persistence --------------------------------------------------------------------------
 

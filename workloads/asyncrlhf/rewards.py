@@ -144,6 +144,7 @@ class HeadLearner:
         self.features = features or FeatureModel(feature_model_path(spec), spec.model.dtype, _learner_device(spec),
                                                  spec.task.reward.batch_size)
         self.head = OnePassRewardHead.from_spec(spec.task.reward.onepass, self.features.dim)
+        self.bonus = spec.task.reward.onepass.exploration_bonus  # ν of DeploymentAdapter
 
     def learn(self, prefs: list[Preference]) -> None:
         if not prefs:
@@ -158,21 +159,18 @@ class HeadLearner:
 
 
 class DeploymentAdapter:
-    """Deployment-time adaptation: serve the head's best answer plus the most informative other
-    one (the pair the head is most uncertain about, ‖φ(a)−φ(a')‖ in the H⁻¹ norm), and learn from
-    which of the two the user preferred."""
+    """Deployment-time adaptation (Li et al. 2025): serve the head's best answer a plus an
+    optimistic second one, argmax θ·φ(a′) + ν ‖φ(a′) − φ(a)‖_{H⁻¹} (`OnePassRewardHead.deployment_pair`,
+    ν = onepass.explorationBonus), and learn from which of the two the user preferred."""
 
-    def __init__(self, learner: HeadLearner) -> None:
-        self.learner = learner
+    def __init__(self, learner: HeadLearner, bonus: Optional[float] = None) -> None:
+        self.learner, self.bonus = learner, learner.bonus if bonus is None else bonus
 
     def choose(self, prompt: str, candidates: list[str]) -> tuple[int, int]:
         if len(candidates) < 2:
             raise ValueError("deployment-time adaptation needs at least two candidate answers")
         phi = self.learner.features.features([prompt] * len(candidates), candidates)
-        best = int(np.argmax(phi @ self.learner.head.theta))
-        others = [i for i in range(len(candidates)) if i != best]
-        explore = others[self.learner.head.select(phi[best] - phi[others])]
-        return best, explore
+        return self.learner.head.deployment_pair(phi, self.bonus)
 
     def feedback(self, prompt: str, preferred: str, other: str) -> Preference:
         pref = Preference(id=f"pref-{self.learner.head.updates}", prompt=prompt, chosen=preferred,

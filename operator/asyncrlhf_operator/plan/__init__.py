@@ -34,6 +34,9 @@ the job except a retained snapshot volume, which must outlive it):
   one counter (status.restarts) is easier to reason about than two.
 - Deployment `<job>-generator`: stateless generators, scaled freely; Recreate, so a new config
   never needs a spare GPU.
+- Deployment `<job>-generator-<name>` per TBA searcher (`generator.searchers`): the same pod in
+  the searcher's group (ASYNCRLHF_SEARCHER, label SEARCHER_LABEL); its replicas are carved out of
+  generator.replicas, the default Deployment runs the rest.
 - Workload `asyncrlhfjob-<job>` (kueue.x-k8s.io, only for a job labelled
   kueue.x-k8s.io/queue-name): learner and generators as one gang; until Kueue admits it the
   learner Job is suspended and the generators are at zero (kueue.py). Made by the status pass,
@@ -53,8 +56,8 @@ from .network import (
     service_account,
 )
 from .pods import (
-    COMPLETION_INDEX, GPU, HF_TOKEN, NATS_CREDS_DIR, RUN_AS, SNAPSHOT_DIR, generator_deployment, generator_replicas,
-    learner_job,
+    COMPLETION_INDEX, GPU, HF_TOKEN, NATS_CREDS_DIR, RUN_AS, SEARCHER_LABEL, SNAPSHOT_DIR, generator_deployment,
+    generator_replicas, group_replicas, learner_job, searcher_deployments,
 )
 from .runtime import REPLICAS, RUNTIME_FIELDS, SUSPEND, TTL, VOLUME_SNAPSHOTS, changed_paths, kinds_for
 from .merge import strategic_merge
@@ -73,7 +76,7 @@ __all__ = [
     "DEFAULT_NATS_PORT", "RENDEZVOUS_PORT", "learner_service", "nats_ports", "nats_url", "needs_hub",
     "network_policy", "service_account",
     "COMPLETION_INDEX", "GPU", "HF_TOKEN", "NATS_CREDS_DIR", "RUN_AS", "SNAPSHOT_DIR", "generator_deployment",
-    "generator_replicas", "learner_job",
+    "generator_replicas", "learner_job", "SEARCHER_LABEL", "group_replicas", "searcher_deployments",
     "REPLICAS", "RUNTIME_FIELDS", "SUSPEND", "TTL", "VOLUME_SNAPSHOTS", "changed_paths", "kinds_for",
     "snapshot_claim_name", "snapshot_pvc", "volume_snapshot", "volume_snapshot_plan",
     "claim_names", "model_cache_claim_name", "model_cache_pvc", "strategic_merge",
@@ -93,5 +96,6 @@ def desired_children(
                 model_cache_pvc(job, owner),
                 learner_service(owner), network_policy(job, owner, default_url),
                 learner_job(job, owner, default_url, held=not admission.admitted),
-                generator_deployment(job, owner, default_url, finished=finished, allowed=allowed)]
+                generator_deployment(job, owner, default_url, finished=finished, allowed=allowed),
+                *searcher_deployments(job, owner, default_url, finished=finished, allowed=allowed)]
     return [child for child in children if child is not None]

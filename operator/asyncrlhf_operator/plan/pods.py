@@ -35,6 +35,7 @@ HF_TOKEN = "HF_TOKEN"
 # itself already waits out a stalled loop for max(10 s, ackWaitSeconds) and generation for its hold
 # limit), so a GC pause or a slow answer never kills a generator; a SIGSTOP'd one stops answering.
 PROBE_PERIOD_SECONDS, STARTUP_FAILURES, LIVENESS_FAILURES = 10, 270, 6
+SEARCHER_LABEL = f"{api.GROUP}/searcher"  # the TBA searcher group of a generator pod
 
 
 def _resources(cpu: str, memory: str, gpus: int) -> dict[str, Any]:
@@ -200,11 +201,43 @@ def generator_probes() -> dict[str, Any]:
 
 
 def generator_replicas(job: api.AsyncRLHFJob, *, finished: bool = False, allowed: Optional[int] = None) -> int:
-    """generator.replicas, 0 when suspended or finished, at most `allowed` (what Kueue admitted)."""
-    if job.spec.suspend or finished:
-        return 0
-    wanted = job.spec.generator.replicas
-    return wanted if allowed is None else min(wanted, allowed)
+    """The default group's generators (generator.replicas less the searchers'), 0 when suspended
+    or finished, at most `allowed` (what Kueue admitted)."""
+    return group_replicas(job, finished=finished, allowed=allowed)[0]
+
+
+def group_replicas(job: api.AsyncRLHFJob, *, finished: bool = False, allowed: Optional[int] = None) -> list[int]:
+    """Generators per group (`GeneratorSpec.groups()`: the default group, then each searcher);
+    Kueue's admitted count `allowed` is handed out in that order."""
+    left = 0 if job.spec.suspend or finished else (job.spec.generator.replicas if allowed is None else allowed)
+    counts = []
+    for group in job.spec.generator.groups():
+        counts.append(min(group.replicas, left))
+        left -= counts[-1]
+    return counts
+
+
+def searcher_deployments(
+    job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, finished: bool = False,
+    allowed: Optional[int] = None,
+) -> list[dict[str, Any]]:
+    """One Deployment `<job>-generator-<name>` per TBA searcher (`generator.searchers`): the
+    generator pod with ASYNCRLHF_SEARCHER set (the generator reads its syncEvery from the spec) and
+    the label SEARCHER_LABEL, which its selector adds to the generators' (the default group's
+    Deployment keeps its selector; ReplicaSets own their pods, so the two never adopt each other's)."""
+    out = []
+    counts = group_replicas(job, finished=finished, allowed=allowed)
+    for group, replicas in list(zip(job.spec.generator.groups(), counts))[1:]:
+        d = generator_deployment(job, owner, default_url, finished=finished, allowed=allowed)
+        d["metadata"]["name"] = f"{Names(owner.name).generator}-{group.name}"
+        for where in (d["metadata"]["labels"], d["spec"]["selector"]["matchLabels"],
+                      d["spec"]["template"]["metadata"]["labels"]):
+            where[SEARCHER_LABEL] = group.name
+        d["spec"]["replicas"] = replicas
+        d["spec"]["template"]["spec"]["containers"][0]["env"].append(
+            {"name": workload_env.SEARCHER, "value": group.name})
+        out.append(d)
+    return out
 
 
 def generator_deployment(

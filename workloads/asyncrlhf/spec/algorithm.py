@@ -98,7 +98,16 @@ class ReplayBufferSpec(SpecModel):
         description="Probability m of sampling from items added since the last sync.",
     )
     sampling: Literal["uniform", "reward", "recency"] = Field(
-        "uniform", description="How the non-recent draw picks items: uniform or softmax(score)."
+        "uniform", description="How the non-recent draw picks items: uniform or softmax(score / temperature)."
+    )
+    temperature: float = Field(
+        1.0, gt=0, le=1000,
+        description="τ of reward sampling, softmax(score / τ): lower favours high scores more (the paper: 1).",
+    )
+    generate_samples: int = Field(
+        0, ge=0, le=256,
+        description="S: completions generated per prompt while the buffer is on; the step trains on "
+        "algorithm.samplesPerPrompt (K) of them drawn by the buffer's rule. 0 = K.",
     )
 
 

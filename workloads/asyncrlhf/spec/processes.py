@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from .base import SpecModel
+from .base import DNS_LABEL, SpecModel
 from .lora import LoraSpec
 from .observability import AutoscaleSpec
 from .pods import QUANTITY, PodTemplate
@@ -33,10 +33,36 @@ class Resources(PodResources):
     gpus: int = Field(0, ge=0, le=64, description="nvidia.com/gpu per pod.")
 
 
+class SearcherSpec(SpecModel):
+    """A group of generators with its own weight-sync interval (TBA's "searchers")."""
+
+    name: str = Field(..., min_length=1, max_length=20, pattern=DNS_LABEL,
+                      description="Group name (a DNS label; its Deployment is <job>-generator-<name>).")
+    replicas: int = Field(1, ge=0, le=1024, description="Generators of this group (part of generator.replicas).")
+    sync_every: int = Field(
+        1, ge=1, le=1024,
+        description="Load new weights only every syncEvery published snapshots (staleness up to "
+        "syncEvery x weightSync.everySteps - 1 versions; a prompt's staleness bound still wins).",
+    )
+
+
+class GeneratorGroup(NamedTuple):
+    """One group of generators: name ("" = the default group), how many, and its sync interval."""
+
+    name: str
+    replicas: int
+    sync_every: int
+
+
 class GeneratorSpec(SpecModel):
     """Rollout generators: stateless, scalable at any time."""
 
     replicas: int = Field(1, ge=0, le=1024, description="Generator processes (pods).")
+    searchers: list[SearcherSpec] = Field(
+        default_factory=list, max_length=16,
+        description="TBA searchers: groups of generators, each with its own syncEvery, carved out of "
+        "replicas (the rest form the default group, which syncs with every snapshot).",
+    )
     autoscale: AutoscaleSpec = Field(
         default_factory=AutoscaleSpec, description="With enabled, the generators scale themselves from the bus's "
         "signals between minReplicas and maxReplicas, and replicas is the autoscaler's.",
@@ -59,6 +85,43 @@ class GeneratorSpec(SpecModel):
         default_factory=PodTemplate,
         description="Merged over the generator pods: scheduling, pull secrets, env, volumes, extra resources.",
     )
+
+    @model_validator(mode="after")
+    def _check_searchers(self) -> "GeneratorSpec":
+        names = [s.name for s in self.searchers]
+        if len(set(names)) != len(names):
+            raise ValueError(f"generator.searchers: names must be unique, got {names}")
+        carved = sum(s.replicas for s in self.searchers)
+        if carved > self.replicas:
+            raise ValueError(f"generator.searchers: their replicas add up to {carved}, more than generator.replicas "
+                             f"({self.replicas}); the searchers are part of replicas, raise it to at least {carved}")
+        if self.searchers and self.autoscale.enabled:
+            raise ValueError("generator.searchers and generator.autoscale cannot be combined (the autoscaler "
+                             "would resize the groups' shares): remove one of them")
+        return self
+
+    def groups(self) -> list[GeneratorGroup]:
+        """The default group (what the searchers leave of replicas, syncing with every snapshot)
+        first, then each searcher; generator index i belongs to the group its cumulative count covers."""
+        rest = self.replicas - sum(s.replicas for s in self.searchers)
+        return [GeneratorGroup("", rest, 1)] + [GeneratorGroup(s.name, s.replicas, s.sync_every)
+                                               for s in self.searchers]
+
+    def group_of(self, index: int) -> GeneratorGroup:
+        """The group of generator `index` (0-based) under `groups()`."""
+        end = 0
+        for group in self.groups():
+            end += group.replicas
+            if index < end:
+                return group
+        raise IndexError(f"generator {index} is beyond generator.replicas ({self.replicas})")
+
+    def group_named(self, name: str) -> GeneratorGroup:
+        for group in self.groups():
+            if group.name == name:
+                return group
+        raise ValueError(f"no generator group named {name!r} in generator.searchers "
+                         f"(known: {[g.name for g in self.groups()]})")
 
 
 class OptimizerSpec(SpecModel):

@@ -232,4 +232,30 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: not s.generator.autoscale.enabled
         or s.generator.autoscale.min_replicas <= s.generator.replicas <= s.generator.autoscale.max_replicas,
     ),
+    CrossFieldRule(
+        "async.replayBuffer.generateSamples",
+        "self.async.replayBuffer.generateSamples == 0 "
+        "|| self.async.replayBuffer.generateSamples >= self.algorithm.samplesPerPrompt",
+        "replayBuffer.generateSamples (S, generated per prompt) must be at least algorithm.samplesPerPrompt "
+        "(K, trained on per prompt), or 0 (= K)",
+        lambda s: s.async_.replay_buffer.generate_samples == 0
+        or s.async_.replay_buffer.generate_samples >= s.algorithm.samples_per_prompt,
+    ),
+    CrossFieldRule(
+        "generator.sampling.maxTokens",
+        f"self.async.replayBuffer.generateSamples * self.generator.sampling.maxTokens <= {MAX_GROUP_TOKENS}",
+        f"a rollout group (replayBuffer.generateSamples x maxTokens tokens) must fit in one bus message: at "
+        f"most {MAX_GROUP_TOKENS} tokens; lower maxTokens or generateSamples",
+        lambda s: s.async_.replay_buffer.generate_samples * s.generator.sampling.max_tokens <= MAX_GROUP_TOKENS,
+    ),
+    CrossFieldRule(
+        "generator.searchers",
+        "self.generator.searchers.all(s, s.syncEvery * self.weightSync.everySteps - 1 "
+        "<= (self.async.mode == 'sync' ? 0 : self.async.maxStaleness))",
+        "a searcher that loads every syncEvery-th snapshot answers with weights up to "
+        "syncEvery x weightSync.everySteps - 1 versions old: raise async.maxStaleness to at least that "
+        "(async mode), or lower syncEvery",
+        lambda s: all(g.sync_every * s.weight_sync.every_steps - 1 <= s.async_.effective_staleness
+                      for g in s.generator.searchers),
+    ),
 ]

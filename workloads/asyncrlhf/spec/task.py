@@ -102,6 +102,11 @@ class OnePassHead(SpecModel):
     lambda_: float = Field(1.0, alias="lambda", gt=0, le=1e6, description="Initial Hessian λI.")
     bound: float = Field(10.0, gt=0, le=1e6, description="Projection radius B on the head's norm.")
     eta: float = Field(1.0, gt=0, le=1e6, description="Mirror-descent step size η.")
+    exploration_bonus: float = Field(
+        1.0, ge=0, le=1e6,
+        description="ν of deployment-time adaptation: the second answer maximises estimated reward + "
+        "ν ‖φ(a′) − φ(a)‖ in the H⁻¹ norm (0 = the runner-up by reward).",
+    )
 
 
 # Where generator pods mount `task.reward.codeConfigMap` (cluster); python rewards import from it.

@@ -1,0 +1,249 @@
+"""TBA in full: S > K generation (the buffer keeps all S, each step trains on K), the temperature of
+reward-prioritised replay sampling, searcher groups that sync every k snapshots, and their plan
+(one Deployment per group). Every expected number is worked out by hand in the comments."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+from scipy.stats import chisquare
+
+from asyncrlhf import api
+from asyncrlhf.generator import sync_due
+from asyncrlhf.replay import ReplayBuffer, ReplayItem, generated_samples
+from asyncrlhf.workload_env import SEARCHER, WorkloadEnv
+from asyncrlhf_operator import plan
+
+OWNER = plan.Owner(name="demo", namespace="team", uid="0b8c4a4e-6b9e-4c55-9d5e-1f0c3a9b7d21")
+NATS = "nats://nats.asyncrlhf-system.svc:4222"
+
+
+def spec(**fields: Any) -> api.JobSpec:
+    fields.setdefault("model", {"policy": "builtin:tiny-sort"})
+    return api.JobSpec.model_validate(fields)
+
+
+def job(**fields: Any) -> api.AsyncRLHFJob:
+    fields.setdefault("model", {"policy": "builtin:tiny-sort"})
+    return api.AsyncRLHFJob.model_validate(
+        {"metadata": {"name": OWNER.name, "namespace": OWNER.namespace}, "spec": fields})
+
+
+# --- S > K: generate S, train on K ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fields,expected", [
+    ({"algorithm": {"loss": "tb", "samplesPerPrompt": 4}, "async": {"replayBuffer": {"generateSamples": 6}}}, 6),
+    ({"algorithm": {"loss": "tb", "samplesPerPrompt": 4}}, 4),  # 0 = K
+    # the buffer is off (online DPO's default): S is ignored, the generators make K
+    ({"algorithm": {"loss": "online-dpo", "samplesPerPrompt": 4},
+      "async": {"replayBuffer": {"generateSamples": 6}}}, 4),
+    ({"algorithm": {"loss": "online-dpo", "samplesPerPrompt": 4},
+      "async": {"replayBuffer": {"enabled": True, "generateSamples": 6}}}, 6),
+])
+def test_generated_samples_is_s_when_the_buffer_is_on(fields, expected):
+    assert generated_samples(spec(**fields)) == expected
+
+
+def test_s_below_k_is_refused_with_both_names():
+    with pytest.raises(ValueError, match="generateSamples.*samplesPerPrompt"):
+        spec(algorithm={"loss": "tb", "samplesPerPrompt": 4}, **{"async": {"replayBuffer": {"generateSamples": 3}}})
+
+
+def test_a_step_keeps_k_distinct_of_the_s_fresh_completions():
+    # S = 6 fresh completions of prompt "p" after a sync (all recent), m = 1: each draw of K = 4
+    # takes 4 distinct items of the 6, never an older one (the old item has score 1, the best)
+    buf = ReplayBuffer(capacity=100, recency_probability=1.0)
+    buf.add(ReplayItem("p", (99,), 1.0, policy_version=0))
+    buf.mark_sync()
+    buf.extend([ReplayItem("p", (t,), 0.1 * t, policy_version=1) for t in range(6)])
+    rng = random.Random(0)
+    for _ in range(200):
+        [drawn] = buf.sample(prompt_ids=["p"], k=4, rng=rng)
+        tokens = [i.tokens for i in drawn]
+        assert len(set(tokens)) == 4 and all(t[0] < 6 for t in tokens)
+
+
+# --- temperature ------------------------------------------------------------------------------
+
+
+def _reward_buffer(tau: float, m: float = 0.0) -> ReplayBuffer:
+    buf = ReplayBuffer(capacity=100, recency_probability=m, sampling="reward", temperature=tau)
+    buf.add(ReplayItem("p", (0,), 0.0, policy_version=0))
+    buf.add(ReplayItem("p", (1,), 1.0, policy_version=0))
+    buf.mark_sync()
+    buf.add(ReplayItem("p", (2,), 0.5, policy_version=1))  # the one recent item
+    return buf
+
+
+@pytest.mark.parametrize("tau,m,expected", [
+    # τ = 1, m = 0: softmax(0, 1, 0.5) = (1, e, e^0.5) / (1 + e + e^0.5) = (1, 2.71828, 1.64872) / 5.36700
+    (1.0, 0.0, {(0,): 0.186324, (1,): 0.506480, (2,): 0.307196}),
+    # τ = 0.1: scores / τ = (0, 10, 5): (1, 22026.47, 148.41) / 22175.88
+    (0.1, 0.0, {(0,): 1 / 22175.88, (1,): 22026.47 / 22175.88, (2,): 148.41 / 22175.88}),
+    # τ = 1, m = 0.5: the recent item gets 0.5 on top of half its softmax share
+    (1.0, 0.5, {(0,): 0.093162, (1,): 0.253240, (2,): 0.5 + 0.153598}),
+])
+def test_reward_sampling_probabilities_follow_softmax_of_score_over_tau(tau, m, expected):
+    probs = _reward_buffer(tau, m).probabilities("p")
+    assert probs.keys() == expected.keys()
+    for tokens, p in expected.items():
+        assert probs[tokens] == pytest.approx(p, rel=1e-4)
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.2])
+def test_reward_sampling_draws_match_the_probabilities(tau):
+    buf = _reward_buffer(tau, m=0.3)
+    probs = buf.probabilities("p")
+    rng = random.Random(1)
+    counts = {t: 0 for t in probs}
+    n = 10_000
+    for _ in range(n):
+        [[item]] = buf.sample(prompt_ids=["p"], k=1, rng=rng)
+        counts[item.tokens] += 1
+    observed = [counts[t] for t in probs]
+    assert chisquare(observed, [n * probs[t] for t in probs]).pvalue > 1e-3
+    # power: the τ = 1 counts reject τ = 0.2's probabilities and the other way round
+    other = _reward_buffer(1.2 - tau, m=0.3).probabilities("p")
+    assert chisquare(observed, [n * other[t] for t in probs]).pvalue < 1e-3
+
+
+def test_temperature_must_be_positive():
+    with pytest.raises(ValueError, match="temperature"):
+        ReplayBuffer(capacity=1, recency_probability=0.5, sampling="reward", temperature=0.0)
+    assert ReplayBuffer.from_spec(api.ReplayBufferSpec(temperature=0.25)).temperature == 0.25
+
+
+# --- searchers: sync every k ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("held,newest,gap,need,due", [
+    (0, 1, 1, 0, True),    # the default group (syncEvery 1, everySteps 1) loads every snapshot
+    (4, 5, 3, 0, False),   # syncEvery 3: v5 is 1 ahead of v4, 3 needed
+    (4, 6, 3, 0, False),
+    (4, 7, 3, 0, True),    # 3 ahead
+    (4, 9, 3, 0, True),
+    (4, 5, 3, 5, True),    # a prompt's staleness bound needs v5: the bound wins
+    (4, 6, 3, 4, False),   # ... a bound v4 already meets does not
+    (8, 2, 3, 0, True),    # an older version announced: the learner restarted from a checkpoint
+    (4, 4, 3, 0, True),    # same version, other weights (the caller only asks when the checksum differs)
+    (0, 4, 8, 0, False),   # syncEvery 4 x everySteps 2: versions 2, 4, 6 ... load at +8
+    (0, 8, 8, 0, True),
+])
+def test_sync_due(held, newest, gap, need, due):
+    assert sync_due(held, newest, gap, need) is due
+
+
+def test_a_searcher_loads_every_k_th_snapshot_along_a_run():
+    # syncEvery 3, everySteps 1, snapshots v1..v10 announced one after the other, no bound:
+    # held 0 → loads v3 → v6 → v9 (the versions it answers with lag 0, 1, 2 behind the newest)
+    held, loaded = 0, []
+    for newest in range(1, 11):
+        if sync_due(held, newest, 3):
+            held = newest
+            loaded.append(newest)
+    assert loaded == [3, 6, 9]
+
+
+def test_groups_carve_replicas_default_first():
+    g = spec(generator={"replicas": 5, "searchers": [{"name": "a", "replicas": 1, "syncEvery": 2},
+                                                      {"name": "b", "replicas": 2, "syncEvery": 4}]},
+             **{"async": {"maxStaleness": 3}}).generator
+    assert [(x.name, x.replicas, x.sync_every) for x in g.groups()] == [("", 2, 1), ("a", 1, 2), ("b", 2, 4)]
+    assert [g.group_of(i).name for i in range(5)] == ["", "", "a", "b", "b"]
+    assert g.group_named("b").sync_every == 4
+    with pytest.raises(ValueError, match="no generator group named 'c'"):
+        g.group_named("c")
+    with pytest.raises(IndexError):
+        g.group_of(5)
+
+
+@pytest.mark.parametrize("generator,extra,match", [
+    ({"replicas": 2, "searchers": [{"name": "a", "replicas": 3}]}, {}, "add up to 3, more than generator.replicas"),
+    ({"replicas": 4, "searchers": [{"name": "a"}, {"name": "a"}]}, {}, "unique"),
+    ({"replicas": 2, "autoscale": {"enabled": True, "minReplicas": 1, "maxReplicas": 4},
+      "searchers": [{"name": "a"}]}, {}, "cannot be combined"),
+    ({"replicas": 2, "searchers": [{"name": "a", "syncEvery": 4}]}, {"async": {"maxStaleness": 2}},
+     "raise async.maxStaleness"),
+    ({"replicas": 2, "searchers": [{"name": "Bad_Name"}]}, {}, "name"),
+])
+def test_bad_searchers_are_refused(generator, extra, match):
+    with pytest.raises(ValueError, match=match):
+        spec(generator=generator, **extra)
+
+
+def test_searcher_rules_agree_in_cel():
+    from test_crd import cel_failures, manifest
+
+    ok = manifest(generator={"replicas": 2, "searchers": [{"name": "a", "replicas": 1, "syncEvery": 4}]},
+                  **{"async": {"maxStaleness": 3}})
+    bad = manifest(generator={"replicas": 2, "searchers": [{"name": "a", "replicas": 1, "syncEvery": 4}]},
+                   **{"async": {"maxStaleness": 2}})
+    s_below_k = manifest(algorithm={"loss": "tb", "samplesPerPrompt": 4},
+                         **{"async": {"replayBuffer": {"generateSamples": 3}}})
+    assert cel_failures(ok) == []
+    assert cel_failures(bad) == [".generator.searchers"]
+    assert cel_failures(s_below_k) == [".async.replayBuffer.generateSamples"]
+
+
+def test_the_generator_environment_names_its_group():
+    env = WorkloadEnv.for_generator({"ASYNCRLHF_NATS_URL": NATS, SEARCHER: "slow"})
+    assert env.searcher == "slow" and env.variables()[SEARCHER] == "slow"
+    assert WorkloadEnv.for_generator({"ASYNCRLHF_NATS_URL": NATS}).searcher == ""
+
+
+# --- plan: one Deployment per group -----------------------------------------------------------
+
+
+def _deployments(j: api.AsyncRLHFJob, **kw) -> dict[str, dict]:
+    return {c["metadata"]["name"]: c for c in plan.desired_children(j, OWNER, NATS, **kw) if c["kind"] == "Deployment"}
+
+
+def _env(d: dict) -> dict[str, Any]:
+    return {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+
+
+TWO_GROUPS = {"generator": {"replicas": 4, "searchers": [{"name": "fast", "replicas": 1, "syncEvery": 1},
+                                                          {"name": "slow", "replicas": 2, "syncEvery": 4}]},
+              "async": {"maxStaleness": 3}}
+
+
+def test_plan_two_searchers_one_deployment_each():
+    deps = _deployments(job(**TWO_GROUPS))
+    assert {n: d["spec"]["replicas"] for n, d in deps.items()} == {
+        "demo-generator": 1, "demo-generator-fast": 1, "demo-generator-slow": 2}
+    assert SEARCHER not in _env(deps["demo-generator"])
+    assert _env(deps["demo-generator-fast"])[SEARCHER] == "fast"
+    assert _env(deps["demo-generator-slow"])[SEARCHER] == "slow"
+    for name, group in (("demo-generator-fast", "fast"), ("demo-generator-slow", "slow")):
+        d = deps[name]
+        selector = d["spec"]["selector"]["matchLabels"]
+        assert selector[plan.SEARCHER_LABEL] == group
+        assert selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()
+        assert d["spec"]["template"]["metadata"]["labels"]["app.kubernetes.io/component"] == "generator"
+    selectors = [frozenset(d["spec"]["selector"]["matchLabels"].items()) for d in deps.values()]
+    assert len(set(selectors)) == 3
+    # the same pod otherwise: the group is the only difference
+    fast, slow = deps["demo-generator-fast"], deps["demo-generator-slow"]
+    assert fast["spec"]["template"]["spec"]["containers"][0]["args"] == \
+        slow["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+@pytest.mark.parametrize("kw,fields,counts", [
+    ({"finished": True}, {}, [0, 0, 0]),
+    ({}, {"suspend": True}, [0, 0, 0]),
+    ({"admission": plan.Gate(True, True, generators=2)}, {}, [1, 1, 0]),  # Kueue's count, default group first
+    ({"admission": plan.Gate(True, True, generators=3)}, {}, [1, 1, 1]),
+])
+def test_plan_groups_scale_down_together(kw, fields, counts):
+    deps = _deployments(job(**TWO_GROUPS, **fields), **kw)
+    assert [deps[n]["spec"]["replicas"] for n in ("demo-generator", "demo-generator-fast", "demo-generator-slow")] \
+        == counts
+
+
+def test_plan_without_searchers_is_unchanged():
+    deps = _deployments(job(generator={"replicas": 3}))
+    assert list(deps) == ["demo-generator"] and deps["demo-generator"]["spec"]["replicas"] == 3
+    assert plan.group_replicas(job(generator={"replicas": 3})) == [3]
