@@ -106,6 +106,14 @@ def progress_line(p: LearnerProgress, eta_seconds: Optional[float] = None, bar: 
             f"policy v{p.policy_version}{dropped}")
 
 
+def scale_line(record: dict) -> str:
+    """An autoscaler decision (local_autoscale.py): "generators 2 → 3: the learner waited 40% of the last 60 s ..."."""
+    reason, span = record["reason"], record.get("interval_seconds")
+    if span:
+        reason = reason.replace("of the interval", f"of the last {span:.0f} s")
+    return f"generators {record['from']} → {record['to']}: {reason}"
+
+
 class Console:
     """The run's console: permanent lines, and one status line (in place on a terminal)."""
 

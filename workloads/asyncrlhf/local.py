@@ -15,7 +15,6 @@ import asyncio
 import itertools
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -27,8 +26,10 @@ import psutil
 from .api import AsyncRLHFJob
 from .bus import WEIGHTS, EmbeddedNats, JobBus, close_quietly, connect, ensure_job_resources, free_port
 from .checkpoints import CheckpointStore
-from .console import Console, Failure, Observed, StartupWatch
+from .console import Console, Failure, Observed, StartupWatch, scale_line
 from .kv import JobKV
+from .local_autoscale import LocalAutoscaler, generator_slots
+from .local_generators import Child, GeneratorPool, launch, stop_all
 from .logs import add_file_log, last_error, remove_log
 from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
@@ -37,15 +38,7 @@ from .models import resolve_model
 from .placement import Placement, describe, learner_processes, machine_gpus, plan
 from .report import plot_rewards, read_evals, read_metrics, summarize, write_json
 from .telemetry import LocalPorts
-from .workload_env import GENERATOR_ID, WorkloadEnv
-
-
-@dataclass
-class Child:
-    role: str
-    index: int
-    proc: subprocess.Popen
-    attempt: int = 0
+from .workload_env import WorkloadEnv
 
 
 @dataclass
@@ -69,7 +62,7 @@ class LocalRun:
     run_dir: Path
     quiet: bool = False
     resume: bool = False  # continue the run in run_dir from its checkpoint, instead of starting over
-    children: list[Child] = field(default_factory=list)
+    learners: list[Child] = field(default_factory=list)  # every learner process started (generators: self.generators)
     restarts: int = 0
     peak_memory: int = 0
     gpus: Optional[int] = None  # plan as if the machine had this many GPUs (--gpus); None = count them
@@ -82,15 +75,27 @@ class LocalRun:
         self.nats: Optional[EmbeddedNats] = None
         self.previous: Optional[Path] = None  # where an earlier run of the job was moved
         self.url = self.spec.nats.url
-        cores = sorted(os.sched_getaffinity(0))
-        self.learner_cores, self.generator_cores = cpu_plan(cores, self.spec.generator.replicas)
         # every process's GPUs (disjoint) and CUDA_VISIBLE_DEVICES; refused (PlacementError) before
         # anything starts when the machine has too few
         gpus = machine_gpus(os.environ, count_gpus()) if self.gpus is None else [str(i) for i in range(self.gpus)]
         self.placement: Placement = plan(self.spec, gpus)
+        slots = generator_slots(self.spec, gpus)  # with autoscale: room for more generators than replicas
+        cores = sorted(os.sched_getaffinity(0))
+        self.learner_cores, self.generator_cores = cpu_plan(cores, max(1, len(slots)))
         self.console = Console(self.quiet)  # start-up phases, live progress (console.py)
         self.failure: Optional[Failure] = None  # why the run failed: the summary and the last line say it
         self.metrics_ports = LocalPorts(self.spec.metrics.port)  # each process's /metrics (telemetry.py)
+        self.generators = GeneratorPool(self.config, self.run_dir, self._env, self.generator_cores, slots,
+                                        self.metrics_ports, on_restart=self._generator_restarted)
+        auto = self.spec.generator.autoscale
+        self.autoscaler = LocalAutoscaler(self.spec, self.generators, self.run_dir, len(slots) if
+                                          self.spec.generator.resources.gpus else auto.max_replicas) \
+            if auto.enabled else None
+
+    @property
+    def children(self) -> list[Child]:
+        """Every process started, generators first."""
+        return self.generators.children + self.learners
 
     # --- processes -----------------------------------------------------------------------
 
@@ -99,26 +104,13 @@ class LocalRun:
         return dict(os.environ) | contract.variables() | {"PYTHONUNBUFFERED": "1"} | extra
 
     def spawn(self, role: str, index: int, attempt: int = 0, env: Optional[dict[str, str]] = None) -> Child:
-        log = open(self.run_dir / f"{role}-{index}.log", "ab")
-        if role == "learner":
-            cores = self.learner_cores
-            extra = {"OMP_NUM_THREADS": str(len(cores))} | (env or {})
-        else:
-            cores = self.generator_cores[index % len(self.generator_cores)]  # index past the plan: added mid-run
-            extra = {GENERATOR_ID: f"gen-{index}-{attempt}", "OMP_NUM_THREADS": str(len(cores)),
-                     "VLLM_CPU_OMP_THREADS_BIND": ",".join(map(str, cores))}
-            # a generator added mid-run (index past the plan) has no GPUs of its own: it runs where its plan slot's does
-            if self.spec.generator.replicas:
-                extra |= self.placement.of("generator", index % self.spec.generator.replicas).env
-        extra |= self.metrics_ports.env(role, index)
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(self.config)],
-            env=self._env(extra), stdout=log, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: _child_setup(cores),
-            start_new_session=True,  # its own process group: engine subprocesses are stopped with it
-        )
-        child = Child(role, index, proc, attempt)
-        self.children.append(child)
+        """Start a learner rank, or a generator (local_generators.GeneratorPool: its index, cores and devices)."""
+        if role == "generator":
+            return self.generators.start(index, attempt)
+        cores = self.learner_cores
+        extra = {"OMP_NUM_THREADS": str(len(cores))} | (env or {}) | self.metrics_ports.env(role, index)
+        child = launch(role, index, attempt, self.config, self.run_dir, self._env(extra), cores)
+        self.learners.append(child)
         return child
 
     def spawn_learners(self, attempt: int = 0) -> None:
@@ -130,9 +122,8 @@ class LocalRun:
 
     def learner_group(self) -> list[Child]:
         """The processes of the current learner attempt, rank 0 first."""
-        attempt = max(c.attempt for c in self.children if c.role == "learner")
-        return sorted((c for c in self.children if c.role == "learner" and c.attempt == attempt),
-                      key=lambda c: c.index)
+        attempt = max(c.attempt for c in self.learners)
+        return sorted((c for c in self.learners if c.attempt == attempt), key=lambda c: c.index)
 
     def learner(self) -> Child:
         """Rank 0 of the current learner: the process that talks to the bus."""
@@ -185,8 +176,7 @@ class LocalRun:
         try:
             await ensure_job_resources(js, self.bus, self.spec.nats.max_bytes, self.spec.nats.ack_wait_seconds)
             kv = await JobKV.open(js, self.bus.bucket)
-            for i in range(self.spec.generator.replicas):
-                self.spawn("generator", i)
+            self.generators.scale_to(self.spec.generator.replicas)
             self.spawn_learners()
             if self.metrics_ports.ports:
                 self.console.line(self.metrics_ports.describe())
@@ -204,6 +194,8 @@ class LocalRun:
         summary = summarize(self.job, self.run_dir, time.monotonic() - started, produced, snapshots,
                             self.peak_memory, self.restarts)
         summary["ok"] = ok
+        if self.autoscaler is not None:
+            summary["autoscale"] = self.autoscaler.summary()
         if self.failure is not None:
             summary["failure"] = self.failure.as_dict()
         if devices := read_reports(self.run_dir):  # GPU processes: CUDA memory each allocated (devicereport.py)
@@ -222,6 +214,7 @@ class LocalRun:
             self._sample_memory()
             progress = await kv.progress() or progress  # the bus away: the last known
             await self._show(watch, progress, kv, js)
+            await self._autoscale(kv, progress)
             group = self.learner_group()
             codes = [c.proc.poll() for c in group]
             if codes[0] == 0 and progress and progress.done:
@@ -257,6 +250,18 @@ class LocalRun:
         elif not watch.complete:
             self.console.waiting(watch.current(), time.monotonic() - watch.started)
 
+    async def _autoscale(self, kv: JobKV, progress: Optional[LearnerProgress]) -> None:
+        """spec.generator.autoscale: every intervalSeconds, the policy's decision applied (local_autoscale.py)."""
+        if self.autoscaler is None or not self.autoscaler.due(time.time()):
+            return
+        try:
+            reports = await kv.reports()
+        except Exception:  # noqa: BLE001 -- the bus away for a moment: this interval is skipped
+            return
+        record = self.autoscaler.step(progress, reports)
+        if record is not None:
+            self.console.line(scale_line(record))
+
     async def _observe(self, kv: JobKV, js, progress: Optional[LearnerProgress]) -> Observed:
         info = await js.stream_info(self.bus.stream, subjects_filter=self.bus.subject(WEIGHTS))
         ids = [r.generator_id.split("-") for r in (await kv.reports()).values()]  # gen-<index>-<attempt>
@@ -283,48 +288,18 @@ class LocalRun:
 
     def _restart_dead_generators(self, progress: Optional[LearnerProgress] = None) -> bool:
         """Restart generators that died; False when one refused its input (a restart cannot help)."""
-        latest: dict[int, Child] = {}
-        for c in self.children:
-            if c.role == "generator":
-                latest[c.index] = c
-        for index, child in latest.items():
-            code = child.proc.poll()
-            if code == EXIT_BAD_INPUT:
-                return self._fail(f"generator {index}", f"generator-{index}", code, progress)
-            if code is not None and code != 0:
-                self.console.note(f"generator {index} exited with {code}; starting a new one")
-                self.spawn("generator", index, child.attempt + 1)
+        refused = self.generators.check()
+        if refused is not None:
+            code = refused.proc.returncode
+            return self._fail(f"generator {refused.index}", refused.name, code, progress)
         return True
+
+    def _generator_restarted(self, index: int, code: int) -> None:
+        self.console.note(f"generator {index} exited with {code}; starting a new one")
 
     def stop_children(self, timeout: float = 30.0) -> None:
         """SIGTERM each child's process group, SIGKILL what is left after `timeout`."""
-        for c in self.children:
-            _signal_group(c.proc, signal.SIGTERM)
-        deadline = time.monotonic() + timeout
-        for c in self.children:
-            try:
-                c.proc.wait(max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-            _signal_group(c.proc, signal.SIGKILL)  # leftovers of the group (e.g. vLLM's engine core)
-            c.proc.wait()
-
-
-def _child_setup(cores: list[int]) -> None:
-    """In a child, before exec: its CPU cores, and death with `asyncrlhf run` even when that is
-    SIGKILLed (Linux: PR_SET_PDEATHSIG), so no generator or learner outlives the run."""
-    os.sched_setaffinity(0, cores)
-    if sys.platform == "linux":
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG = 1
-
-
-def _signal_group(proc: subprocess.Popen, sig: int) -> None:
-    try:
-        os.killpg(proc.pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+        stop_all(self.children, timeout)
 
 
 def count_gpus() -> int:

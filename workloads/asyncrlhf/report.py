@@ -20,8 +20,9 @@ def _read_lines(run_dir: str | Path) -> list[dict]:
 
 
 def read_metrics(run_dir: str | Path) -> list[dict]:
-    """The training steps' lines of metrics.jsonl (one per step)."""
-    return [row for row in _read_lines(run_dir) if row.get("kind") != EVAL_KIND]
+    """The training steps' lines of metrics.jsonl (one per step; lines with a "kind" are not steps:
+    evaluations, the local autoscaler's decisions)."""
+    return [row for row in _read_lines(run_dir) if "kind" not in row]
 
 
 def read_evals(run_dir: str | Path) -> list[dict]:
