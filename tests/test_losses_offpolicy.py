@@ -239,3 +239,29 @@ def test_value_loss_reaches_the_trunk_only_with_a_shared_head(tiny_path, value_h
     batch = tiny_batch(backend, 0.0)
     without, with_values = trunk_gradient(backend, batch, 0.0), trunk_gradient(backend, batch, 1.0)
     assert bool((without - with_values).abs().max() > 1e-6) == trunk_moves
+
+
+@pytest.mark.parametrize("name", ["rloo", "proximal-rloo", "grpo", "ppo"])
+def test_switches_keep_micro_batches_summing_to_the_full_batch(name):
+    from test_losses import random_batch
+
+    batch = random_batch(seed=5)
+    noise = torch.randn(batch.old_logprobs.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    batch = dataclasses.replace(batch, behaviour_logprobs=batch.old_logprobs - 0.5 * noise.abs())
+    p = LossParams(kl_coef=0.1, clip_epsilon=0.1, dual_clip=1.5, importance_cap=1.3)
+    loss_fn = get_loss(name)
+    with torch.no_grad():
+        prepared = loss_fn.prepare(dataclasses.replace(batch, logprobs=None, values=None), p)
+    assert "is_weight" in prepared and float(prepared["is_weight"].max()) == pytest.approx(1.3)  # the cap binds
+    norm = Normalizer.of(batch)
+    full, full_metrics = loss_fn(batch, prepared, p, norm)
+    k, parts = batch.group_size, []
+    for rows in (slice(0, k), slice(k, batch.rows)):
+        pick = {f: getattr(batch, f)[rows] for f in ("logprobs", "old_logprobs", "ref_logprobs", "mask", "scores",
+                                                    "values", "old_values", "behaviour_logprobs")}
+        micro = LossBatch(group_size=k, **pick)
+        parts.append(loss_fn(micro, {n: t[rows] for n, t in prepared.items()}, p, norm))
+    torch.testing.assert_close(sum(loss for loss, _ in parts), full)
+    for key in ("is_weight_mean", "dual_clip_frac"):
+        if key in full_metrics:
+            assert sum(m[key] for _, m in parts) == pytest.approx(full_metrics[key], abs=1e-9)
