@@ -273,16 +273,18 @@ def certificates(root: Path) -> dict[str, Path]:
         return builder.sign(issuer_key, hashes.SHA256())
 
     pem = lambda c: c.public_bytes(serialization.Encoding.PEM)  # noqa: E731
-    ca_key, other_key, server_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(3))
+    ca_key, other_key, server_key, client_key = (ec.generate_private_key(ec.SECP256R1()) for _ in range(4))
     files = {"ca": cert("test CA", ca_key, ca_key, "test CA", True),
              "other": cert("other CA", other_key, other_key, "other CA", True),
-             "server": cert("nats", server_key, ca_key, "test CA", False)}
+             "server": cert("nats", server_key, ca_key, "test CA", False),
+             "client": cert("a job", client_key, ca_key, "test CA", False)}  # mutual TLS
     paths = {name: root / f"{name}.crt" for name in files}
     for name, c in files.items():
         paths[name].write_bytes(pem(c))
-    paths["server.key"] = root / "server.key"
-    paths["server.key"].write_bytes(server_key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    for name, key in (("server.key", server_key), ("client.key", client_key)):
+        paths[name] = root / name
+        paths[name].write_bytes(key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     return paths
 
 
@@ -360,3 +362,28 @@ def test_nats_auth_writes_a_private_secret_once(tmp_path):
     assert f"{data['account']}: " in data["resolver.conf"] and "resolver: MEMORY" in data["resolver.conf"]
     assert authority.signing_key != data["account"]  # a signing key, not the account's identity key
     assert natsauth_cli.run(args) == 2  # never overwrites keys that jobs may be using
+
+
+async def test_mutual_tls_with_the_client_certificate_from_the_pods_files_or_the_operators_memory(tmp_path, monkeypatch):
+    certs = certificates(tmp_path)
+    config = (f'tls {{ cert_file: "{certs["server"]}"\n key_file: "{certs["server.key"]}"\n'
+              f' ca_file: "{certs["ca"]}"\n verify: true }}\n')
+    with Server(tmp_path / "nats", config) as server:
+        with pytest.raises(Exception):  # the CA alone is not enough: the server wants a client certificate
+            await nats.connect(server.url, tls=tls_context(str(certs["ca"])), max_reconnect_attempts=0,
+                               allow_reconnect=False, connect_timeout=3)
+        for var, name in ((workload_env.NATS_TLS_CA, "ca"), (workload_env.NATS_TLS_CERT, "client"),
+                          (workload_env.NATS_TLS_KEY, "client.key")):
+            monkeypatch.setenv(var, str(certs[name]))  # a pod: spec.nats.tlsSecret's three files
+        nc = await connect(server.url)
+        try:
+            await ensure_job_resources(nc.jetstream(), A, 1 << 24, 30.0)
+        finally:
+            await nc.close()
+        credentials = jetstream.Credentials(ca=certs["ca"].read_text(), cert=certs["client"].read_text(),
+                                            key=certs["client.key"].read_text())  # from the Secret, in memory
+        buses = jetstream.Buses()
+        try:
+            assert (await (await buses.jetstream(server.url, credentials)).stream_info(A.stream)).config.name == A.stream
+        finally:
+            await buses.close()
