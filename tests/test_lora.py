@@ -32,8 +32,9 @@ def tiny() -> str:
     return resolve_model("builtin:tiny-sort")
 
 
-def lora_spec(**lora) -> JobSpec:
+def lora_spec(dtype: str = "float32", **lora) -> JobSpec:
     return JobSpec.model_validate({
+        "model": {"dtype": dtype},
         "algorithm": {"loss": "grpo", "samplesPerPrompt": K},
         "learner": {"promptsPerStep": GROUPS, "microBatchSize": K, "optimizer": {"lr": 1e-2},
                     "lora": {"enabled": True, "rank": 4, "alpha": 8} | lora},
@@ -179,10 +180,12 @@ def test_a_snapshot_is_the_adapter_only_hashed_in_a_manifest_naming_the_base(tin
     assert (config["r"], config["lora_alpha"], config["base_model_name_or_path"]) == (4, 8, tiny)
 
 
-def test_a_checkpoint_of_a_lora_run_resumes_to_the_same_step(tiny, tmp_path):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_a_checkpoint_of_a_lora_run_resumes_to_the_same_step(tiny, tmp_path, dtype):
     """Train 2 steps, snapshot + checkpoint, train the 3rd; a fresh learner restored from the
-    checkpoint trains the 3rd step to the same loss and adapter."""
-    spec = lora_spec()
+    checkpoint trains the 3rd step to the same loss and adapter. In bf16 the base is bf16, the
+    adapter fp32, the snapshot bf16, and the checkpoint holds the adapter's fp32 masters."""
+    spec = lora_spec(dtype)
     batches = rollouts(tiny, 3)
     first = TorchBackend(spec, tiny, tiny)
     for step in range(2):
@@ -190,7 +193,11 @@ def test_a_checkpoint_of_a_lora_run_resumes_to_the_same_step(tiny, tmp_path):
     snapshot = write_adapter_snapshot(first, tmp_path, 2)
     (tmp_path / "checkpoint").mkdir()
     first.save_state(tmp_path / "checkpoint")
-    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} == {"optimizer.safetensors", "optimizer.json"}
+    masters = {"master.safetensors"} if dtype == "bfloat16" else set()
+    assert {p.name for p in (tmp_path / "checkpoint").iterdir()} == {"optimizer.safetensors", "optimizer.json"} | masters
+    if dtype == "bfloat16":
+        assert {p.dtype for p in first.model.parameters() if not p.requires_grad} == {torch.bfloat16}
+        assert {p.dtype for p in first.model.parameters() if p.requires_grad} == {torch.float32}
     want = first.train_step(to_batch(batches[2], first.pad_id), 2)
 
     fresh = TorchBackend(spec, tiny, tiny)
@@ -240,6 +247,25 @@ def test_the_hf_engine_applies_the_adapter_and_refuses_a_tampered_one(tiny, tmp_
     with torch.no_grad():
         assert torch.equal(engine.model(input_ids=ids).logits, got)  # the old adapter stays
 
+
+
+
+def test_the_evaluator_applies_adapter_snapshots_and_measures_kl_to_the_base_without_a_copy(tiny, tmp_path):
+    from asyncrlhf.evaluation import Evaluator
+
+    spec = JobSpec.model_validate(lora_spec().model_dump(by_alias=True) | {
+        "eval": {"everySteps": 1, "numPrompts": 4, "samples": 2}, "generator": {"sampling": {"maxTokens": 6}}})
+    evaluator = Evaluator.create(spec, tiny, tiny, tmp_path)
+    assert evaluator.ref is None
+    assert evaluator.evaluate(0, "", elapsed=0.0)["eval_kl"] == 0.0  # the base against itself
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    perturb_adapter(backend.model)
+    info = write_adapter_snapshot(backend, tmp_path / "volume", 1)
+    assert evaluator.evaluate(1, info.path, elapsed=1.0)["eval_kl"] > 0.0
+    ids = torch.tensor([[1, 5, 9, 4, 14, 7]])
+    with torch.no_grad():
+        assert torch.allclose(evaluator.policy(input_ids=ids).logits, backend.model.eval()(input_ids=ids).logits,
+                              atol=1e-5)
 
 
 # --- export ------------------------------------------------------------------------------------

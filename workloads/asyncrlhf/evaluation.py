@@ -34,7 +34,7 @@ import torch
 
 from .api import JobSpec
 from .logprobs import pack, token_logprobs
-from .lora import apply_snapshot
+from .lora import apply_snapshot, base_logits
 from .models import encode_prompt, load_causal_lm, load_tokenizer
 from .report import EVAL_KIND, read_evals
 from .reward_kinds import OnePassReward, RewardBatch, RewardError, make_reward, score_batch
@@ -99,7 +99,9 @@ class Evaluator:
         self.device = torch.device("cuda" if spec.learner.gpus_per_node and torch.cuda.is_available() else "cpu")
         self.tokenizer = load_tokenizer(spec.model.tokenizer or policy_path)
         self.policy = load_causal_lm(policy_path, spec.model.dtype).to(self.device).eval().requires_grad_(False)
-        self.ref = load_causal_lm(reference_path, spec.model.dtype).to(self.device).eval().requires_grad_(False)
+        self.ref = None  # LoRA: the reference is the policy's base, the policy with its adapter off (lora.py)
+        if not spec.learner.lora.enabled:
+            self.ref = load_causal_lm(reference_path, spec.model.dtype).to(self.device).eval().requires_grad_(False)
         self.reward = make_reward(spec)
         self.records = held_out_prompts(spec)
         self.prompts = [encode_prompt(self.tokenizer, r.prompt, spec.model.chat_template) for r in self.records]
@@ -160,7 +162,8 @@ class Evaluator:
         rep_prompts = [p for p in prompts for _ in range(n)]
         ids, attn, mask = (t.to(self.device) for t in pack(rep_prompts, responses, self.pad_id))
         logp = token_logprobs(self.policy(input_ids=ids, attention_mask=attn).logits, ids, mask, self.temperature)
-        ref = token_logprobs(self.ref(input_ids=ids, attention_mask=attn).logits, ids, mask, self.temperature)
+        base = self.ref if self.ref is not None else self.policy
+        ref = token_logprobs(base_logits(base, ids, attn), ids, mask, self.temperature)
         kls = kl_estimate(logp, ref, mask).tolist()
         texts = [self.tokenizer.decode(r, skip_special_tokens=True) for r in responses]
         scores = score_batch(self.reward, reward_batch(records, n, texts, where))

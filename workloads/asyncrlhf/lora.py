@@ -150,3 +150,11 @@ def saved_name(param_name: str, adapter: bool = True) -> str:
     """A parameter's name as PEFT saves it (the adapter's name dropped: lora_A.default.weight ->
     lora_A.weight), so DeepSpeed's and the torch backend's adapter files agree."""
     return param_name.replace(".default.", ".") if adapter else param_name
+
+
+def base_logits(model, ids: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+    """Logits of the base model: a PEFT-wrapped model with its adapter off, any other model as it is."""
+    if not is_peft(model):
+        return model(input_ids=ids, attention_mask=attn).logits
+    with model.disable_adapter():
+        return model(input_ids=ids, attention_mask=attn).logits
