@@ -387,3 +387,12 @@ async def test_mutual_tls_with_the_client_certificate_from_the_pods_files_or_the
             assert (await (await buses.jetstream(server.url, credentials)).stream_info(A.stream)).config.name == A.stream
         finally:
             await buses.close()
+
+
+def test_a_secret_whose_seed_is_not_its_users_is_minted_again():
+    authority = natsauth.bootstrap().authority()
+    good = authority.job_creds(A)
+    other_seed = natsauth.new_seed("user")
+    swapped = good.replace(good.split("-----BEGIN USER NKEY SEED-----\n")[1].split("\n")[0], other_seed)
+    assert authority.still_valid(good, A) and not authority.still_valid(swapped, A)
+    assert not authority.still_valid("", A) and not authority.still_valid("garbage", A)

@@ -16,6 +16,7 @@ import kopf
 import prometheus_client
 from asyncrlhf import __version__
 
+from . import natsauth
 from .handlers import build_registry
 from .settings import OperatorConfig, default_nats_url, default_peering
 
@@ -55,6 +56,7 @@ def run(
         if namespace is None:
             raise ValueError("outside a pod, pass --namespace NS or --all-namespaces")
     nats_url = default_nats_url(nats_url)
+    natsauth.authority_from_env()  # JWT mode: a signing seed that cannot be used stops the start, with why
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     peering = default_peering()
     config = OperatorConfig(nats_url=nats_url, status_interval=status_interval,

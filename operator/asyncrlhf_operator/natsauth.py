@@ -222,10 +222,14 @@ class Authority:
         today's permissions? Kept then (no churn on every resync); else minted again."""
         try:
             claims = decode(jwt_of(creds_text), issuer=self.signing_key)
-        except NatsAuthError:
+            seed = creds_text.split("-----BEGIN USER NKEY SEED-----", 1)[1].split()[0]
+            if public_key(seed) != claims.get("sub"):
+                return False  # a seed that is not the user's: the server would refuse it
+        except (NatsAuthError, IndexError):
             return False
         nats = claims.get("nats") or {}
-        return claims.get("name") == f"{bus.namespace}/{bus.job}" and \
+        return claims.get("name") == f"{bus.namespace}/{bus.job}" and nats.get("issuer_account", claims["iss"]) == \
+            self.account and \
             nats.get("pub") == job_permissions(bus)["pub"] and nats.get("sub") == job_permissions(bus)["sub"]
 
 
