@@ -12,12 +12,16 @@ the modules below are its parts, and none imports another part's caller:
   merge.py    strategic merge of a job's podTemplate over the operator's pod
   network.py  ServiceAccount, headless learner Service, NetworkPolicy, the job's NATS URL
   pods.py     the learner Job and the generator Deployment (pod spec, env, volumes)
+  natsaccess.py  how the pods reach the bus: NATS credentials, TLS, inbox prefix (env, volumes)
   kueue.py    the job's Kueue Workload (gang admission) and what its admission lets run
 
 Children (all labelled app.kubernetes.io/{name,instance,component,managed-by}, all owned by
 the job except a retained snapshot volume, which must outlive it):
 
 - ServiceAccount `<job>-workload`: no API token mounted; the workloads never call the API.
+- Secret `<job>-nats` (not planned here: made by `jetstream.ensure_job_secret` before the pods,
+  only on the operator's bus in JWT mode or with an operator CA): the job's own NATS user, the
+  CA. The pods mount it optionally (`natsaccess.py`).
 - ConfigMap `<job>-config`: the rendered spec at /etc/asyncrlhf/job.yaml. Fields the operator
   acts on at run time (generator.replicas, suspend, ttlSecondsAfterFinished,
   weightSync.volumeSnapshots) are left out, so scaling or suspending does not change the config
