@@ -206,9 +206,19 @@ def main(argv=None) -> int:
     ap.add_argument("--lr", nargs="+", default=[], metavar="LOSS=LR",
                     help="fixed learning rates (no probe), e.g. from a probe on the other size")
     ap.add_argument("--no-ablation", action="store_true", help="skip the off-policy switch runs")
+    ap.add_argument("--from-json", metavar="PATH", help="run nothing: render <name>.{json,md,png} again from a "
+                    "finished run's JSON (with this code's statistics)")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="frontier", help="basename of <out-dir>/<name>.{json,md,png}")
     args = ap.parse_args(argv)
+    if args.from_json:
+        from frontier_report import write_report
+
+        report = json.loads(Path(args.from_json).read_text())
+        report.pop("summary", None)
+        report["rendered_by"] = {"code": code_state(), "command": "python bench/frontier.py --from-json ..."}
+        print("\n".join(str(p) for p in write_report(report, Path(args.out_dir), args.name)))
+        return 0
     grid = GRIDS["quick" if args.quick else args.grid]
     grid = overridden(grid, args)
     torch.set_num_threads(1)

@@ -47,32 +47,39 @@ def cells(runs: list[dict]) -> dict[tuple, list[dict]]:
     return out
 
 
-def matched_kl(runs: list[dict]) -> dict[str, float]:
-    """Per size: the largest KL every default-switch run reaches (min over runs of the max KL of its curve)."""
-    out: dict[str, float] = {}
+def matched_kl(runs: list[dict], by_loss: bool = False) -> dict:
+    """The largest KL every default-switch run reaches (min over runs of the max KL of its curve), per
+    size, or per (size, loss) with by_loss."""
+    out: dict = {}
     for r in runs:
         if r["switch"] == "default":
-            top = max(c["kl"] for c in r["curve"])
-            out[r["size"]] = min(out.get(r["size"], math.inf), top)
+            key = (r["size"], r["loss"]) if by_loss else r["size"]
+            out[key] = min(out.get(key, math.inf), max(c["kl"] for c in r["curve"]))
     return out
+
+
+def _at(runs: list[dict], kappa: float) -> tuple[float, float]:
+    values = [gold_at_kl(r["curve"], kappa) for r in runs]
+    values = [v for v in values if v == v]
+    return ci(values) if values else (math.nan, math.nan)
 
 
 def summarise(report: dict) -> list[dict]:
     """One row per cell: final gold/KL/proxy and matched-KL gold (mean, CI), p-values."""
-    runs, kappa = report["runs"], matched_kl(report["runs"])
+    runs, kappa, own = report["runs"], matched_kl(report["runs"]), matched_kl(report["runs"], by_loss=True)
     grouped = cells(runs)
     rows = []
     for (size, loss, switch, n), rs in sorted(grouped.items()):
         gold = [r["curve"][-1]["gold"] for r in rs]
-        matched = [gold_at_kl(r["curve"], kappa[size]) for r in rs]
         base = grouped.get((size, loss, "default", 0), [])
         base_gold = [r["curve"][-1]["gold"] for r in base]
         dpo = grouped.get((size, "online-dpo", "default", n), [])
         row = {"size": size, "loss": loss, "switch": switch, "N": n, "seeds": [r["seed"] for r in rs],
                "lr": rs[0]["lr"], "gold": ci(gold), "gold_values": gold,
                "kl": ci([r["curve"][-1]["kl"] for r in rs]), "proxy": ci([r["curve"][-1]["proxy"] for r in rs]),
-               "matched_kl": kappa[size], "gold_at_matched_kl": ci([m for m in matched if m == m]) if any(
-                   m == m for m in matched) else (math.nan, math.nan),
+               "matched_kl": kappa[size], "gold_at_matched_kl": _at(rs, kappa[size]),
+               "loss_matched_kl": own.get((size, loss), math.nan),
+               "gold_at_loss_matched_kl": _at(rs, own.get((size, loss), math.nan)),
                "p_vs_N0": welch_p(gold, base_gold) if n else math.nan,
                "p_vs_online_dpo": welch_p(gold, [r["curve"][-1]["gold"] for r in dpo]) if loss != "online-dpo"
                else math.nan}
@@ -119,8 +126,9 @@ def markdown(report: dict, rows: list[dict]) -> str:
         out.append(f"- {size}: {t['parameters']:,} parameters; proxy RM held-out pairwise accuracy "
                    f"{t['proxy_pairwise_accuracy_heldout']:.3f} ({t['proxy_pairs']} gold-labelled pairs); "
                    f"reference gold {t['reference_gold_mean']:.3f}")
-    out += ["", "Learning rates (probed at N=0, seed 0, on " + ", ".join(map(str, report["lr_grid"]))
-            + "; final gold): " + ", ".join(f"{k} {v:g}" for k, v in report["lrs"].items()), ""]
+    how = ("probed at N=0, seed 0, on " + ", ".join(f"{lr:g}" for lr in report["lr_grid"]) + "; best final gold"
+           if report["lr_probes"] else "fixed on the command line, not probed")
+    out += ["", f"Learning rates ({how}): " + ", ".join(f"{k} {v:g}" for k, v in report["lrs"].items()), ""]
     for p in report["lr_probes"]:
         out.append(f"- {p['loss']} lr {p['lr']:g}: gold {p['curve'][-1]['gold']:.3f}, KL {p['curve'][-1]['kl']:.2f}")
     out += ["", "## Final gold reward (mean ± 95% t-CI over seeds) [final KL]", ""]
@@ -130,6 +138,8 @@ def markdown(report: dict, rows: list[dict]) -> str:
     kappa = ", ".join(f"{s}: KL = {k:.2f} nats" for s, k in matched_kl(report["runs"]).items())
     out += ["", f"## Gold reward at matched KL ({kappa}: the largest KL every run reaches)", ""]
     out += _table(rows, "default", lambda r: fmt(r["gold_at_matched_kl"]))
+    out += ["", "## Gold reward at each loss's own matched KL (the largest KL all of that loss's runs reach)", ""]
+    out += _table(rows, "default", lambda r: f"{fmt(r['gold_at_loss_matched_kl'])} @ {r['loss_matched_kl']:.2f}")
     out += ["", "## Welch t-test p-values on final gold: vs the same loss at N=0 / vs online DPO at the same N", ""]
     out += _table(rows, "default", lambda r: f"{fp(r['p_vs_N0'])} / {fp(r['p_vs_online_dpo'])}")
     ablation = [r for r in rows if r["switch"] != "default"]
@@ -150,10 +160,13 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     grouped = cells(report["runs"])
-    panels = list(dict.fromkeys((s, loss) for s, loss, _, _ in grouped))
+    panels = list(dict.fromkeys((s, loss, False) for s, loss, _, _ in grouped))
+    panels += list(dict.fromkeys((s, loss, True) for s, loss, switch, _ in grouped if switch != "default"))
+    ablated = {n for _, _, switch, n in grouped if switch != "default"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (size, loss) in zip(axes[0], panels):
-        keys = sorted(k for k in grouped if k[:2] == (size, loss))
+    for ax, (size, loss, switches) in zip(axes[0], panels):
+        keys = sorted(k for k in grouped if k[:2] == (size, loss)
+                      and ((k[2] != "default" or k[3] in ablated) if switches else k[2] == "default"))
         for i, key in enumerate(keys):
             rs = grouped[key]
             kl = [sum(r["curve"][j]["kl"] for r in rs) / len(rs) for j in range(len(rs[0]["curve"]))]
@@ -163,7 +176,7 @@ def plot(report: dict, path: Path) -> None:
                 "" if key[2] == "default" else f" {key[2]}"), color=plt.cm.viridis(i / max(1, len(keys) - 1)))
             ax.scatter([r["curve"][-1]["kl"] for r in rs], [r["curve"][-1]["gold"] for r in rs], s=10,
                        color=line.get_color(), alpha=0.5)
-        ax.set_title(f"{loss} ({size})")
+        ax.set_title(f"{loss} ({size})" + (": off-policy switches" if switches else ""))
         ax.set_xlabel("KL(π‖π_ref), nats (fresh samples)")
         ax.set_ylabel("gold reward")
         ax.legend(fontsize=7)
