@@ -1,6 +1,6 @@
 """asyncrlhf against TRL on the same task, side by side in one run.
 
-    python bench/peer_trl.py [--steps 60] [--target 0.8] [--quick] [--only NAME ...]
+    python bench/peer_trl.py [--steps 60] [--target 0.7] [--quick] [--only NAME ...]
 
 Task: the local example's (builtin:tiny-sort, a 2-layer Llama built here; sort-digits prompts and
 its rule reward; 32 prompts x K=4 samples per step, temperature 0.7, at most 8 new tokens; AdamW,
@@ -226,7 +226,7 @@ def ratios(by: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--target", type=float, default=0.8)
+    parser.add_argument("--target", type=float, default=0.7)
     parser.add_argument("--quick", action="store_true", help="3 steps, trl-grpo and asyncrlhf-sync-hf only")
     parser.add_argument("--with-dpo", action="store_true", help="also TRL's OnlineDPOTrainer vs asyncrlhf online-dpo")
     parser.add_argument("--only", nargs="*", choices=list(TRIALS))

@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="the summary file (default bench/results/summary.md, --quick: summary-quick.md)")
     args = parser.parse_args(argv)
     out = Path(args.out) if args.out else RESULTS / ("summary-quick.md" if args.quick else "summary.md")
-    log_dir = out.parent / "logs"
+    log_dir = (out.parent / "logs") if args.out else ROOT / "runs" / "bench-logs"  # each bench's full output
     log_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for bench in BENCHES:
