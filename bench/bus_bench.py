@@ -114,6 +114,17 @@ async def bench(url: str, n: int, rounds: int) -> dict[str, float]:
     return best
 
 
+def codec_microseconds(groups: list[RolloutGroup]) -> tuple[float, float]:
+    """(encode, validated decode) per message, in microseconds."""
+    started = time.perf_counter()
+    raw = [g.encode() for g in groups]
+    encoded = time.perf_counter()
+    for r in raw:
+        RolloutGroup.decode(r)
+    done = time.perf_counter()
+    return (encoded - started) * 1e6 / len(groups), (done - encoded) * 1e6 / len(groups)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=4000)
@@ -129,6 +140,8 @@ def main(argv: list[str] | None = None) -> dict:
     width = max(len(k) for k in best)
     for name, rate in best.items():
         print(f"  {name.ljust(width)}  {rate:8.0f} msg/s  {rate * size / 2**20:6.1f} MiB/s")
+    encode, decode = codec_microseconds(make_groups(min(n, 1000)))
+    print(f"  message schema alone: encode {encode:.0f} us, decode (validated) {decode:.0f} us per group")
     ratio = best["asyncrlhf, in flight"] / best["raw nats-py, in flight"]
     print(f"asyncrlhf / raw nats-py, both with publishes in flight: {ratio:.2f}x (target >= 0.5x)")
     print(f"asyncrlhf in flight / asyncrlhf one at a time: "
