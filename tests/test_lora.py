@@ -381,36 +381,51 @@ def deepspeed_spec() -> JobSpec:
 
 
 def deepspeed_worker(out: Path) -> None:
-    """DeepSpeed ZeRO-2 with LoRA in one process (this file run as a script, so that the process
-    group does not outlive it): 2 steps, snapshot + checkpoint, the 3rd step; then a fresh engine
-    restored from them redoes the 3rd step."""
-    from asyncrlhf.backends.deepspeed_backend import DeepSpeedBackend
+    """DeepSpeed ZeRO-2 with LoRA on 2 processes (torchrun runs this file), driven as the learner
+    drives it (rank 0 through the Leader, rank 1 following): 2 steps, snapshot + checkpoint, the 3rd
+    step; then a fresh engine restored from them redoes the 3rd step."""
+    import os
 
-    tiny, spec = resolve_model("builtin:tiny-sort"), deepspeed_spec()
-    batches = rollouts(tiny, 3)
-    first = DeepSpeedBackend(spec, tiny, tiny)
-    metrics = [first.train_step(to_batch(batches[s], first.pad_id), s) for s in range(2)]
-    write_snapshot(out, 2, first.save_weights)
-    (out / "checkpoint").mkdir()
-    first.save_state(out / "checkpoint")
-    metrics.append(first.train_step(to_batch(batches[2], first.pad_id), 2))
-    write_snapshot(out, 3, first.save_weights)
-    fresh = DeepSpeedBackend(spec, tiny, tiny)
-    fresh.load_weights(out / "snapshots" / "v2")
-    fresh.load_state(out / "checkpoint")
-    resumed = fresh.train_step(to_batch(batches[2], fresh.pad_id), 2)
-    (out / "result.json").write_text(json.dumps({"metrics": metrics, "resumed": resumed,
-                                                 "trained": len(list(first.engine.optimizer.param_groups[0]["params"]))}))
+    from asyncrlhf.backends import follower_main, make_backend, release_followers
+
+    spec = deepspeed_spec()
+    if int(os.environ["RANK"]) > 0:
+        follower_main(spec)
+        follower_main(spec)
+        return
+    tiny = resolve_model("builtin:tiny-sort")
+    batches = [to_batch(groups, 0) for groups in rollouts(tiny, 3)]
+    first = make_backend(spec, tiny, tiny)
+    try:
+        metrics = [first.train_step(batches[s], s) for s in range(2)]
+        write_snapshot(out, 2, first.save_weights)
+        (out / "checkpoint").mkdir()
+        first.save_state(out / "checkpoint")
+        metrics.append(first.train_step(batches[2], 2))
+        write_snapshot(out, 3, first.save_weights)
+    finally:
+        release_followers()
+    fresh = make_backend(spec, tiny, tiny)
+    try:
+        fresh.load_weights(out / "snapshots" / "v2")
+        fresh.load_state(out / "checkpoint")
+        resumed = fresh.train_step(batches[2], 2)
+    finally:
+        release_followers()
+    (out / "result.json").write_text(json.dumps({"metrics": metrics, "resumed": resumed}))
 
 
 @pytest.mark.slow
-def test_deepspeed_trains_the_same_adapter_as_torch_and_resumes(tiny, tmp_path):
+def test_deepspeed_on_two_processes_trains_the_same_adapter_as_torch_and_resumes(tiny, tmp_path):
     import os
     import subprocess
 
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", WORLD_SIZE="1", RANK="0", LOCAL_RANK="0")
-    proc = subprocess.run([sys.executable, __file__, str(tmp_path)], env=env, capture_output=True, text=True,
-                          timeout=300)
+    from asyncrlhf.bus import free_port
+
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     result = json.loads((tmp_path / "result.json").read_text())
     torch_backend = TorchBackend(lora_spec(), tiny, tiny)

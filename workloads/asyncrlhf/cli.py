@@ -200,7 +200,10 @@ def cmd_export(args) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(json.dumps(describe(out), indent=2))
-    print(f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or vllm.LLM({str(out)!r})")
+    from .export import adapter_hint
+
+    print(adapter_hint(out) or f"load it with transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}) or "
+          f"vllm.LLM({str(out)!r})")
     return 0
 
 

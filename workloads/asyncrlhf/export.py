@@ -198,3 +198,13 @@ def describe(out: Path) -> dict:
 def _template_in_config(out: Path) -> bool:
     config = out / "tokenizer_config.json"
     return config.is_file() and bool(json.loads(config.read_text()).get("chat_template"))
+
+
+def adapter_hint(out: Path) -> str:
+    """How to load an exported LoRA adapter ("" for a full model directory)."""
+    if not is_adapter(out):
+        return ""
+    base = adapter_base(out) or "BASE"
+    return (f"a LoRA adapter on {base}: peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained({base!r}), "
+            f"{str(out)!r}), or vLLM with enable_lora and LoRARequest('adapter', 1, {str(out)!r}); "
+            "`asyncrlhf export ... --merge` writes the merged model instead")
