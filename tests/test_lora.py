@@ -268,6 +268,34 @@ def test_the_evaluator_applies_adapter_snapshots_and_measures_kl_to_the_base_wit
                               atol=1e-5)
 
 
+
+@pytest.mark.parametrize("rank,served", [(1, 1), (4, 8), (16, 16), (17, 32), (300, 320), (512, 512)])
+def test_vllm_starts_with_lora_at_the_smallest_rank_it_serves(rank, served):
+    from asyncrlhf.engines.vllm_engine import vllm_options
+
+    options = vllm_options(lora_spec(rank=rank), on_cpu=True)
+    assert (options["enable_lora"], options["max_lora_rank"], options["max_loras"]) == (True, served, 1)
+    assert "enable_lora" not in vllm_options(JobSpec.model_validate({}), on_cpu=True)
+
+
+def test_vllm_serves_each_verified_adapter_as_a_new_lora_request_and_keeps_the_old_on_a_tampered_one(tiny, tmp_path):
+    """The engine's adapter switch without starting vLLM (its LoRA output is checked by a run:
+    docs/lora.md): a sound snapshot becomes a new LoRARequest, a tampered one is refused first."""
+    pytest.importorskip("vllm")
+    from asyncrlhf.engines.vllm_engine import VLLMEngine
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # no LLM: _use_adapter never touches it
+    engine.lora_request, engine._lora_ids, engine.loaded = None, 0, tiny
+    backend = TorchBackend(lora_spec(), tiny, tiny)
+    first, second = (write_adapter_snapshot(backend, tmp_path, v) for v in (1, 2))
+    engine.reload(first.path, first.checksum)
+    assert (engine.lora_request.lora_int_id, engine.lora_request.lora_path) == (1, first.path)
+    (Path(second.path) / ADAPTER_CONFIG).write_text("{}")
+    with pytest.raises(SnapshotError, match="corrupt"):
+        engine.reload(second.path, second.checksum)
+    assert (engine.lora_request.lora_int_id, engine.lora_request.lora_path) == (1, first.path)
+
+
 # --- export ------------------------------------------------------------------------------------
 
 PROMPTS = ["3 1 2 =", "9 0 9 5 =", "7 7 1 ="]
