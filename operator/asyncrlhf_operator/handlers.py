@@ -111,13 +111,14 @@ async def cleanup(memo: kopf.Memo, **_: Any) -> None:
 def validated(body, patch) -> Optional[api.AsyncRLHFJob]:
     """The job, or None once an invalid one is rejected: phase Failed with a SpecInvalid condition
     naming the field (a Warning event the first time). Every handler validates through here.
-    The job's labels come along (the Kueue queue name is one)."""
+    The job's labels come along (the Kueue queue name is one), and its UID."""
     job, error = validate(body)
     if job is None:
         reject(body, patch, error, body["metadata"].get("generation", 0))
         return None
     labels = dict((body["metadata"].get("labels") or {}))
-    return job.model_copy(update={"metadata": job.metadata.model_copy(update={"labels": labels})})
+    uid = body["metadata"].get("uid", "")  # recorded in the job's stream and bucket (asyncrlhf.identity)
+    return job.model_copy(update={"metadata": job.metadata.model_copy(update={"labels": labels, "uid": uid})})
 
 
 def reject(body, patch, error: str, generation: int) -> None:

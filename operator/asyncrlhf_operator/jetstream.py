@@ -185,7 +185,8 @@ class Buses:
 
 
 def job_bus(job: api.AsyncRLHFJob) -> JobBus:
-    return JobBus(job.metadata.namespace, job.metadata.name)
+    """The job's bus names; its UID is recorded in the stream and bucket it creates (identity.py)."""
+    return JobBus(job.metadata.namespace, job.metadata.name, uid=(job.metadata.model_extra or {}).get("uid", ""))
 
 
 def job_secret(job: api.AsyncRLHFJob, owner: plan.Owner, data: Mapping[str, str]) -> dict[str, Any]:

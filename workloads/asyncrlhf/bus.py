@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable, Iterable, Optional
 
@@ -40,7 +40,7 @@ from nats.js.api import (
 )
 from nats.js.errors import NotFoundError
 
-from . import workload_env
+from . import identity, workload_env
 from .bus_publish import PUBLISH_RETRYABLE, PUBLISHES_IN_FLIGHT, publish, publish_all  # noqa: F401 (re-exported)
 from .messages import MessageError, WeightsAnnouncement
 
@@ -66,6 +66,7 @@ class JobBus:
 
     namespace: str
     job: str
+    uid: str = field(default="", compare=False)  # the job's metadata.uid, recorded in what it creates (identity.py)
 
     def __post_init__(self) -> None:
         for what, value in (("namespace", self.namespace), ("job name", self.job)):
@@ -112,6 +113,7 @@ class JobBus:
             max_bytes=max_bytes,
             discard=DiscardPolicy.NEW,
             duplicate_window=DEDUP_WINDOW_SECONDS,
+            metadata=identity.stream_metadata(self.uid),
         )
 
     def consumer_configs(self, ack_wait: float) -> list[ConsumerConfig]:
@@ -196,7 +198,12 @@ async def close_quietly(nc) -> None:
 
 
 async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float) -> None:
-    """Create (or update) the job's stream, durable consumers and KV bucket. Idempotent."""
+    """Create (or update) the job's stream, durable consumers and KV bucket. Idempotent. What
+    another job of the same name left (another UID recorded, identity.py) is deleted first."""
+    if any(identity.differs(bus.uid, uid) for uid in await identity.recorded_uids(js, bus.stream, bus.bucket)):
+        log.warning("the stream and KV bucket of %s/%s belong to an earlier job of that name (not uid %s): "
+                    "deleting them", bus.namespace, bus.job, bus.uid)
+        await delete_job_resources(js, bus)
     config = bus.stream_config(max_bytes)
     try:
         await js.stream_info(bus.stream)
@@ -208,6 +215,7 @@ async def ensure_job_resources(js, bus: JobBus, max_bytes: int, ack_wait: float)
         if consumer.durable_name not in existing:
             await js.add_consumer(bus.stream, consumer)
     await js.create_key_value(bucket=bus.bucket, history=1)
+    await identity.record_uid(js, bus.bucket, bus.uid)
     try:
         await js.stream_info(bus.dead_stream)
     except NotFoundError:

@@ -117,7 +117,7 @@ def _workload_context(args, read_env):
     except WorkloadEnvError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(EXIT_BAD_INPUT)
-    return job, JobBus(job.metadata.namespace, job.metadata.name), env
+    return job, JobBus(job.metadata.namespace, job.metadata.name, uid=env.job_uid), env
 
 
 def cmd_learner(args) -> int:

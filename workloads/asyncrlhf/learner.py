@@ -41,6 +41,7 @@ from .export import snapshot_tokenizer
 from .faults import fault_point
 from .feeding import PromptFeeder
 from .intake import RolloutIntake, TokenLimits
+from .identity import claim_volume
 from .learner_link import LearnerLink
 from .messages import (
     LEARNER_HEARTBEAT_SECONDS, LearnerProgress, MessageError, Preference, RolloutGroup, WeightsAnnouncement,
@@ -276,6 +277,7 @@ class Learner(WeightPublishing):
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
+    claim_volume(Path(root), bus.uid)  # an earlier job's checkpoints under this name: moved aside, before any read
     learner = Learner.create(spec, bus, nats_url, root, run_dir)
     shutdown.install(learner.stopping)
     learner.telemetry.serve(spec.metrics.port)

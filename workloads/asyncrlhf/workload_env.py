@@ -29,6 +29,7 @@ NATS_INBOX_PREFIX = "ASYNCRLHF_NATS_INBOX_PREFIX"
 NATS_TLS_CA = "ASYNCRLHF_NATS_TLS_CA"  # path of the CA bundle that verifies the server (TLS on when the file exists)
 NATS_TLS_CERT = "ASYNCRLHF_NATS_TLS_CERT"  # path of a client certificate (mutual TLS; with NATS_TLS_KEY)
 NATS_TLS_KEY = "ASYNCRLHF_NATS_TLS_KEY"
+JOB_UID = "ASYNCRLHF_JOB_UID"  # the AsyncRLHFJob's metadata.uid (identity.py; unset: nothing checked)
 PROBES_ADDRESS = "ASYNCRLHF_PROBES_ADDRESS"  # host:port of a generator's /readyz and /livez (unset: none)
 PROBES_PORT = 8081  # the pods' probe port (kubelet only: no Service, no NetworkPolicy rule needed)
 
@@ -58,12 +59,13 @@ class WorkloadEnv:
     run_dir: str = ""
     generator_id: str = ""
     searcher: str = ""
+    job_uid: str = ""
 
     @classmethod
     def for_learner(cls, env: Mapping[str, str] = os.environ, nats_url: str = "") -> "WorkloadEnv":
         root = required(SNAPSHOT_DIR, env)
         return cls(nats_url=required(NATS_URL, env, nats_url), snapshot_dir=root,
-                   run_dir=env.get(RUN_DIR) or os.path.join(root, REPORT_SUBDIR))
+                   run_dir=env.get(RUN_DIR) or os.path.join(root, REPORT_SUBDIR), job_uid=env.get(JOB_UID, ""))
 
     @classmethod
     def for_generator(cls, env: Mapping[str, str] = os.environ, nats_url: str = "") -> "WorkloadEnv":
@@ -75,7 +77,7 @@ class WorkloadEnv:
         """The variables that carry this environment to a child process."""
         out = {NATS_URL: self.nats_url}
         for name, value in ((SNAPSHOT_DIR, self.snapshot_dir), (RUN_DIR, self.run_dir),
-                            (GENERATOR_ID, self.generator_id), (SEARCHER, self.searcher)):
+                            (GENERATOR_ID, self.generator_id), (SEARCHER, self.searcher), (JOB_UID, self.job_uid)):
             if value:
                 out[name] = value
         return out

@@ -163,6 +163,7 @@ def learner_job(job: api.AsyncRLHFJob, owner: Owner, default_url: str, *, held: 
         {"name": "NPROC_PER_NODE", "value": str(gpus or learner.processes_per_node)},
         {"name": "MASTER_ADDR", "value": f"{names.learner}-0.{names.learner}"},
         {"name": "MASTER_PORT", "value": str(RENDEZVOUS_PORT)},
+        {"name": workload_env.JOB_UID, "value": owner.uid},  # what it finds on the bus and volume must be its own
     ]
     resources = _resources(learner.resources.cpu, learner.resources.memory, gpus)
     pod = _pod_spec(job, owner, role="learner", resources=resources, env=env, gpus=gpus)
