@@ -103,3 +103,11 @@ def test_the_operator_gives_the_learner_the_jobs_uid_and_records_it_on_the_bus()
     assert env[workload_env.JOB_UID] == owner.uid
     assert workload_env.WorkloadEnv.for_learner(env).job_uid == owner.uid
     assert job_bus(job).uid == owner.uid and job_bus(job) == JobBus("team", "demo")  # names only compare
+
+
+def test_a_volume_the_job_names_is_adopted_to_resume_from(tmp_path):
+    """weightSync.volumeClaim: e.g. a PVC restored from a VolumeSnapshot of another job (docs/operator.md)."""
+    earlier_job(tmp_path, uid="old")
+    assert claim_volume(tmp_path, "new", adopt=True) is None
+    assert (tmp_path / "checkpoints" / "LATEST").read_text() == "step-4"
+    assert (tmp_path / VOLUME_FILE).read_text() == "new"

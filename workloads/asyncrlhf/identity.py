@@ -11,6 +11,8 @@ key `job-uid`, and `<volume>/JOB_UID`. A different UID recorded means leftovers 
 - stream and bucket: deleted and created again (what was in them was the other job's);
 - volume: everything the other job wrote is moved to `<volume>/previous/<its uid>/` (nothing is
   deleted: its checkpoints and snapshots can still be exported); the new job starts at step 0.
+  Except a volume the job names itself (`weightSync.volumeClaim`, e.g. a PVC restored from a
+  VolumeSnapshot to resume from, docs/operator.md): that choice is the user's, it is adopted.
 
 No UID (`asyncrlhf run`, a workload started by hand) checks nothing, so a local run still resumes
 where it stopped. A stream, bucket or volume with no UID recorded (made before UIDs were) is
@@ -66,15 +68,18 @@ async def record_uid(js, bucket: str, uid: str) -> None:
         await (await js.key_value(bucket)).put(UID_KEY, uid.encode())
 
 
-def claim_volume(root: Path, uid: str) -> Optional[Path]:
-    """Record `uid` as the volume's job; when another job's UID is recorded, move what that job
-    wrote to previous/<its uid>/ first. Returns where it went (None: nothing moved)."""
+def claim_volume(root: Path, uid: str, adopt: bool = False) -> Optional[Path]:
+    """Record `uid` as the volume's job; when another job's UID is recorded (and the volume is not
+    to be adopted), move what that job wrote to previous/<its uid>/ first. Returns where it went
+    (None: nothing moved)."""
     if not uid:
         return None
     marker = root / VOLUME_FILE
     recorded = marker.read_text().strip() if marker.exists() else ""
     moved = None
-    if differs(uid, recorded):
+    if differs(uid, recorded) and adopt:
+        log.info("resuming from the checkpoints of job uid %s on the volume this job names", recorded)
+    elif differs(uid, recorded):
         moved = root / PREVIOUS_DIR / recorded
         moved.mkdir(parents=True, exist_ok=True)
         for entry in sorted(root.iterdir()):

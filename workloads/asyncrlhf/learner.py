@@ -277,7 +277,9 @@ class Learner(WeightPublishing):
 
 
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
-    claim_volume(Path(root), bus.uid)  # an earlier job's checkpoints under this name: moved aside, before any read
+    # an earlier job's checkpoints under this name: moved aside before anything reads them (a
+    # volume the spec names is the user's choice: adopted)
+    claim_volume(Path(root), bus.uid, adopt=bool(spec.weight_sync.volume_claim))
     learner = Learner.create(spec, bus, nats_url, root, run_dir)
     shutdown.install(learner.stopping)
     learner.telemetry.serve(spec.metrics.port)
