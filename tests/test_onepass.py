@@ -172,3 +172,29 @@ def test_deployment_pair_bonus_is_relative_to_the_first_answer_in_the_h_inverse_
         head.deployment_pair(PHI[:1])
     with pytest.raises(ValueError, match="bonus"):
         head.deployment_pair(PHI, -1.0)
+
+
+@pytest.mark.slow
+def test_quick_active_and_deployment_bench(tmp_path):
+    """bench/onepass_active.py --quick: every learner and strategy on both feature kinds, and the
+    deployment rules; the head learns (its served answers beat a random pick by the last quarter)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(repo / "bench" / "onepass_active.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=repo)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "onepass_active.json").read_text())
+    combos = {(r["features"], r["learner"], r["strategy"]) for r in result["active"]}
+    assert len(combos) == 10  # 2 feature kinds x 5 learner/strategy pairs
+    for r in result["active"]:
+        labels = [n for n, _, _ in r["curve"]]
+        assert labels == sorted(labels) and labels[-1] == result["settings"]["labels"]
+        assert 0.5 <= r["final_accuracy"] <= 1.0
+    for r in result["deployment"]:
+        if r["rule"] == "optimistic ν=1":
+            assert r["regret_last_quarter"] < r["random_pick_regret"]
+    assert "## Deployment-time adaptation" in (tmp_path / "onepass_active.md").read_text()
