@@ -94,6 +94,12 @@ def test_lora_with_zero3_is_refused_with_what_to_do():
     JobSpec.model_validate({"learner": {"backend": "deepspeed", "zeroStage": 2, "lora": {"enabled": True}}})
 
 
+def test_lora_with_another_reference_is_refused():
+    with pytest.raises(ValidationError, match="leave model.reference empty"):
+        JobSpec.model_validate({"model": {"policy": "org/a", "reference": "org/b"}, "learner": {"lora": {"enabled": True}}})
+    JobSpec.model_validate({"model": {"policy": "org/a", "reference": "org/a"}, "learner": {"lora": {"enabled": True}}})
+
+
 def test_peft_config_follows_the_spec():
     config = lora_config(LoraSpec(enabled=True, rank=8, alpha=4, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     assert (config.r, config.lora_alpha, config.lora_dropout) == (8, 4, 0.1)

@@ -156,6 +156,13 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: not s.learner.lora.enabled or s.learner.backend != "deepspeed" or s.learner.zero_stage != 3,
     ),
     CrossFieldRule(
+        "model.reference",
+        "!self.learner.lora.enabled || self.model.reference == '' || self.model.reference == self.model.policy",
+        "with learner.lora the reference is the policy's base (the adapter switched off, no second copy): leave "
+        "model.reference empty",
+        lambda s: not s.learner.lora.enabled or s.model.reference in ("", s.model.policy),
+    ),
+    CrossFieldRule(
         "learner.offloadReference",
         "!self.learner.offloadReference || self.learner.gpusPerNode > 0",
         "offloadReference moves the reference model between host and GPU: it needs learner.gpusPerNode > 0 "
