@@ -16,7 +16,7 @@ from asyncrlhf.models import resolve_model
 
 @pytest.fixture(scope="module")
 def engine() -> HFEngine:
-    spec = JobSpec.model_validate({"generator": {"engine": "hf", "sampling": {"maxTokens": 12, "temperature": 0.7}}})
+    spec = JobSpec.model_validate({"generator": {"engine": "hf", "sampling": {"maxTokens": 6, "temperature": 0.7}}})
     return HFEngine(spec, resolve_model("builtin:tiny-sort"))
 
 
@@ -43,6 +43,15 @@ def test_a_prompts_samples_depend_on_its_seed_not_on_its_batch(engine):
     assert [s.token_ids for s in alone] == [s.token_ids for s in with_others]
     other_seed = engine.generate([PROMPTS[1]], 4, [8])[0]
     assert [s.token_ids for s in alone] != [s.token_ids for s in other_seed]
+
+
+def test_prompts_split_over_several_decode_loops_give_the_same_samples(engine, monkeypatch):
+    import asyncrlhf.engines.hf as hf
+
+    together = engine.generate(PROMPTS, 2, [4, 5, 6])
+    monkeypatch.setattr(hf, "MAX_ROWS", 2)  # one prompt per loop
+    apart = engine.generate(PROMPTS, 2, [4, 5, 6])
+    assert [[s.token_ids for s in g] for g in together] == [[s.token_ids for s in g] for g in apart]
 
 
 def test_nucleus_keeps_the_smallest_set_reaching_p():

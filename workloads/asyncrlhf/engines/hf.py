@@ -25,6 +25,9 @@ from .hf_sampling import Sampling, sample
 from .verified import load_verified_state
 
 
+MAX_ROWS = 512  # sequences decoded together at most (prompts x samples): bounds the KV cache
+
+
 class HFEngine:
     def __init__(self, spec: JobSpec, model_path: str) -> None:
         self.device = torch.device(generator_devices(spec, torch.cuda.device_count())[0])
@@ -40,10 +43,19 @@ class HFEngine:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, seeds: list[int]) -> list[list[Sample]]:
-        """All prompts in one batched decode loop, log-probs from the same pass (hf_sampling.py)."""
-        tokens, logps, lengths, ended = (t.tolist() for t in sample(self.model, prompts, n, seeds, self.sampling_args))
-        rows = [Sample(token_ids=t[:k], logprobs=lp[:k], eos=e) for t, lp, k, e in zip(tokens, logps, lengths, ended)]
-        return [rows[i * n:(i + 1) * n] for i in range(len(prompts))]
+        """The prompts in batched decode loops of at most MAX_ROWS sequences (the KV cache's size),
+        log-probs from the same pass (hf_sampling.py). Each prompt has its own seed, so how they are
+        split into loops changes nothing."""
+        per = max(1, MAX_ROWS // n)
+        groups: list[list[Sample]] = []
+        for at in range(0, len(prompts), per):
+            chunk = prompts[at:at + per]
+            out = sample(self.model, chunk, n, seeds[at:at + per], self.sampling_args)
+            tokens, logps, lengths, ended = (t.tolist() for t in out)
+            rows = [Sample(token_ids=t[:k], logprobs=lp[:k], eos=e)
+                    for t, lp, k, e in zip(tokens, logps, lengths, ended)]
+            groups += [rows[i * n:(i + 1) * n] for i in range(len(chunk))]
+        return groups
 
     def reload(self, snapshot_dir: str, checksum: Optional[str] = None) -> None:
         """Load a snapshot in place. With its checksum, verified as it is read (one read of each
