@@ -24,6 +24,10 @@ one local process:
   mountPath or lies under one (whole, or after `=`) is rewritten to the local directory. The
   workloads read every path from their arguments and environment, so they see only mapped
   paths; a path the code hard-wired would not be mapped (and would show up as a failure).
+- ports: each containerPort gets a free local port per pod (several pods run on one loopback),
+  and an env value `<host>:<containerPort>` (a listen address, e.g. ASYNCRLHF_PROBES_ADDRESS)
+  becomes `127.0.0.1:<its port>`. A readinessProbe (httpGet, the port by name or number) is
+  called on every pass: a Deployment's `readyReplicas` counts the pods whose probe answers 2xx/3xx.
 - the one other substitution: `nats_aliases` maps an in-cluster NATS address (a Service DNS
   name) in env values to the local nats-server the test started. The tests here run the
   operator with the local URL as its `--nats-url` (what the chart passes as its Service), so
@@ -42,8 +46,9 @@ Not emulated: scheduling (nodeSelector, tolerations, affinity: every pod starts 
 resource requests/limits (no cgroups, no OOMKilled, GPUs), NetworkPolicy (everything is
 loopback), image contents (this environment stands for the image), securityContext (runs as
 the test's user; readOnlyRootFilesystem and readOnly mounts are not enforced; the working
-directory is an empty per-pod folder), cluster DNS (Service names do not resolve), probes (a
-running process is ready), ConfigMap/Secret updates after a pod started, garbage collection
+directory is an empty per-pod folder), cluster DNS (Service names do not resolve), liveness and
+startup probes (a hung process is not restarted; a pod without a readinessProbe is ready while it
+runs), exec and tcpSocket probes, ConfigMap/Secret updates after a pod started, garbage collection
 of other kinds. Reconciliation is level-triggered: every `interval` seconds the harness lists
 Deployments and Jobs and converges, like a controller's resync, instead of a watch.
 """
@@ -57,11 +62,14 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -133,6 +141,7 @@ class Pod:
     restart_at: float = 0.0
     waiting: Optional[NotReady] = None
     stopped: bool = False
+    ports: dict[int, int] = field(default_factory=dict)  # containerPort -> the local port it listens on
 
     @property
     def running(self) -> bool:
@@ -261,7 +270,7 @@ class Kubelet:
                 if pod.proc is not None:
                     pod.restarts += 1  # restartPolicy Always: the same pod, its container again
                 self._start(pod)
-        ready = sum(p.running for p in pods)
+        ready = sum(p.running and probe_ok(p.container.get("readinessProbe"), p.container, p.ports) for p in pods)
         self._write_status(group("apps/v1", meta["namespace"], "deployments", meta["name"]), {
             "observedGeneration": meta.get("generation", 1), "replicas": len(pods),
             "updatedReplicas": len(pods), "readyReplicas": ready, "availableReplicas": ready,
@@ -351,6 +360,8 @@ class Kubelet:
         return pod
 
     def _start(self, pod: Pod) -> None:
+        if not pod.ports:  # kept across restarts of the container, as a pod's IP is
+            pod.ports = {p["containerPort"]: free_local_port() for p in pod.container.get("ports") or []}
         try:
             mounts = self._materialise_volumes(pod)
             env = self._environment(pod, mounts)
@@ -497,7 +508,7 @@ class Kubelet:
         for var in container.get("env") or []:
             value = self._env_value(pod, var, env)
             if value is not None:
-                env[var["name"]] = map_path(value, mounts)
+                env[var["name"]] = map_port(map_path(value, mounts), pod.ports)
         for alias, local in self.nats_aliases.items():
             env = {k: v.replace(alias, local) for k, v in env.items()}
         env["HOME"] = map_path(env["HOME"], mounts)
@@ -577,6 +588,47 @@ def map_path(value: str, mounts: dict[str, str]) -> str:
         if tail == mount or tail.startswith(mount + "/"):
             return head + sep + mounts[mount] + tail[len(mount):]
     return value
+
+
+def map_port(value: str, ports: dict[int, int]) -> str:
+    """A listen address `<host>:<containerPort>` -> `127.0.0.1:<the pod's local port>`."""
+    found = re.fullmatch(r"(0\.0\.0\.0|127\.0\.0\.1|localhost|\[::\])?:(\d+)", value)
+    if found and int(found.group(2)) in ports:
+        return f"127.0.0.1:{ports[int(found.group(2))]}"
+    return value
+
+
+def probe_port(probe: dict[str, Any], container: dict[str, Any], ports: dict[int, int]) -> Optional[int]:
+    """The local port of an httpGet probe (its port a number or a container port's name)."""
+    port = probe["httpGet"]["port"]
+    if isinstance(port, str) and not port.isdigit():
+        named = {p.get("name"): p["containerPort"] for p in container.get("ports") or []}
+        if port not in named:
+            return None
+        port = named[port]
+    return ports.get(int(port))
+
+
+def probe_ok(probe: Optional[dict[str, Any]], container: dict[str, Any], ports: dict[int, int]) -> bool:
+    """A readinessProbe's answer (no probe: ready; a probe this harness cannot call: not ready)."""
+    if not probe:
+        return True
+    if "httpGet" not in probe:
+        return False
+    port = probe_port(probe, container, ports)
+    if port is None:
+        return False
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{probe['httpGet'].get('path', '/')}", timeout=1) as r:
+            return 200 <= r.status < 400
+    except (OSError, urllib.error.HTTPError):
+        return False
+
+
+def free_local_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _hash(template: dict[str, Any]) -> str:

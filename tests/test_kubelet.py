@@ -369,3 +369,66 @@ def test_scale_kill_suspend_resume_and_delete(cluster):
     # the finalizer stops the workloads and waits for their pods before deleting the stream: a
     # learner still running would recreate it (its stream recovery), leaving an orphan
     assert not stream_left, "the job's stream outlived the job"
+
+
+# --- pods that cannot run: what the status says (no training needed) ---------------------------
+
+
+def _named_in_status(cluster: Cluster, name: str, pod_prefix: str) -> list[tuple[str, str]]:
+    """(reason, message) of the job's conditions whose message names one of its pods."""
+    status = cluster.status(name)
+    return [(c.get("reason", ""), c.get("message", "")) for c in status.get("conditions") or []
+            if pod_prefix in c.get("message", "")]
+
+
+def _delete(cluster: Cluster, name: str) -> None:
+    t0 = time.monotonic()
+    cluster.kube.call("DELETE", f"{CR}/{name}")
+    cluster.wait(lambda: cluster.kube.get(f"{CR}/{name}") is None, what=f"{name} deleted")
+    for plural, group, child in (("deployments", "apps/v1", "generator"), ("jobs", "batch/v1", "learner")):
+        cluster.kube.call("DELETE", f"/apis/{group}/namespaces/{NS}/{plural}/{name}-{child}")  # no GC in kmock
+    cluster.wait(lambda: not [p for p in cluster.kubelet.running() if p.name.startswith(f"{name}-")],
+                 what=f"no process of {name} left")
+    show(f"{name}: deleted in {time.monotonic() - t0:.1f} s")
+
+
+def test_a_crash_looping_generator_is_named_in_the_status(cluster):
+    """A generator whose python reward cannot be imported exits with 2 at start; kubelet restarts it
+    with its back-off, the pod shows CrashLoopBackOff with the last exit code, and the job's
+    status names the pod with health.py's reason (the learner just waits for rollouts)."""
+    name = "tiny-crashloop"
+    if cluster.kube.get(f"/api/v1/namespaces/{NS}/secrets/nats-credentials") is None:  # run alone
+        cluster.kube.call("POST", f"/api/v1/namespaces/{NS}/secrets", nats_secret())
+    cluster.kube.call("POST", CR, manifest(name, 3, task={"reward": {"kind": "python",
+                                                                      "function": "no_such_module:score"}}))
+    try:
+        named = cluster.wait(lambda: _named_in_status(cluster, name, f"{name}-generator-"),
+                             what="the crash-looping generator named in the status", timeout=180)
+        reason, message = named[0]
+        assert reason == "Error" and "keeps failing (Error, exit code 2," in message, named
+        pod_name = message.split()[1].rstrip(":")
+        pod = cluster.kube.get(f"/api/v1/namespaces/{NS}/pods/{pod_name}")
+        container = pod["status"]["containerStatuses"][0]
+        assert container["lastState"]["terminated"]["exitCode"] == 2
+        assert "cannot import module 'no_such_module'" in cluster.kubelet.tail(5)
+    finally:
+        _delete(cluster, name)
+
+
+def test_a_missing_secret_is_named_in_the_status(cluster):
+    """model.tokenSecret names a Secret that does not exist: no container starts
+    (CreateContainerConfigError, as kubelet says it) and the status names the pod, the Secret
+    and what to check."""
+    name = "tiny-nosecret"
+    cluster.kube.call("POST", CR, manifest(name, 3, model={"tokenSecret": {"name": "no-such-secret", "key": "token"}}))
+    try:
+        named = cluster.wait(lambda: _named_in_status(cluster, name, f"{name}-"),
+                             what="the missing Secret in the status", timeout=120)
+        reason, message = named[0]
+        assert reason == "CreateContainerConfigError", named
+        assert 'secret "no-such-secret" not found' in message and "a Secret or ConfigMap the pod names" in message
+        assert cluster.status(name).get("phase") == "Pending"
+        assert not [p for p in cluster.kubelet.started("learner") + cluster.kubelet.started("generator")
+                    if p.name.startswith(f"{name}-") and p.proc is not None]
+    finally:
+        _delete(cluster, name)

@@ -16,7 +16,7 @@ import pytest
 from asyncrlhf.api import JobSpec
 from asyncrlhf.messages import Prompt
 from asyncrlhf.reward_kinds import (
-    RewardBatch, RewardConfigError, RewardError, SumReward, job_dir_on_path, make_reward, score_batch,
+    RewardBatch, RewardConfigError, RewardError, SumReward, check_functions, job_dir_on_path, make_reward, score_batch,
 )
 from asyncrlhf.tasks import sort_digits_reward
 
@@ -346,3 +346,12 @@ def test_a_reward_model_scores_the_rendered_conversation_in_micro_batches(reward
     for micro in (1, 2, 16):  # padding in a micro-batch changes nothing
         scorer = ModelScorer(path, "float32", "auto", micro_batch=micro)
         assert scorer.score(prompts, completions, [""] * 3) == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_generator_finds_a_missing_function_before_it_loads_anything(tmp_path, user_module):
+    """`asyncrlhf generator` imports the python rewards first (check_functions): exit 2 in seconds."""
+    check_functions(JobSpec.model_validate({"task": {"reward": {"kind": "python", "function": "user_rewards:score"}}}))
+    spec = JobSpec.model_validate({"task": {"reward": {"kind": "sum", "terms": [
+        {"kind": "rule"}, {"kind": "python", "function": "nowhere_module:score"}]}}})
+    with pytest.raises(RewardConfigError, match=r"^spec.task.reward.terms\[1\].function: cannot import module"):
+        check_functions(spec)

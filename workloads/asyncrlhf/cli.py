@@ -148,16 +148,18 @@ def cmd_learner(args) -> int:
 
 def cmd_generator(args) -> int:
     job, bus, env = _workload_context(args, WorkloadEnv.for_generator)  # before vLLM loads: fail fast
-    from .generator import main_async
-    from .models import ChatTemplateError, ModelNotFoundError
-    from .placement import PlacementError
-    from .reward_kinds import RewardConfigError
+    from .reward_kinds import RewardConfigError, check_functions
 
     try:
         job.spec.generator.group_named(env.searcher)
-    except ValueError as err:  # ASYNCRLHF_SEARCHER names a group the spec does not have
+        check_functions(job.spec)  # a python reward that cannot be imported: seconds, not after the engine's load
+    except (ValueError, RewardConfigError) as err:  # ASYNCRLHF_SEARCHER names a group the spec does not have, ...
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from .generator import main_async
+    from .models import ChatTemplateError, ModelNotFoundError
+    from .placement import PlacementError
+
     try:
         asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id, env.snapshot_dir, env.searcher))
     except (RewardConfigError, ChatTemplateError, PlacementError, ModelNotFoundError) as err:  # a restart cannot help

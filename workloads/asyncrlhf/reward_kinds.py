@@ -309,6 +309,17 @@ def make_source(source: RewardSource, kind: str, spec: JobSpec, path: str) -> Re
     raise RewardConfigError(f"{path}.kind: {kind!r} cannot be used here")
 
 
+def check_functions(spec: JobSpec) -> None:
+    """Import every python reward function the spec names (RewardConfigError if one cannot be):
+    a generator checks this before it loads its engine, so the mistake costs seconds, not a load."""
+    reward = spec.task.reward
+    terms = [(t, f"spec.task.reward.terms[{i}]") for i, t in enumerate(reward.terms)] if reward.kind == "sum" \
+        else [(reward, "spec.task.reward")]
+    for source, path in terms:
+        if source.kind == "python":
+            import_function(source.function, f"{path}.function")
+
+
 def make_reward(spec: JobSpec) -> Reward:
     """The job's reward, ready to score batches."""
     reward = spec.task.reward
