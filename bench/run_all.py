@@ -4,10 +4,11 @@
 
 Runs each bench below as its own process (in order, one at a time: they measure the machine),
 reads the ratios it prints, and writes a Markdown table: bench, figure, value, target, the exact
-command, seconds it took, and the load average when it ended — with the commit and the machine
-in the header. `--quick` runs each bench's short variant (a few minutes in all; tests/test_bench_quick.py
+command, the commit it ran at, seconds it took, and the load average when it ended — with the
+machine in the header. `--quick` runs each bench's short variant (a few minutes in all; tests/test_bench_quick.py
 runs it so the benches never rot) and writes to bench/results/summary-quick.md unless --out says
-otherwise. A bench that fails is a row saying so (and a non-zero exit), never a silent gap.
+otherwise. A bench that fails is a row saying so (and a non-zero exit), never a silent gap. With
+`--only`, the rows of the other benches already in the summary are kept (one bench rerun, one update).
 
 Adding a bench is one entry in BENCHES: its script, full and quick arguments (None: not run in
 that mode), and the printed lines its figures come from (regex with one group: the number).
@@ -111,7 +112,8 @@ def run_bench(bench: Bench, args: list[str], log_dir: Path) -> list[dict]:
     proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     seconds, load = time.monotonic() - started, os.getloadavg()[0]
     (log_dir / f"{bench.name}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    base = {"bench": bench.name, "command": shown, "seconds": seconds, "load": load, "ok": proc.returncode == 0}
+    base = {"bench": bench.name, "command": shown, "commit": commit(), "seconds": seconds, "load": load,
+            "ok": proc.returncode == 0}
     if proc.returncode != 0:
         tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
         return [base | {"figure": "FAILED", "value": f"exit {proc.returncode}: {tail[0][:200]}", "target": ""}]
@@ -134,14 +136,30 @@ def _why_missing(fig: Figure, stdout: str) -> str:
 
 def render(rows: list[dict], quick: bool) -> str:
     lines = [f"# Bench summary{' (--quick: short variants, figures not meaningful)' if quick else ''}", "",
-             f"Commit {commit()}; machine {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+             f"Machine {machine()}; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
              "Ratios are measured side by side in one run of each bench; the load average (1 min) is read when "
              "the bench ended (2 cores shared with other work: compare ratios, not absolute figures).", "",
-             "| bench | figure | value | target | command | s | load |", "|---|---|---|---|---|---|---|"]
+             "| bench | figure | value | target | command | commit | s | load |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        r = r | {"value": str(r["value"]).replace("|", "/")}  # a cell cannot hold the table's separator
         lines.append(f"| {r['bench']} | {r['figure']} | {r['value']} | {r['target']} | `{r['command']}` | "
-                     f"{r['seconds']:.0f} | {r['load']:.1f} |")
+                     f"{r['commit']} | {r['seconds']:.0f} | {r['load']:.1f} |")
     return "\n".join(lines) + "\n"
+
+
+def kept_rows(out: Path, rerun: set[str]) -> list[dict]:
+    """The rows of an earlier summary for the benches not run this time (`--only` updates a few)."""
+    if not out.exists():
+        return []
+    rows = []
+    for line in out.read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or cells[0] in ("bench", "---") or cells[0] in rerun:
+            continue
+        rows.append({"bench": cells[0], "figure": cells[1], "value": cells[2], "target": cells[3],
+                     "command": cells[4].strip("`"), "commit": cells[5], "seconds": float(cells[6] or 0),
+                     "load": float(cells[7] or 0), "ok": cells[1] != "FAILED"})
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,6 +180,9 @@ def main(argv: list[str] | None = None) -> int:
         rows += run_bench(bench, bench_args, log_dir)
         for r in rows[-len(bench.figures) or -1:]:
             print(f"    {r['figure']}: {r['value']} {r['target']}", flush=True)
+    if args.only:  # the other benches' rows of the earlier summary stay, in the order of BENCHES
+        order = {b.name: i for i, b in enumerate(BENCHES)}
+        rows = sorted(kept_rows(out, set(args.only)) + rows, key=lambda r: order.get(r["bench"], len(order)))
     out.write_text(render(rows, args.quick))
     print(f"summary: {out}")
     return 0 if all(r["ok"] for r in rows) else 1

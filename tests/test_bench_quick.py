@@ -41,13 +41,13 @@ def test_run_all_quick_runs_every_bench_and_writes_the_summary(tmp_path):
     logs = "\n".join(p.read_text()[-3000:] for p in (tmp_path / "logs").glob("*.log"))
     assert proc.returncode == 0, proc.stdout + proc.stderr + logs
     text = out.read_text()
-    assert "Commit " in text and "cores" in text
+    assert "Machine " in text and "cores" in text
     rows = {}
     for line in text.splitlines():
         cells = [c.strip() for c in line.strip("|").split("|")]
-        if len(cells) == 7 and cells[0] not in ("bench", "---"):
+        if len(cells) == 8 and cells[0] not in ("bench", "---"):
             rows[cells[1]] = cells
     for figure in ALWAYS_NUMERIC:
         assert figure in rows, f"{figure}: no row in the summary\n{text}"
         assert re.fullmatch(r"[0-9.]+x", rows[figure][2]), f"{figure}: {rows[figure][2]!r} is not a ratio\n{logs}"
-        assert rows[figure][4].startswith("`python bench/"), rows[figure]
+        assert rows[figure][4].startswith("`python bench/") and rows[figure][5], rows[figure]  # command, commit
