@@ -247,3 +247,34 @@ def test_plan_without_searchers_is_unchanged():
     deps = _deployments(job(generator={"replicas": 3}))
     assert list(deps) == ["demo-generator"] and deps["demo-generator"]["spec"]["replicas"] == 3
     assert plan.group_replicas(job(generator={"replicas": 3})) == [3]
+
+
+def test_local_run_gives_each_generator_its_group():
+    from asyncrlhf.workload_env import searcher_env
+
+    g = spec(**TWO_GROUPS).generator  # replicas 4: default 1, fast 1, slow 2
+    assert [searcher_env(g, i) for i in range(5)] == [{}, {SEARCHER: "fast"}, {SEARCHER: "slow"},
+                                                      {SEARCHER: "slow"}, {}]
+
+
+def test_local_pool_passes_the_group_to_the_generator_process(tmp_path):
+    from asyncrlhf.local_generators import GeneratorPool
+    from asyncrlhf.workload_env import searcher_env
+
+    started = []
+
+    def launcher(role, index, attempt, config, run_dir, env, cores):
+        started.append(env.get(SEARCHER, ""))
+        raise StopIteration  # nothing is started
+
+    class Ports:
+        def env(self, role, index):
+            return {}
+
+    g = spec(**TWO_GROUPS).generator
+    pool = GeneratorPool(tmp_path / "job.yaml", tmp_path, lambda extra: dict(extra), [[0]], [], Ports(),
+                         env_for=lambda i: searcher_env(g, i), launcher=launcher)
+    for i in range(4):
+        with pytest.raises(StopIteration):
+            pool.start(i)
+    assert started == ["", "fast", "slow", "slow"]

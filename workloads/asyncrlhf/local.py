@@ -38,7 +38,7 @@ from .models import resolve_model
 from .placement import Placement, describe, learner_processes, machine_gpus, plan
 from .report import plot_rewards, read_evals, read_metrics, summarize, write_json
 from .telemetry import LocalPorts
-from .workload_env import WorkloadEnv
+from .workload_env import WorkloadEnv, searcher_env
 
 
 @dataclass
@@ -86,7 +86,8 @@ class LocalRun:
         self.failure: Optional[Failure] = None  # why the run failed: the summary and the last line say it
         self.metrics_ports = LocalPorts(self.spec.metrics.port)  # each process's /metrics (telemetry.py)
         self.generators = GeneratorPool(self.config, self.run_dir, self._env, self.generator_cores, slots,
-                                        self.metrics_ports, on_restart=self._generator_restarted)
+                                        self.metrics_ports, on_restart=self._generator_restarted,
+                                        env_for=lambda i: searcher_env(self.spec.generator, i))  # TBA groups
         auto = self.spec.generator.autoscale
         self.autoscaler = LocalAutoscaler(self.spec, self.generators, self.run_dir, len(slots) if
                                           self.spec.generator.resources.gpus else auto.max_replicas) \

@@ -81,3 +81,13 @@ class WorkloadEnv:
             if value:
                 out[name] = value
         return out
+
+
+def searcher_env(generator_spec, index: int) -> dict[str, str]:
+    """`asyncrlhf run`'s generator `index`: the variable naming its TBA searcher group
+    (`GeneratorSpec.group_of`); nothing for the default group, or for an index past replicas."""
+    try:
+        name = generator_spec.group_of(index).name
+    except IndexError:
+        name = ""
+    return {SEARCHER: name} if name else {}
