@@ -198,3 +198,28 @@ def test_quick_active_and_deployment_bench(tmp_path):
         if r["rule"] == "optimistic ν=1":
             assert r["regret_last_quarter"] < r["random_pick_regret"]
     assert "## Deployment-time adaptation" in (tmp_path / "onepass_active.md").read_text()
+
+
+@pytest.mark.slow
+def test_quick_proxy_in_the_rl_loop_bench(tmp_path):
+    """bench/onepass_rl.py --quick: the three proxies run; label counts and curves as configured."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(repo / "bench" / "onepass_rl.py"), "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, cwd=repo)
+    assert done.returncode == 0, done.stderr[-4000:]
+    result = json.loads((tmp_path / "onepass_rl.json").read_text())
+    st = result["settings"]
+    budget = st["n0"] + st["steps"] * st["labels_per_step"]
+    runs = result["runs"]
+    assert [r["labels"] for r in runs["fixed proxy"]] == [st["n0"]] * st["seeds"]
+    assert [r["labels"] for r in runs["adaptive proxy"]] == [budget] * st["seeds"]
+    for arm in runs.values():
+        for r in arm:
+            assert len(r["curve"]) == st["steps"] + 1 and all(0.0 <= g <= 1.0 for g in r["curve"])
+    # every arm starts from the same uniform policy: expected gold 1/V
+    assert {r["curve"][0] for arm in runs.values() for r in arm} == {0.125}
