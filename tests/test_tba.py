@@ -278,3 +278,50 @@ def test_local_pool_passes_the_group_to_the_generator_process(tmp_path):
         with pytest.raises(StopIteration):
             pool.start(i)
     assert started == ["", "fast", "slow", "slow"]
+
+
+# --- a real run: asyncrlhf run with a searcher and S > K ---------------------------------------
+
+E2E = """
+apiVersion: asyncrlhf.dev/v1alpha1
+kind: AsyncRLHFJob
+metadata: {name: tba-e2e}
+spec:
+  model: {policy: "builtin:tiny-sort"}
+  task:
+    prompts: {source: builtin, name: sort-digits}
+    reward: {kind: rule, rule: sort-digits, noEosPenalty: -1.0}
+  algorithm: {loss: tb, beta: 0.1, samplesPerPrompt: 4}
+  async: {mode: async, maxStaleness: 6, replayBuffer: {generateSamples: 12, sampling: reward, temperature: 0.1}}
+  generator:
+    replicas: 2
+    searchers: [{name: slow, replicas: 1, syncEvery: 3}]
+    engine: hf
+    sampling: {temperature: 0.7, maxTokens: 8}
+  learner: {promptsPerStep: 8, totalSteps: 6, optimizer: {lr: 0.0003}}
+  weightSync: {everySteps: 1, keepSnapshots: 8}
+"""
+
+
+@pytest.mark.slow
+def test_a_local_run_with_a_searcher_generates_s_and_trains_on_k(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "job.yaml").write_text(E2E)
+    done = subprocess.run([sys.executable, "-m", "asyncrlhf.cli", "run", str(tmp_path / "job.yaml"), "--quiet",
+                           "--runs-dir", str(tmp_path / "runs")], cwd=Path(__file__).resolve().parents[1],
+                          env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run = tmp_path / "runs" / "tba-e2e"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "samples" in r]
+    assert len(steps) == 6
+    assert all(r["samples"] == 8 * 12 for r in steps)  # S = 12 generated per prompt reach the learner
+    assert all(r["replay_items"] >= 8 * 4 for r in steps)  # ... go into the buffer; K = 4 are trained on
+    logs = {p.name: p.read_text() for p in run.glob("generator-*.log")}
+    searcher = [n for n, text in logs.items() if "is a searcher of group slow" in text]
+    assert searcher == ["generator-1.log"]  # index 1: the default group (1 generator) comes first

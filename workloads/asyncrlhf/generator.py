@@ -333,6 +333,9 @@ def sync_due(held: int, newest: int, gap: int, need: int = 0) -> bool:
 async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, generator_id: str, snapshot_root: str = "",
                      searcher: str = "") -> None:
     gen = Generator(spec, bus, nats_url, generator_id, snapshot_root=snapshot_root, searcher=searcher)
+    if gen.group.name:
+        log.info("generator %s is a searcher of group %s: it loads every %d-th snapshot", generator_id,
+                 gen.group.name, gen.group.sync_every)
     shutdown.install(gen.stopping)
     gen.telemetry.serve(spec.metrics.port)
     probes = serve_probes(gen.probes, os.environ)  # the engine is loaded: /readyz and /livez answer from now on
