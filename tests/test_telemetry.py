@@ -9,13 +9,15 @@ import time
 import urllib.request
 
 import pytest
-from prometheus_client import generate_latest
+from prometheus_client import REGISTRY, Counter, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from asyncrlhf.api import AsyncRLHFJob
+from asyncrlhf.api import AsyncRLHFJob, JobSpec
 from asyncrlhf.checkpoints import LearnerState
+from asyncrlhf.engines.vllm_engine import vllm_options
 from asyncrlhf.generator import GeneratorState
 from asyncrlhf.local import LocalRun
+from asyncrlhf.logs import STATS_LOGGER, vllm_config
 from asyncrlhf.telemetry import (
     CATALOGUE, METRICS_ADDRESS, BusyWindow, GeneratorTelemetry, LearnerTelemetry, LocalPorts, exported_names,
     listen_address,
@@ -85,6 +87,39 @@ def test_busy_window(samples, expected):
     assert fraction == pytest.approx(expected)
 
 
+def test_a_generator_serves_vllms_own_metrics_with_its_labels():
+    """vLLM registers its `vllm:` metrics in prometheus_client's default registry; the generator's
+    endpoint serves those (with job, namespace, role, generator added), not the rest of it."""
+    engine = Counter("vllm:test_tokens", "Tokens (a name vLLM does not use: its own may be registered).", ["model_name", "engine"])
+    other = Counter("someone_elses", "Not ours.")
+    try:
+        engine.labels("tiny", "0").inc(30)
+        _, generator = _both()
+        families = {f.name: f for f in text_string_to_metric_families(generate_latest(generator.registry).decode())}
+        (sample,) = [s for s in families["vllm:test_tokens"].samples if s.name.endswith("_total")]
+        assert sample.value == 30 and sample.labels == {"model_name": "tiny", "engine": "0", "job": "tiny",
+                                                        "namespace": "team-a", "role": "generator",
+                                                        "generator": "gen-0"}
+        assert "someone_elses" not in families
+        learner, _ = _both()
+        assert not [n for n in exported_names(learner) if n.startswith("vllm:")]  # the learner has no engine
+    finally:
+        REGISTRY.unregister(engine)
+        REGISTRY.unregister(other)
+
+
+@pytest.mark.parametrize("port, stats", [(9410, True), (0, False)])
+def test_vllm_keeps_stats_only_when_metrics_are_served(port, stats):
+    options = vllm_options(JobSpec.model_validate({"metrics": {"port": port}}), on_cpu=True)
+    assert options["disable_log_stats"] is not stats
+
+
+@pytest.mark.parametrize("verbose, level", [(False, "WARNING"), (True, "DEBUG")])
+def test_vllms_periodic_stats_line_is_off_in_the_logs_unless_verbose(verbose, level):
+    # vLLM creates its LoggingStatLogger only when this logger is enabled for INFO
+    assert vllm_config(verbose)["loggers"][STATS_LOGGER] == {"level": level}
+
+
 def test_listen_address_and_local_ports():
     assert listen_address(9410, {}) == ("0.0.0.0", 9410)
     assert listen_address(9410, {METRICS_ADDRESS: "127.0.0.1:5000"}) == ("127.0.0.1", 5000)
@@ -103,7 +138,7 @@ def _scrape(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=2) as response:
         text = response.read().decode()
     return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
-            if s.name.startswith("asyncrlhf_") and "le" not in s.labels}
+            if s.name.startswith(("asyncrlhf_", "vllm:")) and "le" not in s.labels}
 
 
 async def _scrape_while_running(run: LocalRun) -> list[tuple[dict, dict]]:
@@ -129,12 +164,13 @@ async def _scrape_while_running(run: LocalRun) -> list[tuple[dict, dict]]:
 
 
 @pytest.mark.slow
-def test_a_local_run_serves_metrics_that_follow_training(tmp_path):
+def test_a_local_run_serves_metrics_that_follow_training(tmp_path, monkeypatch):
+    monkeypatch.setenv("VLLM_LOG_STATS_INTERVAL", "1")  # vLLM's stats log line, were it on: every second
     job = AsyncRLHFJob.model_validate({
         "apiVersion": "asyncrlhf.dev/v1alpha1", "kind": "AsyncRLHFJob", "metadata": {"name": "scraped"},
         "spec": {"model": {"policy": "builtin:tiny-sort"},
                  "algorithm": {"loss": "online-dpo", "samplesPerPrompt": 2},
-                 "generator": {"engine": "hf", "sampling": {"maxTokens": 8}},
+                 "generator": {"engine": "vllm", "kvCacheGiB": 0.25, "sampling": {"maxTokens": 8}},
                  "learner": {"promptsPerStep": 4, "totalSteps": 12}, "nats": {"ackWaitSeconds": 4}},
     })
     run = LocalRun(job, tmp_path / "scraped", quiet=True)
@@ -153,6 +189,9 @@ def test_a_local_run_serves_metrics_that_follow_training(tmp_path):
     step = last_learner["asyncrlhf_learner_step"]
     assert 2 * 4 * (step - 1) <= last_learner["asyncrlhf_learner_samples_total"] <= 2 * 4 * step
     assert last_learner["asyncrlhf_learner_rollout_wait_seconds_total"] > 0
+    # vLLM's own metrics, on the same endpoint: every completion's tokens counted by its engine too
+    assert last_generator["vllm:generation_tokens_total"] >= last_generator["asyncrlhf_generator_tokens_total"] > 0
+    assert "Avg prompt throughput" not in (run.run_dir / "generator-0.log").read_text()  # its stats log is off
     # one line per step in the learner's log (a pod's `kubectl logs -f`)
     log = (run.run_dir / "learner-0.log").read_text()
     assert re.search(r"step 1/12 reward [-0-9.]+ staleness", log) and "step 12/12 reward" in log

@@ -29,6 +29,7 @@ FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 OWN = "asyncrlhf"  # our loggers: asyncrlhf.*, asyncrlhf_operator.*
 MAX_REMEMBERED = 10_000  # distinct repeated messages tracked per process
 VLLM_CONFIG = "VLLM_LOGGING_CONFIG_PATH"
+STATS_LOGGER = "vllm.v1.metrics.loggers"  # vLLM's stats loggers (the periodic log line, Prometheus)
 
 
 class RepeatFilter(logging.Filter):
@@ -155,7 +156,11 @@ def vllm_config(verbose: bool = False) -> dict:
         "filters": {"repeats": {"()": f"{__name__}.RepeatFilter"}},
         "handlers": {"vllm": {"class": "logging.StreamHandler", "formatter": "vllm", "level": level,
                               "stream": "ext://sys.stdout", "filters": ["repeats"]}},
-        "loggers": {"vllm": {"handlers": ["vllm"], "level": level, "propagate": False}},
+        "loggers": {"vllm": {"handlers": ["vllm"], "level": level, "propagate": False},
+                    # its periodic stats line ("Avg prompt throughput ...", every 10 s while generating):
+                    # the numbers are on /metrics (telemetry.py), and vLLM creates that logger only
+                    # when this one logs INFO
+                    STATS_LOGGER: {"level": level if verbose else "WARNING"}},
     }
 
 

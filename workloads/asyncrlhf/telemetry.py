@@ -2,9 +2,10 @@
 
 Each process has its own registry (several learners or generators can live in one test process)
 served on `spec.metrics.port` (`$ASYNCRLHF_METRICS_ADDRESS`, host:port, overrides it: `asyncrlhf
-run` gives each local process its own). The registry also carries the process's default registry
-(process_* metrics, and any library that registers there). Labels are the job, its namespace, the
-role and, for generators, the generator id: nothing that grows with the run.
+run` gives each local process its own). The registry also carries the process's own process_*,
+python_* and gc metrics and, in a vLLM generator, vLLM's `vllm:` metrics (from prometheus_client's
+default registry, where vLLM registers them). Labels are the job, its namespace, the role and, for
+generators, the generator id: nothing that grows with the run.
 
 Counters that the learner's checkpoint keeps (rollouts consumed, dropped, dead) are read from its
 state at scrape time, so they continue across a restart from the checkpoint; the rest count from
@@ -23,9 +24,10 @@ from contextlib import contextmanager, nullcontext
 from typing import Iterator, Optional
 
 from prometheus_client import (
-    CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector, start_http_server,
+    REGISTRY, CollectorRegistry, Counter, Gauge, GCCollector, Histogram, PlatformCollector, ProcessCollector,
+    start_http_server,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("asyncrlhf.telemetry")
 step_log = logging.getLogger("asyncrlhf.learner")
@@ -295,6 +297,7 @@ class GeneratorTelemetry(Telemetry):
         self.window = BusyWindow()
         self.clocks = {id(self.prompt_wait): Stopwatch(), id(self.weights_wait): Stopwatch()}  # bus_signals
         self.registry.register(self)
+        self.registry.register(Borrowed("vllm:", self.labels))
 
     def collect(self):
         """Counters read from the generator's state (GeneratorState) at scrape time."""
@@ -333,6 +336,24 @@ class GeneratorTelemetry(Telemetry):
         busy = self.state.busy_seconds if self.state is not None else 0.0
         return {"busy_seconds": busy, "prompt_wait_seconds": self.clocks[id(self.prompt_wait)].seconds(),
                 "weights_wait_seconds": self.clocks[id(self.weights_wait)].seconds(), "uptime_seconds": self.uptime()}
+
+
+class Borrowed:
+    """A library's own metrics, from prometheus_client's default registry, with our labels added:
+    vLLM's engine registers its `vllm:` metrics there when its stats are on (vllm_engine.py)."""
+
+    def __init__(self, prefix: str, labels: dict[str, str]) -> None:
+        self.prefix, self.labels = prefix, labels
+
+    def collect(self):
+        for family in REGISTRY.collect():
+            if family.name.startswith(self.prefix):  # a copy: a collector may hand out the same object
+                copy = Metric(family.name, family.documentation, family.type, family.unit)
+                copy.samples = [s._replace(labels=s.labels | self.labels) for s in family.samples]
+                yield copy
+
+    def describe(self):
+        return []
 
 
 class LocalPorts:

@@ -38,8 +38,10 @@ VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank va
 
 def vllm_options(spec: JobSpec, on_cpu: bool) -> dict:
     """The `vllm.LLM` arguments a spec asks for, on a CPU build or on GPUs."""
+    # stats on: vLLM's Prometheus metrics, which the generator's /metrics serves (metrics.port 0: none)
     options = dict(dtype=spec.model.dtype, seed=spec.learner.seed, max_model_len=None,
-                   logprobs_mode="processed_logprobs", disable_log_stats=True, enforce_eager=on_cpu)
+                   logprobs_mode="processed_logprobs", disable_log_stats=not spec.metrics.port,
+                   enforce_eager=on_cpu)
     if spec.learner.lora.enabled:  # one adapter at a time: the newest snapshot's
         rank = min(r for r in VLLM_LORA_RANKS if r >= spec.learner.lora.rank)
         options |= {"enable_lora": True, "max_lora_rank": rank, "max_loras": 1}
