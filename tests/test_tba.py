@@ -325,3 +325,13 @@ def test_a_local_run_with_a_searcher_generates_s_and_trains_on_k(tmp_path):
     logs = {p.name: p.read_text() for p in run.glob("generator-*.log")}
     searcher = [n for n, text in logs.items() if "is a searcher of group slow" in text]
     assert searcher == ["generator-1.log"]  # index 1: the default group (1 generator) comes first
+
+
+def test_dry_run_shows_each_generators_group(tmp_path):
+    from asyncrlhf.local import dry_run
+
+    text = "\n".join(dry_run(job(**TWO_GROUPS), tmp_path))
+    blocks = {b.split(":")[0]: b for b in text.split("\ngenerator-")[1:]}
+    assert f"{SEARCHER}=" not in blocks["0"]
+    assert f"{SEARCHER}=fast" in blocks["1"]
+    assert f"{SEARCHER}=slow" in blocks["2"] and f"{SEARCHER}=slow" in blocks["3"]

@@ -327,7 +327,8 @@ def dry_run(job: AsyncRLHFJob, run_dir: Path, gpus: Optional[int] = None) -> lis
         runner = WorkloadEnv(nats_url=run.url or "<embedded nats-server>", snapshot_dir=str(run.volume),
                              run_dir=str(run.run_dir)).variables()
         envs[p.name] = runner | {"CPU_CORES": ",".join(map(str, cores))} | {
-            k: v for k, v in os.environ.items() if k.startswith(("ASYNCRLHF_", "NATS_", "HF_"))}
+            k: v for k, v in os.environ.items() if k.startswith(("ASYNCRLHF_", "NATS_", "HF_"))} | (
+            searcher_env(job.spec.generator, p.index) if p.role == "generator" else {})
     head = [f"dry run of {job.metadata.name}: nothing is started", "command: " + " ".join(command)]
     if heads is None and generator_layout(job.spec).tensor_parallel > 1:
         head.append(f"(tensor parallelism not checked: {job.spec.model.policy}'s config is not on this machine)")
