@@ -196,3 +196,33 @@ def test_generator_slots_place_up_to_max_replicas_on_the_gpus_there_are():
     assert [s["CUDA_VISIBLE_DEVICES"] for s in generator_slots(spec, ["0", "1", "2"])] == ["1"]
     cpu = _spec(maxReplicas=4)
     assert generator_slots(cpu, []) == [{}] * 4
+
+
+# --- a real local run ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_local_run_whose_learner_is_starved_adds_a_generator(tmp_path, monkeypatch):
+    """One HF generator that pauses 5 s after each of its first generations: the learner waits for
+    nearly every interval, so the first measured interval scales 1 → 2 (two can be busy: N = 1)."""
+    import asyncio
+
+    from asyncrlhf.local import LocalRun
+    from test_core_loop import tiny_job
+
+    monkeypatch.setenv("ASYNCRLHF_FAULT", ",".join(f"generate:{n}:pause" for n in range(1, 7)))
+    job = tiny_job("autoscaled", generator={"engine": "hf", "replicas": 1, "autoscale": {
+        "enabled": True, "minReplicas": 1, "maxReplicas": 3, "intervalSeconds": 5, "stabilizationSeconds": 0}},
+        learner={"totalSteps": 6, "promptsPerStep": 4}, **{"async": {"maxStaleness": 1}})
+    run = LocalRun(job, tmp_path / "autoscaled", quiet=True)
+    result = asyncio.run(run.run())
+
+    assert result.ok and result.summary["steps"] == 6
+    decisions = result.summary["autoscale"]["decisions"]
+    assert decisions and (decisions[0]["from"], decisions[0]["to"]) == (1, 2), result.summary["autoscale"]
+    assert decisions[0]["signals"]["learner_wait_fraction"] > 0.1 and "learner waited" in decisions[0]["reason"]
+    assert all(d["to"] <= 2 for d in decisions)  # never past what N = 1 can keep busy
+    lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in lines if '"kind": "autoscale"' in line] == decisions
+    assert [c.index for c in run.children if c.role == "generator"][:2] == [0, 1]  # a fresh generator
+    assert result.summary["rollouts_consumed"] == 6 * 4  # nothing lost or repeated by the change
