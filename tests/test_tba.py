@@ -335,3 +335,10 @@ def test_dry_run_shows_each_generators_group(tmp_path):
     assert f"{SEARCHER}=" not in blocks["0"]
     assert f"{SEARCHER}=fast" in blocks["1"]
     assert f"{SEARCHER}=slow" in blocks["2"] and f"{SEARCHER}=slow" in blocks["3"]
+
+
+def test_searcher_deployments_validate_strictly():
+    import kubernetes_validate
+
+    for d in _deployments(job(**TWO_GROUPS)).values():
+        kubernetes_validate.validate(d, "1.35", strict=True)
