@@ -184,6 +184,23 @@ def test_scaling_up_is_capped_where_the_machine_has_no_gpus_for_more(pool, tmp_p
     assert pool.size == 1 and "capped at 1" in scaler.last_reason
 
 
+def test_on_gpus_a_generator_still_stopping_holds_its_slot(pool, tmp_path):
+    t0 = 4_000_000.0
+    spec = _spec()
+    spec.generator.resources.gpus = 1
+    scaler = LocalAutoscaler(spec, pool, tmp_path, limit=2, started=t0)
+    pool.scale_to(2)
+    pool.scale_to(1)
+    assert pool.stopping() == 1
+    scaler.step(_learner(1, 10, 0), {"g": _report("gen-0-0", t0 + 5, 5, 5)}, now=t0 + 5)
+    assert scaler.step(_learner(2, 20, 9), {"g": _report("gen-0-0", t0 + 15, 15, 15)}, now=t0 + 15) is None
+    assert "capped at 1" in scaler.last_reason and pool.size == 1
+    _wait_exit(pool.latest()[1])
+    pool.check()  # gone: its slot is free
+    record = scaler.step(_learner(3, 30, 18), {"g": _report("gen-0-0", t0 + 25, 25, 25)}, now=t0 + 25)
+    assert (record["from"], record["to"]) == (1, 2) and pool.members()[1].slot == 1
+
+
 def test_generator_slots_place_up_to_max_replicas_on_the_gpus_there_are():
     spec = _spec(maxReplicas=4)
     spec.generator.resources.gpus = 1

@@ -88,10 +88,10 @@ class LocalRun:
         self.generators = GeneratorPool(self.config, self.run_dir, self._env, self.generator_cores, slots,
                                         self.metrics_ports, on_restart=self._generator_restarted,
                                         env_for=lambda i: searcher_env(self.spec.generator, i))  # TBA groups
-        auto = self.spec.generator.autoscale
-        self.autoscaler = LocalAutoscaler(self.spec, self.generators, self.run_dir, len(slots) if
-                                          self.spec.generator.resources.gpus else auto.max_replicas) \
-            if auto.enabled else None
+        # most generators at once: on GPUs, as many as have GPUs of their own
+        self.generator_limit = len(slots) if self.spec.generator.resources.gpus else max(
+            self.spec.generator.autoscale.max_replicas, self.spec.generator.replicas)
+        self.autoscaler: Optional[LocalAutoscaler] = None  # spec.generator.autoscale: made when the children start
 
     @property
     def children(self) -> list[Child]:
@@ -179,6 +179,8 @@ class LocalRun:
             kv = await JobKV.open(js, self.bus.bucket)
             self.generators.scale_to(self.spec.generator.replicas)
             self.spawn_learners()
+            if self.spec.generator.autoscale.enabled:  # its clock starts with the children
+                self.autoscaler = LocalAutoscaler(self.spec, self.generators, self.run_dir, self.generator_limit)
             if self.metrics_ports.ports:
                 self.console.line(self.metrics_ports.describe())
             ok = await self.supervise(kv, js)

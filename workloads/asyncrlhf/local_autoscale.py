@@ -90,8 +90,10 @@ class LocalAutoscaler:
         self.intervals += 1
         decision = self.policy.step(seen.signals, now)
         target, reason = decision.replicas, decision.reason
-        if target > self.limit:
-            target, reason = self.limit, f"{reason}; capped at {self.limit}: no GPUs for more generators here"
+        # a stopping generator holds its GPUs until it is gone
+        room = max(current, self.limit - (self.pool.stopping() if self.spec.generator.resources.gpus else 0))
+        if target > room:
+            target, reason = room, f"{reason}; capped at {room}: no GPUs for more generators here (now)"
         self.last_reason = reason
         if not decision.changed or target == current:
             return None

@@ -149,6 +149,10 @@ class GeneratorPool:
         """Members whose process is alive (one that died waits for its restart)."""
         return sum(1 for c in self.members() if c.proc.poll() is None)
 
+    def stopping(self) -> int:
+        """Generators told to stop and not gone yet."""
+        return sum(1 for c in self.latest().values() if c.stopped_at is not None and not c.reaped)
+
     def ids(self) -> set[str]:
         """The bus ids of the generators the run wants now."""
         return {f"gen-{c.index}-{c.attempt}" for c in self.members()}
