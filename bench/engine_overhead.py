@@ -12,7 +12,9 @@
 (b) The HF engine batched (engines/hf_sampling.py: all prompts of a call in one decode loop, log-probs
     from the same pass) vs the path it replaced (reference copy below: `model.generate` per prompt,
     then a second forward pass for the log-probs), same prompts, same K.
-Rounds alternate the order; the best round of each counts. Prints the load average: 2 cores shared.
+(a) runs pairs of one-batch trials back to back in alternating order and takes the median of the
+pairs' ratios (load drifting over minutes hits both sides of a pair alike); (b) alternates rounds
+and takes the best of each. Prints the load average: 2 cores shared.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import argparse
 import asyncio
 import os
 import random
+import statistics
 import sys
 import time
 import zlib
@@ -107,12 +110,15 @@ def best_rates(variants: dict, run, rounds: int) -> dict[str, float]:
 
 # --- (a) our Generator vs bare vLLM ----------------------------------------------------------------
 
-def bare_vllm(engine, batches: list[list[list[int]]]) -> int:
+BARE, OURS = "bare vllm.LLM.generate", "asyncrlhf Generator (bus, scoring, publishing)"
+
+
+def bare_vllm(engine, batches: list[list[list[int]]], first: int = 0) -> int:
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
     tokens = 0
-    for b, prompts in enumerate(batches):
+    for b, prompts in enumerate(batches, start=first):
         params = [SamplingParams(n=K, temperature=0.7, top_p=1.0, max_tokens=8, logprobs=0, seed=s)
                   for s in seeds_of(b)]
         outs = engine.llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
@@ -120,11 +126,13 @@ def bare_vllm(engine, batches: list[list[list[int]]]) -> int:
     return tokens
 
 
-def through_generator(engine, spec: JobSpec, url: str, records: list[list], tag: str) -> tuple[int, float]:
-    return asyncio.run(run_generator(engine, spec, url, records, tag))
+def through_generator(engine, spec: JobSpec, url: str, records: list[list], tag: str,
+                      first: int = 0) -> tuple[int, float]:
+    return asyncio.run(run_generator(engine, spec, url, records, tag, first))
 
 
-async def run_generator(engine, spec: JobSpec, url: str, records: list[list], tag: str) -> tuple[int, float]:
+async def run_generator(engine, spec: JobSpec, url: str, records: list[list], tag: str,
+                        first: int = 0) -> tuple[int, float]:
     """A Generator with `engine`, started and subscribed first (its start-up is not throughput);
     then the clock runs from publishing the prompts (as the learner does) until every rollout
     group is stored. Returns (tokens generated, seconds)."""
@@ -139,7 +147,7 @@ async def run_generator(engine, spec: JobSpec, url: str, records: list[list], ta
     await ensure_job_resources(js, bus, 1 << 30, 60.0)
     kv = await JobKV.open(js, bus.bucket)
     prompts = [Prompt(id=f"p{b}-{i}", batch=b, index=i, text=r.text, answer=r.answer, samples=K, min_version=0)
-               for b, recs in enumerate(records) for i, r in enumerate(recs)]
+               for b, recs in enumerate(records, start=first) for i, r in enumerate(recs)]
     gen = Generator(spec, bus, url, "g0", engine=engine)
     task = asyncio.create_task(gen.run())
     while not await kv.reports() and not task.done():  # its first report follows its subscription
@@ -156,7 +164,10 @@ async def run_generator(engine, spec: JobSpec, url: str, records: list[list], ta
     return gen.state.tokens, seconds
 
 
-def bench_vllm(records: list[list], rounds: int) -> dict[str, float]:
+def bench_vllm(records: list[list], rounds: int) -> tuple[dict[str, float], float]:
+    """Pairs of trials, one batch each, the two variants back to back in alternating order: the
+    median of the pairs' ratios (load that drifts over minutes hits both sides of a pair alike).
+    Returns (median tokens/s of each variant, median paired ratio ours / bare)."""
     from asyncrlhf.bus import EmbeddedNats
     from asyncrlhf.engines.vllm_engine import VLLMEngine
 
@@ -165,15 +176,22 @@ def bench_vllm(records: list[list], rounds: int) -> dict[str, float]:
     tokenizer = load_tokenizer(path)
     batches = [[encode_prompt(tokenizer, r.text) for r in recs] for recs in records]
     engine = VLLMEngine(spec, path)
-    runs = iter(range(1000))
+    rates: dict[str, list[float]] = {BARE: [], OURS: []}
     with EmbeddedNats() as server:
-        variants = {"bare vllm.LLM.generate": lambda: bare_vllm(engine, batches),
-                    "asyncrlhf Generator (bus, scoring, publishing)":
-                        lambda: through_generator(engine, spec, server.url, records, f"r{next(runs)}")}
         bare_vllm(engine, batches[:1])  # warm-up (first-call costs are start-up, not throughput)
-        best = best_rates(variants, lambda fn: fn(), rounds)
+        for t in range(rounds * len(batches)):
+            b = t % len(batches)
+            for name in ((BARE, OURS) if t % 2 == 0 else (OURS, BARE)):
+                if name == BARE:
+                    started = time.perf_counter()
+                    tokens = bare_vllm(engine, [batches[b]], first=b)
+                    seconds = time.perf_counter() - started
+                else:
+                    tokens, seconds = through_generator(engine, spec, server.url, [records[b]], f"t{t}", first=b)
+                rates[name].append(tokens / seconds)
     engine.close()
-    return best
+    ratio = statistics.median(o / b for o, b in zip(rates[OURS], rates[BARE]))
+    return {name: statistics.median(r) for name, r in rates.items()}, ratio
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -190,21 +208,21 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"batches": n, "prompts_per_batch": PER_BATCH, "k": K}
     rates = {}
     if not args.skip_vllm:
-        rates |= bench_vllm(records, rounds)
-        result["generator_vs_bare_vllm"] = (rates["asyncrlhf Generator (bus, scoring, publishing)"]
-                                            / rates["bare vllm.LLM.generate"])
+        vllm_rates, result["generator_vs_bare_vllm"] = bench_vllm(records, rounds)
+        rates |= vllm_rates
     rates |= bench_hf([[encode_prompt(tokenizer, r.text) for r in recs] for recs in prompt_batches(args.hf_batches)],
                       rounds)
     result["hf_batched_vs_before"] = rates["HF engine, batched"] / rates["HF engine, one prompt at a time (before)"]
     result["tokens_per_second"] = rates
-    print(f"{n} batch(es) of {PER_BATCH} prompts x K={K} for vLLM, {args.hf_batches} for HF, maxTokens 8, best of "
-          f"{rounds} round(s); "
+    print(f"{n} batch(es) of {PER_BATCH} prompts x K={K} for vLLM ({rounds} round(s) of pairs, medians), "
+          f"{args.hf_batches} for HF (best of {rounds}), maxTokens 8; "
           f"load average {os.getloadavg()[0]:.2f}")
     width = max(len(k) for k in rates)
     for name, rate in rates.items():
         print(f"  {name.ljust(width)}  {rate:8.0f} tokens/s")
     if "generator_vs_bare_vllm" in result:
-        print(f"our Generator / bare vLLM: {result['generator_vs_bare_vllm']:.2f}x (target >= 0.9x)")
+        print(f"our Generator / bare vLLM: {result['generator_vs_bare_vllm']:.2f}x (target >= 0.9x; median of "
+              "paired trials)")
     print(f"HF engine batched / before: {result['hf_batched_vs_before']:.2f}x (target >= 3x)")
     return result
 
