@@ -81,11 +81,11 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=6, help="algorithm.updatesPerBatch of the learner-bound run")
     parser.add_argument("--only", choices=["example", "learner-bound"])
     parser.add_argument("--engine", choices=["vllm", "hf"], help="override generator.engine")
-    parser.add_argument("--quick", action="store_true", help="learner-bound only, HF engine, 4 steps")
+    parser.add_argument("--quick", action="store_true", help="learner-bound only, HF engine, 3 steps")
     parser.add_argument("--runs-dir", default="runs")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.engine, args.only = args.steps or 4, args.engine or "hf", args.only or "learner-bound"
+        args.steps, args.engine, args.only = args.steps or 3, args.engine or "hf", args.only or "learner-bound"
     job = load_manifest(args.manifest)
     if args.steps:
         job.spec.learner.total_steps = args.steps

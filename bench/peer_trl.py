@@ -227,7 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--target", type=float, default=0.7)
-    parser.add_argument("--quick", action="store_true", help="3 steps, trl-grpo and asyncrlhf-sync-hf only")
+    parser.add_argument("--quick", action="store_true", help="2 steps, trl-grpo and asyncrlhf-sync-hf only")
     parser.add_argument("--with-dpo", action="store_true", help="also TRL's OnlineDPOTrainer vs asyncrlhf online-dpo")
     parser.add_argument("--only", nargs="*", choices=list(TRIALS))
     parser.add_argument("--trial", choices=list(TRIALS), help=argparse.SUPPRESS)
@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.trial:
         TRIALS[args.trial](args.trial, args.steps, Path(args.out))
         return {}
-    steps = 3 if args.quick else args.steps
+    steps = 2 if args.quick else args.steps
     names = args.only or (["trl-grpo", "asyncrlhf-sync-hf"] if args.quick else
                           ["trl-grpo", "asyncrlhf-sync", "asyncrlhf-async", "asyncrlhf-sync-hf"]
                           + (["trl-online-dpo", "asyncrlhf-online-dpo"] if args.with_dpo else []))

@@ -62,7 +62,7 @@ BENCHES = [
         Figure("asyncrlhf sync (HF engine) / TRL GRPO, time to target", rf"\(HF engine\) / TRL GRPO, time to target: {RATIO}"),
         Figure("TRL GRPO / asyncrlhf async, training wall-clock", rf"same samples: {RATIO}"),
         Figure("TRL GRPO / asyncrlhf sync (HF engine), training wall-clock", rf"sync-hf, training wall-clock: {RATIO}"))),
-    Bench("async_vs_sync", "async_vs_sync.py", [], ["--quick"], (
+    Bench("async_vs_sync", "async_vs_sync.py", ["--steps", "60"], ["--quick"], (
         Figure("sync / async training wall-clock (generation-bound example)", rf"\(sync / async\): {RATIO}"),
         Figure("sync / async training wall-clock (learner-bound)", rf"learner-bound: sync / async {RATIO}"),
         Figure("learner-bound speed-up / ideal overlap", rf"of the ideal overlap: {RATIO}", ">= 0.9x"))),
