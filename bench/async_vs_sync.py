@@ -68,6 +68,8 @@ def print_pair(title: str, summary: dict) -> None:
           f"ideal overlap {ideal:.2f}x" if ideal else "ideal overlap: n/a (too few steps)")
     print(f"async step: T_learn {summary['async_t_learn']:.3f} s + the rest {summary['async_t_rest']:.3f} s "
           "(the learner's snapshot, checkpoint and bus work, and any wait for rollouts)")
+    if not title.startswith("learner-bound"):
+        print(f"example: sync / async {speedup:.2f}x")
     if ideal and title.startswith("learner-bound"):
         print(f"learner-bound: sync / async {speedup:.2f}x")
         print(f"learner-bound speed-up as a fraction of the ideal overlap: {speedup / ideal:.2f}x (target >= 0.9x)")

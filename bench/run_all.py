@@ -63,7 +63,7 @@ BENCHES = [
         Figure("TRL GRPO / asyncrlhf async, training wall-clock", rf"same samples: {RATIO}"),
         Figure("TRL GRPO / asyncrlhf sync (HF engine), training wall-clock", rf"sync-hf, training wall-clock: {RATIO}"))),
     Bench("async_vs_sync", "async_vs_sync.py", ["--steps", "60"], ["--quick"], (
-        Figure("sync / async training wall-clock (generation-bound example)", rf"\(sync / async\): {RATIO}"),
+        Figure("sync / async training wall-clock (the example, generation-bound)", rf"example: sync / async {RATIO}"),
         Figure("sync / async training wall-clock (learner-bound)", rf"learner-bound: sync / async {RATIO}"),
         Figure("learner-bound speed-up / ideal overlap", rf"of the ideal overlap: {RATIO}", ">= 0.9x"))),
     Bench("weight_sync", "weight_sync_bench.py", [], None, note="bench/results/weight_sync.md"),
