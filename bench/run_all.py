@@ -66,6 +66,9 @@ BENCHES = [
         Figure("sync / async training wall-clock (the example, generation-bound)", rf"example: sync / async {RATIO}"),
         Figure("sync / async training wall-clock (learner-bound)", rf"learner-bound: sync / async {RATIO}"),
         Figure("learner-bound speed-up / ideal overlap", rf"of the ideal overlap: {RATIO}", ">= 0.9x"))),
+    Bench("vllm_stats", "vllm_stats_overhead.py", ["--pairs", "40"], None, (
+        Figure("vLLM stats on / off, seconds per generate call", rf"median of the pairs' ratios: {RATIO}"),),
+        note="bench/results/vllm_stats_overhead.md"),
     Bench("weight_sync", "weight_sync_bench.py", [], None, note="bench/results/weight_sync.md"),
     Bench("scaleout", "scaleout_bench.py", [], None, note="printed table"),
     Bench("onepass", "onepass_bench.py", ["--out", "bench/results/onepass_bench.md"], None,

@@ -69,7 +69,7 @@ def main() -> None:
     print(f"load average {os.getloadavg()[0]:.1f}; {pairs} pairs of one generate call ({batch} prompts x {K})")
     print(f"median seconds per call: stats off {statistics.median(times['off']):.3f}, "
           f"on {statistics.median(times['on']):.3f}")
-    print(f"stats on / off, median of the pairs' ratios: {statistics.median(ratios):.3f} "
+    print(f"stats on / off, median of the pairs' ratios: {statistics.median(ratios):.3f}x "
           f"(pairs: {', '.join(f'{r:.2f}' for r in ratios)})")
 
 
