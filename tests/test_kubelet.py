@@ -402,8 +402,10 @@ def test_a_crash_looping_generator_is_named_in_the_status(cluster):
     cluster.kube.call("POST", CR, manifest(name, 3, task={"reward": {"kind": "python",
                                                                       "function": "no_such_module:score"}}))
     try:
+        t0 = time.monotonic()
         named = cluster.wait(lambda: _named_in_status(cluster, name, f"{name}-generator-"),
                              what="the crash-looping generator named in the status", timeout=180)
+        show(f"{name}: named in the status after {time.monotonic() - t0:.1f} s")
         reason, message = named[0]
         assert reason == "Error" and "keeps failing (Error, exit code 2," in message, named
         pod_name = message.split()[1].rstrip(":")
@@ -422,8 +424,10 @@ def test_a_missing_secret_is_named_in_the_status(cluster):
     name = "tiny-nosecret"
     cluster.kube.call("POST", CR, manifest(name, 3, model={"tokenSecret": {"name": "no-such-secret", "key": "token"}}))
     try:
+        t0 = time.monotonic()
         named = cluster.wait(lambda: _named_in_status(cluster, name, f"{name}-"),
                              what="the missing Secret in the status", timeout=120)
+        show(f"{name}: named in the status after {time.monotonic() - t0:.1f} s")
         reason, message = named[0]
         assert reason == "CreateContainerConfigError", named
         assert 'secret "no-such-secret" not found' in message and "a Secret or ConfigMap the pod names" in message
