@@ -211,7 +211,11 @@ def table(results: list[dict], target: float) -> list[str]:
 def ratios(by: dict) -> list[str]:
     def ratio(a: str, b: str, key: str) -> str:
         x, y = by.get(a, {}).get(key), by.get(b, {}).get(key)
-        return f"{x / y:.2f}x" if x and y else "n/a (a run did not reach the target or did not run)"
+        if x and y:
+            return f"{x / y:.2f}x"
+        said = [f"{n} {'did not run' if 'rows' not in by.get(n, {}) else ('never reached it' if v is None else f'{v:.1f} s')}"
+                for n, v in ((a, x), (b, y))]
+        return "n/a: " + ", ".join(said)
     return [f"TRL GRPO / asyncrlhf async, time to target: {ratio('trl-grpo', 'asyncrlhf-async', 'to_target')} "
             "(target >= 1.5x)",
             f"asyncrlhf sync / TRL GRPO, time to target: {ratio('asyncrlhf-sync', 'trl-grpo', 'to_target')} "
@@ -220,7 +224,8 @@ def ratios(by: dict) -> list[str]:
             f"{ratio('asyncrlhf-sync-hf', 'trl-grpo', 'to_target')}",
             f"TRL GRPO / asyncrlhf async, training wall-clock for the same samples: "
             f"{ratio('trl-grpo', 'asyncrlhf-async', 'train')}",
-            f"TRL GRPO / asyncrlhf sync-hf, training wall-clock: {ratio('trl-grpo', 'asyncrlhf-sync-hf', 'train')}"]
+            f"TRL GRPO / asyncrlhf sync-hf, training wall-clock: {ratio('trl-grpo', 'asyncrlhf-sync-hf', 'train')}",
+            f"TRL GRPO / asyncrlhf sync, training wall-clock: {ratio('trl-grpo', 'asyncrlhf-sync', 'train')}"]
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -61,7 +61,8 @@ BENCHES = [
                "<= 1.1x"),
         Figure("asyncrlhf sync (HF engine) / TRL GRPO, time to target", rf"\(HF engine\) / TRL GRPO, time to target: {RATIO}"),
         Figure("TRL GRPO / asyncrlhf async, training wall-clock", rf"same samples: {RATIO}"),
-        Figure("TRL GRPO / asyncrlhf sync (HF engine), training wall-clock", rf"sync-hf, training wall-clock: {RATIO}"))),
+        Figure("TRL GRPO / asyncrlhf sync (HF engine), training wall-clock", rf"sync-hf, training wall-clock: {RATIO}"),
+        Figure("TRL GRPO / asyncrlhf sync (vLLM), training wall-clock", rf"asyncrlhf sync, training wall-clock: {RATIO}"))),
     Bench("async_vs_sync", "async_vs_sync.py", ["--steps", "60"], ["--quick"], (
         Figure("sync / async training wall-clock (the example, generation-bound)", rf"example: sync / async {RATIO}"),
         Figure("sync / async training wall-clock (learner-bound)", rf"learner-bound: sync / async {RATIO}"),
