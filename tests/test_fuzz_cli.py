@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import tempfile
 from pathlib import Path
@@ -24,13 +25,18 @@ SECONDS_PER_COMMAND = 20  # far above what one takes: only a hang trips it
 
 
 def run_cli(argv: list[str]) -> tuple[int, str]:
-    """(exit code, stdout + stderr) of `asyncrlhf <argv>`."""
+    """(exit code, stdout + stderr) of `asyncrlhf <argv>`; the logging it set up is undone after
+    (its handlers write to this call's captured stderr)."""
     out = io.StringIO()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), time_limit(SECONDS_PER_COMMAND):
         try:
             code = cli.main(argv)
         except SystemExit as exit_:
             code = exit_.code if isinstance(exit_.code, int) else 1
+        finally:
+            root.handlers[:], root.level = handlers, level
     return code, out.getvalue()
 
 
