@@ -268,6 +268,8 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     if FINALIZER not in (body["metadata"].get("finalizers") or []):
         return  # kopf is still taking the job in; writing status now would only race with it
     previous = previous_status(body)
+    if body["metadata"].get("deletionTimestamp"):
+        return  # being deleted: the finalizer stops the workloads; converging would start them again
     job = validated(body, patch)
     if job is None:
         owner = owner_of(body)
