@@ -342,3 +342,56 @@ def test_searcher_deployments_validate_strictly():
 
     for d in _deployments(job(**TWO_GROUPS)).values():
         kubernetes_validate.validate(d, "1.35", strict=True)
+
+
+# --- operator: the searchers' Deployments in the status and the finalizer ---------------------
+
+
+class FakeKube:
+    """The calls the two functions make, answered from a dict of Deployments by name."""
+
+    def __init__(self, deployments: dict[str, dict]) -> None:
+        self.deployments, self.patched, self.deleted = deployments, [], []
+
+    async def get(self, api_version, kind, namespace, name):
+        return self.deployments.get(name)
+
+    async def merge_patch(self, api_version, kind, namespace, name, patch):
+        from asyncrlhf_operator.kube import KubeError
+
+        if name not in self.deployments:
+            raise KubeError(404, "NotFound", f"{name} not found")
+        self.patched.append((name, patch))
+
+    async def delete(self, api_version, kind, namespace, name, propagation="Background"):
+        self.deleted.append(name)
+        return True
+
+    async def list(self, api_version, kind, namespace, labels):
+        return []
+
+
+def test_status_counts_the_searchers_ready_generators():
+    import asyncio
+
+    from asyncrlhf_operator.children import generators_status
+
+    kube = FakeKube({"demo-generator-fast": {"status": {"readyReplicas": 1}},
+                     "demo-generator-slow": {"status": {}}})  # not ready yet: no readyReplicas
+    main = {"status": {"readyReplicas": 1, "replicas": 1}}
+    status = asyncio.run(generators_status(kube, OWNER, job(**TWO_GROUPS), main))
+    assert status["readyReplicas"] == 2 and status["replicas"] == 1 and main["status"]["readyReplicas"] == 1
+    assert asyncio.run(generators_status(kube, OWNER, job(generator={"replicas": 3}), None)) == {}
+
+
+def test_the_finalizer_scales_every_group_to_zero():
+    import asyncio
+    from types import SimpleNamespace
+
+    from asyncrlhf_operator.children import stop_workloads
+
+    kube = FakeKube({"demo-generator": {}, "demo-generator-fast": {}})  # slow's Deployment is gone already
+    remaining = asyncio.run(stop_workloads(SimpleNamespace(kube=kube), OWNER, ("fast", "slow")))
+    assert remaining == 0 and kube.deleted == ["demo-learner"]
+    assert kube.patched == [("demo-generator", {"spec": {"replicas": 0}}),
+                            ("demo-generator-fast", {"spec": {"replicas": 0}})]

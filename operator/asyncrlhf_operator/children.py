@@ -131,16 +131,30 @@ async def apply_all(ctx: Context, body, job: api.AsyncRLHFJob, *, finished: bool
     ctx.mark_resynced(body["metadata"].get("uid", ""))
 
 
-async def stop_workloads(ctx: Context, owner: plan.Owner) -> int:
-    """Before a deleted job's bus goes: delete the learner Job and scale the generators to 0, then
-    count the job's pods still there. A learner still running would recreate the stream the
-    finalizer deletes (its stream recovery), leaving it orphaned."""
+async def stop_workloads(ctx: Context, owner: plan.Owner, searchers: tuple[str, ...] = ()) -> int:
+    """Before a deleted job's bus goes: delete the learner Job and scale the generators to 0 (the
+    default Deployment and each TBA searcher's), then count the job's pods still there. A learner
+    still running would recreate the stream the finalizer deletes (its stream recovery), leaving it
+    orphaned."""
     names = plan.Names(owner.name)
     await ctx.kube.delete("batch/v1", "Job", owner.namespace, names.learner)
-    try:
-        await ctx.kube.merge_patch("apps/v1", "Deployment", owner.namespace, names.generator,
-                                   {"spec": {"replicas": 0}})
-    except KubeError as err:
-        if err.status != 404:
-            raise
+    for name in [names.generator] + [f"{names.generator}-{s}" for s in searchers]:
+        try:
+            await ctx.kube.merge_patch("apps/v1", "Deployment", owner.namespace, name, {"spec": {"replicas": 0}})
+        except KubeError as err:
+            if err.status != 404:
+                raise
     return len(await ctx.kube.list("v1", "Pod", owner.namespace, plan.selector(owner)))
+
+
+async def generators_status(kube: Kube, owner: plan.Owner, job: api.AsyncRLHFJob,
+                            deployment: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The default generator Deployment's status with the TBA searchers' ready replicas added, so
+    the Ready condition and the scale status count every generator against generator.replicas."""
+    status = dict((deployment or {}).get("status") or {})
+    for group in job.spec.generator.groups()[1:]:
+        name = f"{plan.Names(owner.name).generator}-{group.name}"
+        searcher = await kube.get("apps/v1", "Deployment", owner.namespace, name) or {}
+        status["readyReplicas"] = (status.get("readyReplicas") or 0) + \
+            ((searcher.get("status") or {}).get("readyReplicas") or 0)
+    return status

@@ -31,7 +31,7 @@ from asyncrlhf.bus import JobBus
 
 from . import autoscaling, plan, queueing
 from .children import (
-    Context, apply_all, apply_children, bus_access, now, owner_of, previous_status, stop_workloads,
+    Context, apply_all, apply_children, bus_access, generators_status, now, owner_of, previous_status, stop_workloads,
 )
 from .jetstream import job_bus
 from .kube import KubeError
@@ -160,7 +160,8 @@ async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logge
 async def finalize(body, memo: kopf.Memo, logger: logging.Logger, retry: int = 0, **_: Any) -> None:
     ctx: Context = memo.ctx
     owner = owner_of(body)
-    remaining = await stop_workloads(ctx, owner)
+    searchers = ((body.get("spec") or {}).get("generator") or {}).get("searchers") or []
+    remaining = await stop_workloads(ctx, owner, tuple(str(s.get("name", "")) for s in searchers if s.get("name")))
     if remaining and retry < FINALIZE_WAITS:  # their stream recovery would bring the stream back
         raise kopf.TemporaryError(f"waiting for {remaining} pods of {owner.name} to stop before deleting "
                                   "its stream", delay=FINALIZE_WAIT_SECONDS)
@@ -203,7 +204,7 @@ async def observe_children(ctx: Context, body, job: api.AsyncRLHFJob) -> Seen:
     deployment = await ctx.kube.get("apps/v1", "Deployment", owner.namespace, names.generator)
     o = Observed(
         now=now(), generation=body["metadata"].get("generation", 0), spec=job.spec, learner=learner,
-        generators=(deployment or {}).get("status") or {}, progress=progress, reports=reports,
+        generators=await generators_status(ctx.kube, owner, job, deployment), progress=progress, reports=reports,
         restarts=previous_status(body).get("restarts", 0),
         generator_selector=",".join(f"{k}={v}" for k, v in plan.selector(owner, "generator").items()),
         hold_reason=kueue.gate.reason, hold_message=kueue.gate.message,
@@ -267,9 +268,9 @@ async def observe(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: Any
     ctx: Context = memo.ctx
     if FINALIZER not in (body["metadata"].get("finalizers") or []):
         return  # kopf is still taking the job in; writing status now would only race with it
-    previous = previous_status(body)
     if body["metadata"].get("deletionTimestamp"):
         return  # being deleted: the finalizer stops the workloads; converging would start them again
+    previous = previous_status(body)
     job = validated(body, patch)
     if job is None:
         owner = owner_of(body)
