@@ -166,16 +166,16 @@ class RewardSource(SpecModel):
         "f(prompts, completions, **columns) -> list of floats, importable from PYTHONPATH, the job "
         "file's directory (local runs) or codeConfigMap (cluster).",
     )
-    http: HttpReward = Field(default_factory=HttpReward, description="Settings for kind=http.")
-
-
-class RewardTerm(RewardSource):
-    """One term of a kind=sum reward: weight x the term's reward."""
     function_timeout_seconds: float = Field(
         60.0, gt=0, le=3600,
         description="kind=python: longest one call of the function may take; past it the batch's prompts "
         "go back to the queue (retried) and the call is abandoned.",
     )
+    http: HttpReward = Field(default_factory=HttpReward, description="Settings for kind=http.")
+
+
+class RewardTerm(RewardSource):
+    """One term of a kind=sum reward: weight x the term's reward."""
 
     kind: Literal["rule", "model", "python", "http"] = Field("rule", description="The term's kind.")
     weight: float = Field(1.0, ge=-1e6, le=1e6, description="Weight of the term in the sum.")
