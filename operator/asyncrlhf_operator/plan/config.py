@@ -31,6 +31,14 @@ def rendered_config(job: api.AsyncRLHFJob) -> str:
         for key in path[:-1]:
             parent = parent[key]
         parent.pop(path[-1], None)
+    # without generator.replicas the workloads read the default (1), which TBA searchers adding up
+    # to more, or autoscale.minReplicas above 1, would refuse: the smallest count the spec allows
+    # instead (fixed by fields that are not run-time ones, so scaling still changes nothing here)
+    generator = job.spec.generator
+    floor = max(sum(s.replicas for s in generator.searchers),
+                generator.autoscale.min_replicas if generator.autoscale.enabled else 0)
+    if floor > 1:
+        manifest["spec"]["generator"]["replicas"] = floor
     return yaml.safe_dump(manifest, sort_keys=False)
 
 
