@@ -154,6 +154,17 @@ def test_generators_get_probes_on_their_own_port_and_the_learner_none(spec):
     assert not {"startupProbe", "livenessProbe", "readinessProbe"} & set(learner)
 
 
+def test_probes_never_share_the_metrics_port():
+    """metrics.port 8081 (the probes' default): the metrics server binds first, so the probe server
+    could not, and the startup probe would restart the generator for ever."""
+    generator = containers({"metrics": {"port": workload_env.PROBES_PORT}})["demo-generator"]
+    ports = [p["containerPort"] for p in generator["ports"]]
+    assert len(set(ports)) == len(ports) == 2
+    probe_port = next(p["containerPort"] for p in generator["ports"] if p["name"] == "probes")
+    env = {e["name"]: e.get("value") for e in generator["env"]}
+    assert env[workload_env.PROBES_ADDRESS] == f"0.0.0.0:{probe_port}"
+
+
 def test_the_startup_budget_covers_a_70b_load_and_liveness_outlasts_a_pause():
     probes_ = pods.generator_probes()
     startup = probes_["startupProbe"]["periodSeconds"] * probes_["startupProbe"]["failureThreshold"]

@@ -260,8 +260,10 @@ def generator_deployment(
     pod["volumes"] += volumes
     container["volumeMounts"] += mounts
     container.update(generator_probes())
-    container["ports"] = container.get("ports", []) + [{"name": "probes", "containerPort": workload_env.PROBES_PORT}]
-    container["env"].append({"name": workload_env.PROBES_ADDRESS, "value": f"0.0.0.0:{workload_env.PROBES_PORT}"})
+    # metrics.port is the user's to choose: the probes never take the port it binds first
+    port = workload_env.PROBES_PORT + (job.spec.metrics.port == workload_env.PROBES_PORT)
+    container["ports"] = container.get("ports", []) + [{"name": "probes", "containerPort": port}]
+    container["env"].append({"name": workload_env.PROBES_ADDRESS, "value": f"0.0.0.0:{port}"})
     return {
         "apiVersion": "apps/v1", "kind": "Deployment",
         "metadata": metadata(owner, Names(owner.name).generator, "generator"),
