@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 from asyncrlhf.checkpoints import LearnerState
-from asyncrlhf.intake import RolloutIntake, TokenLimits
+from asyncrlhf.intake import UNREADABLE_TRIES, RolloutIntake, TokenLimits, UnreadablePrompt
 from asyncrlhf.messages import Completion, RolloutGroup
 
 
@@ -104,12 +104,34 @@ def test_rollouts_the_model_cannot_read_go_to_the_dead_letters(prompt, completio
     it, dead = intake()
     it.limits = LIMITS
     msg = group_with(prompt, completions)
-    assert accept(it, msg) is None
+    back = accept(it, msg)
     if reason:
         assert dead == [(msg, f"rollout the model cannot read: {reason}")] and it.state.dead == 1
         assert not it.pending and not msg.acked
+        assert back is not None and (back.batch, back.index) == (2, 0)  # its open slot's prompt goes out again
     else:
-        assert not dead and it.pending[2][0][1] is msg
+        assert back is None and not dead and it.pending[2][0][1] is msg
+
+
+def test_a_prompt_whose_rollouts_stay_unreadable_stops_the_learner_with_what_to_change():
+    it, dead = intake()
+    it.limits = LIMITS
+    too_long = [[4, 5, 6, 7, 8, 9]]
+    for k in range(UNREADABLE_TRIES - 1):
+        assert accept(it, group_with([1, 2, 3], too_long, rid=f"r-2-0-{k}")) is not None
+    with pytest.raises(UnreadablePrompt, match=r"prompt 0 of step 2 produced 3 rollouts .* Lower spec.generator"):
+        accept(it, group_with([1, 2, 3], too_long, rid="r-2-0-last"))
+    assert len(dead) == UNREADABLE_TRIES  # every one set aside, none trained
+
+
+def test_an_unreadable_rollout_of_a_filled_or_trained_slot_releases_nothing():
+    it, dead = intake(step=2)
+    it.limits = LIMITS
+    assert accept(it, group_with([1, 2, 3], [[4]], rid="ok")) is None  # fills slot (2, 0)
+    assert accept(it, group_with([1, 2, 3], [[4] * 9], rid="late")) is None
+    it.pending.clear()
+    assert asyncio.run(it.accept(group_with([1, 2, 3], [[4] * 9], rid="old"), 3)) is None  # batch 2 < step 3
+    assert len(dead) == 2
 
 
 def test_unknown_limits_check_nothing():

@@ -8,8 +8,10 @@ durable copy. What schedule.classify says is not to be kept is acked at once and
 rollout too stale is also handed to `on_stale`, which releases its prompt again). A message that
 cannot be a rollout of this job (undecodable, bad values, a place past the job's shape, token ids
 the model has no embedding for, more tokens than its positions) goes to the dead letters, counted:
-it never fails or wedges the learner (an id past the vocabulary would fail the step's embedding
-lookup, every time the message came back).
+it never fails the learner (an id past the vocabulary would fail the step's embedding lookup, every
+time the message came back). When such a rollout held a real slot of a step still to train, its
+prompt goes out again (a new sample may fit) up to UNREADABLE_TRIES times; past that the learner stops
+with UnreadablePrompt, naming the prompt and what to change, instead of waiting for ever.
 """
 
 from __future__ import annotations
@@ -30,6 +32,11 @@ from .schedule import Verdict, classify, implausible
 log = logging.getLogger("asyncrlhf.learner")
 STREAM_CHECK_SECONDS = 10.0  # waiting this long for rollouts, the learner checks that its stream is still there
 FETCH_BATCH = 64
+UNREADABLE_TRIES = 3  # rollouts of one prompt the model cannot read before the learner gives up on the job
+
+
+class UnreadablePrompt(RuntimeError):
+    """A prompt of a step still to train keeps producing rollouts the policy cannot read."""
 
 Hook = Callable[[], Awaitable[None]]
 DeadLetter = Callable[[object, str], Awaitable[None]]
@@ -66,6 +73,7 @@ class RolloutIntake:
         # messages of trained steps not yet covered by a checkpoint (acked after it), by rollout id
         self.held: dict[str, object] = {}
         self._dead_reasons: set[str] = set()
+        self._unreadable: dict[tuple[int, int], int] = {}  # (batch, index) -> rollouts set aside
 
     def unacked(self) -> list:
         """Every message this learner holds: pending for a later step, or used but not checkpointed."""
@@ -116,7 +124,7 @@ class RolloutIntake:
             return None
         if reason := self.limits.problem(group):
             await self.dead(msg, "rollout the model cannot read", reason)
-            return None
+            return self._retry_unreadable(group, step, reason)
         slots = self.pending.get(group.batch, {})
         verdict = classify(group.batch, group.index, group.policy_version, step, self.n, slots,
                            self.state.published_version)
@@ -133,6 +141,21 @@ class RolloutIntake:
             return group
         self.state.duplicates += 1
         return None
+
+    def _retry_unreadable(self, group: RolloutGroup, step: int, reason: str):
+        """The group when its prompt should go out again (its slot is still open), else None."""
+        if group.batch < step or group.index in self.pending.get(group.batch, {}):
+            return None  # trained already, or the slot is filled: nothing waits for it
+        key = (group.batch, group.index)
+        self._unreadable = {k: v for k, v in self._unreadable.items() if k[0] >= step}
+        self._unreadable[key] = self._unreadable.get(key, 0) + 1
+        if self._unreadable[key] >= UNREADABLE_TRIES:
+            raise UnreadablePrompt(
+                f"prompt {group.index} of step {group.batch} produced {UNREADABLE_TRIES} rollouts the policy "
+                f"cannot read (last: {reason}); step {group.batch} cannot be trained. Lower "
+                "spec.generator.sampling.maxTokens or shorten the prompt so prompt + completion fit the model's "
+                "positions, and check the generators use the learner's model and tokenizer")
+        return group
 
     def _redelivered(self, group: RolloutGroup, msg, verdict: Verdict) -> bool:
         """A redelivery of a message this learner keeps or holds: keep the newest handle, ack nothing."""
