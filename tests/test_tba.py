@@ -395,3 +395,28 @@ def test_the_finalizer_scales_every_group_to_zero():
     assert remaining == 0 and kube.deleted == ["demo-learner"]
     assert kube.patched == [("demo-generator", {"spec": {"replicas": 0}}),
                             ("demo-generator-fast", {"spec": {"replicas": 0}})]
+
+
+def test_a_searcher_dropped_from_the_spec_loses_its_deployment():
+    import asyncio
+
+    from asyncrlhf_operator.children import prune_searchers
+
+    def deployment(name: str, searcher: str | None, uid: str = OWNER.uid) -> dict:
+        labels = {**plan.selector(OWNER, "generator"), **({plan.SEARCHER_LABEL: searcher} if searcher else {})}
+        return {"metadata": {"name": name, "labels": labels, "ownerReferences": [{"uid": uid}]}}
+
+    kube = FakeKube({})
+    found = [deployment("demo-generator", None), deployment("demo-generator-fast", "fast"),
+             deployment("demo-generator-old", "old"), deployment("demo-generator-other", "x", uid="someone-else")]
+
+    async def listed(api_version, kind, namespace, labels):
+        assert (kind, namespace, labels) == ("Deployment", "team", plan.selector(OWNER, "generator"))
+        return found
+
+    kube.list = listed
+    wanted = {c["metadata"]["name"] for c in plan.desired_children(job(**TWO_GROUPS), OWNER, "nats://nats:4222")
+              if c["kind"] == "Deployment"}
+    assert "demo-generator-fast" in wanted and "demo-generator-old" not in wanted
+    assert asyncio.run(prune_searchers(kube, OWNER, wanted)) == ["demo-generator-old"]
+    assert kube.deleted == ["demo-generator-old"]  # the default group, a current searcher, another owner's: kept

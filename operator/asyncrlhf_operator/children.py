@@ -71,7 +71,10 @@ async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Op
     if admission is None:  # a finished job has given its quota back: nothing to ask Kueue
         admission = plan.OPEN if finished else \
             (await queueing.admission(ctx.kube, body, job, owner, ctx.config.nats_url)).gate
-    for child in plan.desired_children(job, owner, ctx.config.nats_url, finished=finished, admission=admission):
+    children = plan.desired_children(job, owner, ctx.config.nats_url, finished=finished, admission=admission)
+    if kinds is None or "Deployment" in kinds:
+        await prune_searchers(ctx.kube, owner, {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"})
+    for child in children:
         if kinds is not None and child["kind"] not in kinds:
             continue
         if child["kind"] == "Job":
@@ -80,6 +83,19 @@ async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Op
             await reconcile_volume(ctx, child)
         else:
             await ctx.kube.apply(child)
+
+
+async def prune_searchers(kube: Kube, owner: plan.Owner, wanted: set[str]) -> list[str]:
+    """Delete the Deployments of TBA searchers the spec no longer names (removed or renamed): their
+    generators would keep their GPUs, go uncounted, and exit 2 at their next start. Only Deployments
+    this job controls and that carry the searcher label are touched."""
+    found = await kube.list("apps/v1", "Deployment", owner.namespace, plan.selector(owner, "generator"))
+    gone = [d["metadata"]["name"] for d in found
+            if plan.SEARCHER_LABEL in (d["metadata"].get("labels") or {}) and d["metadata"]["name"] not in wanted
+            and any(ref.get("uid") == owner.uid for ref in d["metadata"].get("ownerReferences") or [])]
+    for name in gone:
+        await kube.delete("apps/v1", "Deployment", owner.namespace, name)
+    return gone
 
 
 async def reconcile_volume(ctx: Context, desired: dict[str, Any]) -> None:
