@@ -234,8 +234,9 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         "generator.replicas",
         "!self.generator.autoscale.enabled || (self.generator.replicas >= self.generator.autoscale.minReplicas "
         "&& self.generator.replicas <= self.generator.autoscale.maxReplicas)",
-        "with generator.autoscale the autoscaler sets replicas: leave it out (or within minReplicas..maxReplicas, "
-        "where the job starts), and scale by changing minReplicas/maxReplicas",
+        "with generator.autoscale the autoscaler sets replicas: set it within minReplicas..maxReplicas (where the "
+        "job starts; left out it is 1, which fits only when minReplicas is 1), and scale by changing "
+        "minReplicas/maxReplicas",
         lambda s: not s.generator.autoscale.enabled
         or s.generator.autoscale.min_replicas <= s.generator.replicas <= s.generator.autoscale.max_replicas,
     ),
