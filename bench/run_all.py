@@ -153,6 +153,11 @@ def render(rows: list[dict], quick: bool) -> str:
         r = r | {"value": str(r["value"]).replace("|", "/")}  # a cell cannot hold the table's separator
         lines.append(f"| {r['bench']} | {r['figure']} | {r['value']} | {r['target']} | `{r['command']}` | "
                      f"{r['commit']} | {r['seconds']:.0f} | {r['load']:.1f} |")
+    missing = [b.name for b in BENCHES if b.name not in {r["bench"] for r in rows}
+               and (b.quick if quick else b.full) is not None]
+    if missing:
+        lines += ["", f"Not run for this summary: {', '.join(missing)} (`python bench/run_all.py --only NAME` adds "
+                  "a bench's rows and keeps the others)."]
     return "\n".join(lines) + "\n"
 
 
