@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batches", type=int, default=4, help="batches of 32 prompts x K=4")
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--quick", action="store_true", help="1 batch, 1 round")
+    parser.add_argument("--quick", action="store_true", help="1 batch, 1 round (HF: 8 prompts)")
     parser.add_argument("--skip-vllm", action="store_true", help="only (b), the HF engine")
     parser.add_argument("--hf-batches", type=int, default=1, help="batches for (b): the old path is slow")
     args = parser.parse_args(argv)
@@ -210,8 +210,9 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_vllm:
         vllm_rates, result["generator_vs_bare_vllm"] = bench_vllm(records, rounds)
         rates |= vllm_rates
-    rates |= bench_hf([[encode_prompt(tokenizer, r.text) for r in recs] for recs in prompt_batches(args.hf_batches)],
-                      rounds)
+    hf_prompts = 8 if args.quick else PER_BATCH  # the old path is slow: --quick compares on 8 prompts
+    rates |= bench_hf([[encode_prompt(tokenizer, r.text) for r in recs[:hf_prompts]]
+                       for recs in prompt_batches(args.hf_batches)], rounds)
     result["hf_batched_vs_before"] = rates["HF engine, batched"] / rates["HF engine, one prompt at a time (before)"]
     result["tokens_per_second"] = rates
     print(f"{n} batch(es) of {PER_BATCH} prompts x K={K} for vLLM ({rounds} round(s) of pairs, medians), "
