@@ -6,7 +6,8 @@
 * `asyncrlhf label` publishing preference pairs to a job's bus.
 
 Both runs are in sync mode, so they are the same computation step for step (the same prompts,
-samples and weights): equal metrics mean the server's values are the function's values.
+samples and weights): equal metrics mean the server's values are the function's values. Each runs
+16 steps on fresh prompts and its reward rises (the mean of the last 4 steps > the first 4 + 0.1).
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from asyncrlhf.tasks import prompt_stream, sort_digits_prompt
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-STEPS, PROMPTS, K = 3, 4, 4
+STEPS, PROMPTS, K = 16, 16, 4
 
 USER_REWARD = '''
 import json
@@ -66,17 +67,17 @@ def job(name: str, prompts: dict, reward: dict) -> dict:
         "algorithm": {"loss": "online-dpo", "samplesPerPrompt": K},
         "async": {"mode": "sync"},
         "generator": {"engine": "hf", "sampling": {"maxTokens": 8}},
-        "learner": {"promptsPerStep": PROMPTS, "totalSteps": STEPS, "optimizer": {"lr": 3e-4}},
+        "learner": {"promptsPerStep": PROMPTS, "totalSteps": STEPS, "optimizer": {"lr": 5e-4}},
         "nats": {"ackWaitSeconds": 4},
     }}
 
 
 @pytest.fixture(scope="module")
 def prompt_file(tmp_path_factory) -> Path:
-    """16 sort-digits records with an id column: 3 steps x 4 prompts never repeat one."""
+    """Sort-digits records with an id column, one per prompt of the run: no step repeats one."""
     rng = random.Random(11)
     path = tmp_path_factory.mktemp("data") / "prompts.jsonl"
-    rows = [sort_digits_prompt(rng) for _ in range(16)]
+    rows = [sort_digits_prompt(rng) for _ in range(STEPS * PROMPTS)]
     path.write_text("".join(json.dumps({"id": f"r{i}", "prompt": r.text, "answer": r.answer}) + "\n"
                             for i, r in enumerate(rows)))
     return path
@@ -108,7 +109,7 @@ def python_run(prompt_file, tmp_path_factory):
 def test_a_python_reward_beside_the_job_file_scores_every_step(python_run):
     manifest, here, run_dir = python_run
     rows = read_metrics(run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
     calls = [json.loads(line) for line in (here / "calls.jsonl").read_text().splitlines()]
     values: dict[str, list[float]] = {}
     for c in calls:
@@ -119,6 +120,14 @@ def test_a_python_reward_beside_the_job_file_scores_every_step(python_run):
         assert row["reward_mean"] == pytest.approx(expected, abs=1e-9)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rollouts_consumed"] == STEPS * PROMPTS  # the failed batch was retried, nothing lost
+    assert_reward_rises(rows)
+
+
+def assert_reward_rises(rows: list[dict]) -> None:
+    """The user's reward is what the policy learns: its mean over the last 4 steps is well above the
+    first 4 (measured: 0.40 -> 0.60 on fresh prompts every step; step-to-step noise is about 0.05)."""
+    first, last = (sum(r["reward_mean"] for r in part) / len(part) for part in (rows[:4], rows[-4:]))
+    assert last > first + 0.1, [round(r["reward_mean"], 3) for r in rows]
 
 
 def test_a_reward_that_raises_is_logged_by_name_and_batch_and_retried(python_run):
@@ -126,7 +135,7 @@ def test_a_reward_that_raises_is_logged_by_name_and_batch_and_retried(python_run
     assert (here / "failed-once").exists()
     log = (run_dir / "generator-0.log").read_text()
     # how many prompts the failed fetch held depends on timing; the line names the reward, the batch, the cause
-    assert re.search(r"python reward my_reward:score raised on batch 0 \((\d) prompts: py-reward-p0-\d.*; \d+ "
+    assert re.search(r"python reward my_reward:score raised on batch 0 \((\d+) prompts: py-reward-p0-\d.*; \d+ "
                      r"completions\): RuntimeError: the judge is warming up -- the \1 prompts go back to the queue, "
                      r"retried in 1 s \(failure 1 in a row\)", log), log[-2000:]
 
@@ -152,6 +161,7 @@ def test_the_example_reward_server_gives_the_same_run(python_run, prompt_file, t
     for a, b in zip(got, expected):
         for key in ("reward_mean", "loss", "grad_norm"):
             assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-9), key
+    assert_reward_rises(got)
 
 
 def test_label_publishes_preference_pairs_once(tmp_path):
