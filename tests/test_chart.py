@@ -78,7 +78,7 @@ NAMESPACED_RULES = {
     ("", "persistentvolumeclaims"): APPLIED | {"delete"},
     ("", "services"): APPLIED,
     ("", "serviceaccounts"): APPLIED,
-    ("apps", "deployments"): APPLIED,
+    ("apps", "deployments"): APPLIED | {"delete"},  # a TBA searcher dropped from the spec
     ("batch", "jobs"): APPLIED | {"delete"},
     ("networking.k8s.io", "networkpolicies"): APPLIED,
     ("snapshot.storage.k8s.io", "volumesnapshots"): APPLIED | {"delete"},

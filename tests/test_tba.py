@@ -400,23 +400,15 @@ def test_the_finalizer_scales_every_group_to_zero():
 def test_a_searcher_dropped_from_the_spec_loses_its_deployment():
     import asyncio
 
-    from asyncrlhf_operator.children import prune_searchers
+    from asyncrlhf_operator.children import remove_searchers
 
-    def deployment(name: str, searcher: str | None, uid: str = OWNER.uid) -> dict:
-        labels = {**plan.selector(OWNER, "generator"), **({plan.SEARCHER_LABEL: searcher} if searcher else {})}
-        return {"metadata": {"name": name, "labels": labels, "ownerReferences": [{"uid": uid}]}}
+    def body(*names: str) -> dict:
+        return {"spec": {"generator": {"replicas": 4, "searchers": [{"name": n, "replicas": 1} for n in names]}}}
 
     kube = FakeKube({})
-    found = [deployment("demo-generator", None), deployment("demo-generator-fast", "fast"),
-             deployment("demo-generator-old", "old"), deployment("demo-generator-other", "x", uid="someone-else")]
-
-    async def listed(api_version, kind, namespace, labels):
-        assert (kind, namespace, labels) == ("Deployment", "team", plan.selector(OWNER, "generator"))
-        return found
-
-    kube.list = listed
-    wanted = {c["metadata"]["name"] for c in plan.desired_children(job(**TWO_GROUPS), OWNER, "nats://nats:4222")
-              if c["kind"] == "Deployment"}
-    assert "demo-generator-fast" in wanted and "demo-generator-old" not in wanted
-    assert asyncio.run(prune_searchers(kube, OWNER, wanted)) == ["demo-generator-old"]
-    assert kube.deleted == ["demo-generator-old"]  # the default group, a current searcher, another owner's: kept
+    assert asyncio.run(remove_searchers(kube, OWNER, body("fast", "slow", "old"), body("fast", "slower"))) == [
+        "old", "slow"]
+    assert kube.deleted == ["demo-generator-old", "demo-generator-slow"]  # kept: the default group and "fast"
+    kube.deleted.clear()
+    assert asyncio.run(remove_searchers(kube, OWNER, body("fast"), body("fast"))) == [] and not kube.deleted
+    assert asyncio.run(remove_searchers(kube, OWNER, None, body())) == []  # a body without searchers

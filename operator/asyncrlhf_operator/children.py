@@ -71,10 +71,7 @@ async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Op
     if admission is None:  # a finished job has given its quota back: nothing to ask Kueue
         admission = plan.OPEN if finished else \
             (await queueing.admission(ctx.kube, body, job, owner, ctx.config.nats_url)).gate
-    children = plan.desired_children(job, owner, ctx.config.nats_url, finished=finished, admission=admission)
-    if kinds is None or "Deployment" in kinds:
-        await prune_searchers(ctx.kube, owner, {c["metadata"]["name"] for c in children if c["kind"] == "Deployment"})
-    for child in children:
+    for child in plan.desired_children(job, owner, ctx.config.nats_url, finished=finished, admission=admission):
         if kinds is not None and child["kind"] not in kinds:
             continue
         if child["kind"] == "Job":
@@ -85,16 +82,19 @@ async def apply_children(ctx: Context, body, job: api.AsyncRLHFJob, *, kinds: Op
             await ctx.kube.apply(child)
 
 
-async def prune_searchers(kube: Kube, owner: plan.Owner, wanted: set[str]) -> list[str]:
-    """Delete the Deployments of TBA searchers the spec no longer names (removed or renamed): their
-    generators would keep their GPUs, go uncounted, and exit 2 at their next start. Only Deployments
-    this job controls and that carry the searcher label are touched."""
-    found = await kube.list("apps/v1", "Deployment", owner.namespace, plan.selector(owner, "generator"))
-    gone = [d["metadata"]["name"] for d in found
-            if plan.SEARCHER_LABEL in (d["metadata"].get("labels") or {}) and d["metadata"]["name"] not in wanted
-            and any(ref.get("uid") == owner.uid for ref in d["metadata"].get("ownerReferences") or [])]
+def searcher_names(body: Optional[Mapping[str, Any]]) -> set[str]:
+    """The TBA searcher groups a job body names (`spec.generator.searchers[].name`)."""
+    searchers = (((body or {}).get("spec") or {}).get("generator") or {}).get("searchers") or []
+    return {str(s["name"]) for s in searchers if isinstance(s, Mapping) and s.get("name")}
+
+
+async def remove_searchers(kube: Kube, owner: plan.Owner, old, new) -> list[str]:
+    """Delete the Deployments of the TBA searchers a spec change dropped (removed or renamed): their
+    generators would keep their GPUs, go uncounted, and exit 2 at their next start. From kopf's old
+    and new bodies (its last-handled state survives operator restarts), so nothing is listed."""
+    gone = sorted(searcher_names(old) - searcher_names(new))
     for name in gone:
-        await kube.delete("apps/v1", "Deployment", owner.namespace, name)
+        await kube.delete("apps/v1", "Deployment", owner.namespace, f"{plan.Names(owner.name).generator}-{name}")
     return gone
 
 

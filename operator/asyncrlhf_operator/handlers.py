@@ -31,7 +31,8 @@ from asyncrlhf.bus import JobBus
 
 from . import autoscaling, plan, queueing
 from .children import (
-    Context, apply_all, apply_children, bus_access, generators_status, now, owner_of, previous_status, stop_workloads,
+    Context, apply_all, apply_children, bus_access, generators_status, now, owner_of, previous_status,
+    remove_searchers, stop_workloads,
 )
 from .jetstream import job_bus
 from .kube import KubeError
@@ -144,6 +145,8 @@ async def reconcile(body, patch, memo: kopf.Memo, logger: logging.Logger, **_: A
 
 @instrumented("update")
 async def spec_changed(body, diff, patch, memo: kopf.Memo, logger: logging.Logger, **kwargs: Any) -> None:
+    if dropped := await remove_searchers(memo.ctx.kube, owner_of(body), kwargs.get("old"), kwargs.get("new")):
+        logger.info("deleted the Deployments of the searchers no longer in the spec: %s", ", ".join(dropped))
     paths = plan.changed_paths(diff)
     kinds = plan.kinds_for(paths)
     if kinds is None:
