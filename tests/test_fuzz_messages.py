@@ -143,3 +143,14 @@ def test_a_completion_with_one_log_prob_per_token_is_fine_and_the_error_says_why
     assert Completion(text="", token_ids=[], logprobs=[], eos=False, score=0.0).token_ids == []
     with pytest.raises(MessageError, match="2 token ids but 1 log-probs"):
         RolloutGroup.decode(_group(completions=[_completion(logprobs=[-0.1])]))
+
+
+def test_a_prompts_free_form_values_hold_no_infinities():
+    """A record column that is NaN (a dataset's missing value) or a peer's Infinity becomes None:
+    JSON has no such numbers, and the message must encode back to what it decoded from."""
+    columns = {"a": math.inf, "b": [1.0, math.nan], "c": {"d": -math.inf}}
+    wire = json.dumps({**sample(messages.Prompt), "columns": columns,
+                       "messages": [{"role": "user", "content": "x", "w": math.nan}]}, allow_nan=True).encode()
+    msg = messages.Prompt.decode(wire)
+    assert msg.columns == {"a": None, "b": [1.0, None], "c": {"d": None}} and msg.messages[0]["w"] is None
+    assert messages.Prompt.decode(msg.encode()) == msg

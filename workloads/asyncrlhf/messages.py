@@ -14,10 +14,11 @@ promptsPerStep, a version from the future) is for the reader, who knows the job.
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Annotated, Any, ClassVar, Optional, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
 # The largest values a valid job can produce (spec bounds: learner.totalSteps, learner.promptsPerStep,
@@ -74,6 +75,23 @@ class Prompt(Message):
     messages: Optional[list[dict[str, Any]]] = Field(
         None, description="The prompt as chat messages, when its record holds them (`text` is their plain form).")
     columns: dict[str, Any] = Field(default_factory=dict, description="The record's other columns, for rewards.")
+
+    @field_validator("messages", "columns")
+    @classmethod
+    def _missing_not_infinite(cls, value: Any) -> Any:
+        """Free-form record values: NaN/Infinity (a dataset's missing value, or a peer's) become None,
+        as JSON has no such numbers; what decodes then encodes back to itself."""
+        return _finite(value)
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_finite(v) for v in value]
+    return value
 
 
 class Completion(BaseModel):
