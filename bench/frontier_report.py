@@ -128,9 +128,13 @@ def markdown(report: dict, rows: list[dict]) -> str:
                    f"reference gold {t['reference_gold_mean']:.3f}")
     how = ("probed at N=0, seed 0, on " + ", ".join(f"{lr:g}" for lr in report["lr_grid"]) + "; best final gold"
            if report["lr_probes"] else "fixed on the command line, not probed")
-    out += ["", f"Learning rates ({how}): " + ", ".join(f"{k} {v:g}" for k, v in report["lrs"].items()), ""]
+    lrs = report["lrs"]  # {size: {loss: lr}}; a flat {loss: lr} in reports before the per-size probe
+    per_size = lrs if all(isinstance(v, dict) for v in lrs.values()) else {"every size": lrs}
+    out += ["", f"Learning rates ({how}): " + "; ".join(
+        f"{size}: " + ", ".join(f"{k} {v:g}" for k, v in chosen.items()) for size, chosen in per_size.items()), ""]
     for p in report["lr_probes"]:
-        out.append(f"- {p['loss']} lr {p['lr']:g}: gold {p['curve'][-1]['gold']:.3f}, KL {p['curve'][-1]['kl']:.2f}")
+        out.append(f"- {p['size']} {p['loss']} lr {p['lr']:g}: gold {p['curve'][-1]['gold']:.3f}, "
+                   f"KL {p['curve'][-1]['kl']:.2f}")
     out += ["", "## Final gold reward (mean ± 95% t-CI over seeds) [final KL]", ""]
     out += _table(rows, "default", lambda r: f"{fmt(r['gold'])} [{r['kl'][0]:.2f}]")
     out += ["", "## Final proxy reward (what training maximised) — proxy minus gold is the over-optimisation", ""]
@@ -142,6 +146,7 @@ def markdown(report: dict, rows: list[dict]) -> str:
     out += _table(rows, "default", lambda r: f"{fmt(r['gold_at_loss_matched_kl'])} @ {r['loss_matched_kl']:.2f}")
     out += ["", "## Welch t-test p-values on final gold: vs the same loss at N=0 / vs online DPO at the same N", ""]
     out += _table(rows, "default", lambda r: f"{fp(r['p_vs_N0'])} / {fp(r['p_vs_online_dpo'])}")
+    out += _robustness(report["runs"])
     ablation = [r for r in rows if r["switch"] != "default"]
     if ablation:
         out += ["", "## Ablation of the off-policy switches (proximal-rloo): final gold [KL], p vs default switch",
@@ -153,6 +158,32 @@ def markdown(report: dict, rows: list[dict]) -> str:
     return "\n".join(out) + "\n"
 
 
+def staleness_slope(runs: list[dict]) -> dict:
+    """OLS of final gold on log2(1 + N) over every (default-switch) run of a cell group: the slope (gold per
+    doubling of 1 + N), its 95% t interval and its two-sided p-value against 0; the larger (less negative)
+    the slope, the more robust the loss. nan with fewer than 3 runs or one N."""
+    xs = [math.log2(1 + r["n"]) for r in runs]
+    ys = [r["curve"][-1]["gold"] for r in runs]
+    if len(runs) < 3 or len(set(xs)) < 2:
+        return {"slope": math.nan, "half": math.nan, "p": math.nan, "runs": len(runs)}
+    fit = stats.linregress(xs, ys)
+    half = float(stats.t.ppf(0.975, len(runs) - 2)) * fit.stderr
+    return {"slope": float(fit.slope), "half": half, "p": float(fit.pvalue), "runs": len(runs)}
+
+
+def _robustness(runs: list[dict]) -> list[str]:
+    groups: dict = {}
+    for r in runs:
+        if r["switch"] == "default":
+            groups.setdefault((r["size"], r["loss"]), []).append(r)
+    out = ["", "## Robustness: slope of final gold on log2(1 + N) (per doubling of 1 + N; 95% t-CI; p vs 0)", "",
+           "| size | loss | slope | p | runs |", "|---|---|---|---|---|"]
+    for (size, loss), rs in groups.items():
+        s = staleness_slope(rs)
+        out.append(f"| {size} | {loss} | {fmt((s['slope'], s['half']))} | {fp(s['p'])} | {s['runs']} |")
+    return out
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -160,11 +191,17 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     grouped = cells(report["runs"])
-    panels = list(dict.fromkeys((s, loss, False) for s, loss, _, _ in grouped))
-    panels += list(dict.fromkeys((s, loss, True) for s, loss, switch, _ in grouped if switch != "default"))
+    sizes = list(dict.fromkeys(s for s, _, _, _ in grouped))  # one row of panels per model size
+    rows = [list(dict.fromkeys((s, loss, False) for s, loss, _, _ in grouped if s == size))
+            + list(dict.fromkeys((s, loss, True) for s, loss, switch, _ in grouped if switch != "default" and s == size))
+            for size in sizes]
     ablated = {n for _, _, switch, n in grouped if switch != "default"}
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.8), squeeze=False)
-    for ax, (size, loss, switches) in zip(axes[0], panels):
+    width = max(len(r) for r in rows)
+    fig, axes = plt.subplots(len(rows), width, figsize=(4.2 * width, 3.8 * len(rows)), squeeze=False)
+    for ax in axes.flat:
+        ax.set_visible(False)
+    for ax, (size, loss, switches) in ((axes[i][j], panel) for i, r in enumerate(rows) for j, panel in enumerate(r)):
+        ax.set_visible(True)
         keys = sorted(k for k in grouped if k[:2] == (size, loss)
                       and ((k[2] != "default" or k[3] in ablated) if switches else k[2] == "default"))
         for i, key in enumerate(keys):

@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from frontier_report import ci, gold_at_kl, welch_p  # noqa: E402
+from frontier_report import ci, gold_at_kl, staleness_slope, welch_p  # noqa: E402
 
 
 def test_ci_is_the_t_interval():
@@ -36,11 +36,42 @@ def test_gold_at_matched_kl_interpolates_at_the_first_crossing():
     assert math.isnan(gold_at_kl(curve, 4.0))  # never reached
 
 
+def test_staleness_slope_is_the_least_squares_slope_on_log2_one_plus_n():
+    def run(n, gold):
+        return {"n": n, "curve": [{"gold": gold}]}
+
+    # x = log2(1 + N) = 0, 0, 1, 1, 2, 2 for N = 0, 0, 1, 1, 3, 3; y = 0.5, 0.7, 0.4, 0.6, 0.3, 0.5
+    # mean x 1, mean y 0.5; Sxy = (-1)(0 + 0.2) + 0 + (1)(-0.2 + 0) = -0.4; Sxx = 4: slope -0.1
+    # fitted 0.6, 0.6, 0.5, 0.5, 0.4, 0.4 -> residuals -.1, .1, -.1, .1, -.1, .1
+    # SSR 0.06, s^2 = 0.06 / 4 = 0.015, se = sqrt(0.015 / 4) = 0.061237; t = -1.63299, df 4: p = 0.17781
+    got = staleness_slope([run(0, 0.5), run(0, 0.7), run(1, 0.4), run(1, 0.6), run(3, 0.3), run(3, 0.5)])
+    assert got["slope"] == pytest.approx(-0.1)
+    assert got["half"] == pytest.approx(2.7764451 * 0.0612372, rel=1e-5)  # t_{0.975, 4} x se
+    assert got["p"] == pytest.approx(0.17781, abs=1e-4)
+    assert got["runs"] == 6
+    assert math.isnan(staleness_slope([run(0, 0.5), run(0, 0.6), run(0, 0.7)])["slope"])  # one N: no slope
+
+
 @pytest.mark.slow
 def test_quick_frontier_run(tmp_path):
     import frontier
+    from frontier_task import Task
 
-    assert frontier.main(["--quick", "--out-dir", str(tmp_path), "--name", "fq"]) == 0
+    # two worker processes; every finished run goes to the partial file
+    assert frontier.main(["--quick", "--jobs", "2", "--out-dir", str(tmp_path), "--name", "fq"]) == 0
+    partial = (tmp_path / "fq.partial.jsonl").read_text().splitlines()
+    grid = frontier.GRIDS["quick"]
+    assert len(partial) == len(grid.losses) * len(grid.staleness) * len(grid.seeds) + 2 * len(grid.seeds)
+    # a run's numbers do not depend on the process it ran in: a pool run equals the same run here
+    pooled = json.loads(partial[0])["row"]
+    spec = frontier.RunSpec(pooled["loss"], pooled["n"], pooled["seed"], pooled["size"], pooled["lr"],
+                            pooled["switch"])
+    assert frontier.train(spec, grid, Task.build("tiny"))["curve"] == pooled["curve"]
+    # --resume runs nothing that finished: the same report from the partial file alone
+    first = json.loads((tmp_path / "fq.json").read_text())
+    assert frontier.main(["--quick", "--resume", "--out-dir", str(tmp_path), "--name", "fq"]) == 0
+    assert len((tmp_path / "fq.partial.jsonl").read_text().splitlines()) == len(partial)
+    assert json.loads((tmp_path / "fq.json").read_text())["runs"] == first["runs"]
     report = json.loads((tmp_path / "fq.json").read_text())
     runs = report["runs"]
     grid = frontier.GRIDS["quick"]
@@ -58,4 +89,5 @@ def test_quick_frontier_run(tmp_path):
     assert all(math.isfinite(r["gold"][1]) for r in rows)  # two seeds: a confidence interval
     md = (tmp_path / "fq.md").read_text()
     assert "Gold reward at matched KL" in md and "Ablation of the off-policy switches" in md
+    assert "Robustness: slope of final gold" in md
     assert (tmp_path / "fq.png").stat().st_size > 10_000
