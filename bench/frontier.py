@@ -49,6 +49,7 @@ from frontier_task import Task, evaluate, rollout_batch  # noqa: E402
 RESULTS = ROOT / "bench" / "results"
 BETA = 0.1  # the KL coefficient of every loss (DPO's beta, the KL penalty's c_KL)
 LR_GRID = (1e-5, 3e-5, 1e-4, 3e-4, 1e-3)
+EDGE_STEPS = 2  # x3 steps the probe may add beyond LR_GRID's edges
 # the off-policy switches ablated (docs/algorithms.md § Off-policy switches), on proximal-rloo
 SWITCHES = {
     "default": {},
@@ -155,19 +156,30 @@ def _finite(x: float) -> bool:
 
 
 def probe_lrs(grid: Grid, execute, log) -> tuple[dict, list]:
-    """Each size's lr per loss: the grid value with the best final gold reward at N = 0 (seed 0)."""
+    """Each size's lr per loss: the value with the best final gold reward at N = 0 (seed 0), on LR_GRID
+    widened one x3 step at a time (at most EDGE_STEPS) while the best sits at the probed range's edge."""
     if not grid.lr_probe:
         return {size: dict(grid.lrs) for size in grid.sizes}, []
-    runs = [RunSpec(loss, 0, 0, size, lr) for size in grid.sizes for loss in grid.losses for lr in LR_GRID]
-    done = execute(runs)
+    tried = {(size, loss): list(LR_GRID) for size in grid.sizes for loss in grid.losses}
+    for round_ in range(EDGE_STEPS + 1):
+        done = execute([RunSpec(loss, 0, 0, size, lr) for (size, loss), lrs in tried.items() for lr in lrs])
+        best = {key: max(lrs, key=lambda lr: done[RunSpec(key[1], 0, 0, key[0], lr)]["curve"][-1]["gold"])
+                for key, lrs in tried.items()}
+        widen = {key: (lr * 3 if lr == max(tried[key]) else lr / 3) for key, lr in best.items()
+                 if lr in (min(tried[key]), max(tried[key]))}
+        if not widen or round_ == EDGE_STEPS:
+            break
+        for key, lr in widen.items():
+            log(f"probe {key[0]} {key[1]}: best lr {best[key]:g} is at the probed edge, adding {lr:.3g}")
+            tried[key] = sorted({*tried[key], float(f"{lr:.3g}")})
     chosen: dict = {}
-    for run in runs:
-        final = done[run]["curve"][-1]
-        log(f"probe {run.size} {run.loss} lr {run.lr:g}: gold {final['gold']:.3f} KL {final['kl']:.2f}")
-        best = chosen.setdefault(run.size, {}).get(run.loss)
-        if best is None or final["gold"] > done[RunSpec(run.loss, 0, 0, run.size, best)]["curve"][-1]["gold"]:
-            chosen[run.size][run.loss] = run.lr
-    return chosen, [done[run] for run in runs]
+    for (size, loss), lr in best.items():
+        chosen.setdefault(size, {})[loss] = lr
+    probes = [done[RunSpec(loss, 0, 0, size, lr)] for (size, loss), lrs in tried.items() for lr in lrs]
+    for p in probes:
+        log(f"probe {p['size']} {p['loss']} lr {p['lr']:g}: gold {p['curve'][-1]['gold']:.3f} "
+            f"KL {p['curve'][-1]['kl']:.2f}")
+    return chosen, probes
 
 
 def planned_runs(grid: Grid, lrs: dict) -> list[RunSpec]:

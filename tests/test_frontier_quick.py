@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import sys
@@ -50,6 +51,26 @@ def test_staleness_slope_is_the_least_squares_slope_on_log2_one_plus_n():
     assert got["p"] == pytest.approx(0.17781, abs=1e-4)
     assert got["runs"] == 6
     assert math.isnan(staleness_slope([run(0, 0.5), run(0, 0.6), run(0, 0.7)])["slope"])  # one N: no slope
+
+
+def test_the_lr_probe_widens_past_an_edge_until_the_best_is_inside():
+    import frontier
+
+    peak = {"ppo": 3e-3, "online-dpo": 3e-5}  # gold falls with the distance from the peak, in log lr
+
+    def execute(runs):
+        calls.append(sorted(r.lr for r in runs if r.loss == "ppo"))
+        return {r: {"size": r.size, "loss": r.loss, "lr": r.lr,
+                    "curve": [{"gold": -abs(math.log(r.lr / peak[r.loss])), "kl": 0.0}]} for r in runs}
+
+    calls: list = []
+    grid = dataclasses.replace(frontier.GRIDS["small"], losses=("ppo", "online-dpo"), sizes=("tiny",))
+    chosen, probes = frontier.probe_lrs(grid, execute, lambda msg: None)
+    assert chosen == {"tiny": {"ppo": 3e-3, "online-dpo": 3e-5}}
+    # ppo: 1e-3 is the grid's top edge -> 3e-3 added; 3e-3 is again the top -> 9e-3 added; then inside
+    assert calls[0] == list(frontier.LR_GRID) and calls[-1] == [*frontier.LR_GRID, 3e-3, 9e-3]
+    assert len(calls) == 3
+    assert {p["lr"] for p in probes if p["loss"] == "online-dpo"} == set(frontier.LR_GRID)  # never widened
 
 
 @pytest.mark.slow
