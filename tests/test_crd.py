@@ -104,14 +104,37 @@ def schema_errors(manifest: dict[str, Any]) -> list[str]:
 _CEL = celpy.Environment()
 
 
+def _cel_sum(items: celpy.celtypes.ListType):
+    """`list.sum()` of the Kubernetes CEL list library, which cel-python lacks: numbers only, and an
+    empty list sums to the int 0, as in Kubernetes."""
+    if not items:
+        return celpy.celtypes.IntType(0)
+    return type(items[0])(sum(items[1:], items[0]))  # the elements' CEL type (an int list sums to an int)
+
+
+# the Kubernetes CEL library functions the CRD's rules use, emulated
+KUBERNETES_FUNCTIONS = {"sum": _cel_sum}
+
+
+def cel_program(rule: str):
+    return _CEL.program(_CEL.compile(rule), functions=KUBERNETES_FUNCTIONS)
+
+
+@pytest.mark.parametrize("expression,expected", [
+    ("[1, 3].sum()", 4), ("[].sum()", 0), ("[1.5, 3.0].sum()", 4.5), ("[{'r': 2}, {'r': 5}].map(x, x.r).sum()", 7),
+])
+def test_the_emulated_list_sum_sums_as_kubernetes_does(expression, expected):
+    result = cel_program(expression).evaluate({})
+    assert result == expected and type(result) is type(celpy.json_to_cel(expected))
+
+
 def cel_failures(manifest: dict[str, Any]) -> list[str]:
     """fieldPaths of the spec's x-kubernetes-validations that fail (or error) on the manifest."""
     schema = crd.spec_schema()
     spec = apply_defaults(schema, copy.deepcopy(manifest)).get("spec", {})
     failed = []
     for rule in schema["properties"]["spec"]["x-kubernetes-validations"]:
-        program = _CEL.program(_CEL.compile(rule["rule"]))
-        result = program.evaluate({"self": celpy.json_to_cel(spec)})
+        result = cel_program(rule["rule"]).evaluate({"self": celpy.json_to_cel(spec)})
         if isinstance(result, celpy.CELEvalError) or not bool(result):
             failed.append(rule["fieldPath"])
     return failed
@@ -307,6 +330,18 @@ CROSS_FIELD = [
     ("reward model unnamed", manifest(task={"reward": {"kind": "model"}}), ".task.reward.model"),
     ("offload on torch", manifest(learner={"offload": True}), ".learner.offload"),
     ("offload on deepspeed", manifest(learner={"offload": True, "backend": "deepspeed"}), None),
+    # the TBA searchers (GeneratorSpec._check_searchers): unique names, carved out of replicas, no autoscale
+    ("searcher names repeated", manifest(generator={"replicas": 4, "searchers": [{"name": "a"}, {"name": "a"}]}),
+     ".generator.searchers"),
+    ("searcher names distinct", manifest(generator={"replicas": 4, "searchers": [
+        {"name": "a"}, {"name": "b"}, {"name": "c", "replicas": 2}]}), None),
+    ("searchers beyond replicas", manifest(generator={"replicas": 3, "searchers": [
+        {"name": "a", "replicas": 2}, {"name": "b", "replicas": 2}]}), ".generator.searchers"),
+    ("searchers are all the replicas", manifest(generator={"replicas": 4, "searchers": [
+        {"name": "a", "replicas": 2}, {"name": "b", "replicas": 2}]}), None),
+    ("searchers with autoscale", manifest(generator={"searchers": [{"name": "a"}], "autoscale": {"enabled": True}}),
+     ".generator.searchers"),
+    ("autoscale without searchers", manifest(generator={"autoscale": {"enabled": True}}), None),
 ]
 
 
@@ -338,7 +373,7 @@ def test_immutable_fields_have_a_transition_rule_that_rejects_a_change(path, old
     rules = _node(crd.spec_schema(), path)["x-kubernetes-validations"]
     [rule] = [r for r in rules if "oldSelf" in r["rule"]]
     assert rule["message"].startswith(f"spec.{path} is immutable")
-    program = _CEL.program(_CEL.compile(rule["rule"]))
+    program = cel_program(rule["rule"])
 
     def passes(before, after) -> bool:
         return bool(program.evaluate({"self": celpy.json_to_cel(after), "oldSelf": celpy.json_to_cel(before)}))

@@ -74,6 +74,32 @@ OFF_POLICY_RULES = [
     ),
 ]
 
+# The TBA searchers (generator.searchers): GeneratorSpec._check_searchers refuses these first, with the
+# values in its message; these are its twins for the apiserver, worded alike. searchers has
+# maxItems 16 (processes.py), which bounds the CEL cost of the pairwise name check (16 x 16).
+SEARCHER_RULES = [
+    CrossFieldRule(
+        "generator.searchers",
+        "self.generator.searchers.all(a, self.generator.searchers.exists_one(b, b.name == a.name))",
+        "names must be unique",
+        lambda s: len({g.name for g in s.generator.searchers}) == len(s.generator.searchers),
+    ),
+    CrossFieldRule(  # list.sum(): the Kubernetes CEL list library (1.24+; the chart needs 1.29, Chart.yaml)
+        "generator.searchers",
+        "self.generator.searchers.map(g, g.replicas).sum() <= self.generator.replicas",
+        "their replicas add up to more than generator.replicas; the searchers are part "
+        "of replicas, raise it to at least their sum",
+        lambda s: sum(g.replicas for g in s.generator.searchers) <= s.generator.replicas,
+    ),
+    CrossFieldRule(
+        "generator.searchers",
+        "size(self.generator.searchers) == 0 || !self.generator.autoscale.enabled",
+        "generator.searchers and generator.autoscale cannot be combined (the autoscaler would resize the "
+        "groups' shares): remove one of them",
+        lambda s: not s.generator.searchers or not s.generator.autoscale.enabled,
+    ),
+]
+
 # Each rule is written twice by necessity — once in CEL for the apiserver, once in Python —
 # and kept side by side so they cannot drift; tests/test_crd.py::test_cel_rules_agree_with_pydantic
 # checks both agree.
@@ -266,4 +292,5 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
         lambda s: all(g.sync_every * s.weight_sync.every_steps - 1 <= s.async_.effective_staleness
                       for g in s.generator.searchers),
     ),
+    *SEARCHER_RULES,
 ]
