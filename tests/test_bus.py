@@ -201,3 +201,25 @@ def test_publish_all_keeps_a_bounded_number_in_flight_and_reports_each_stored_me
                                                                    for m in ("a", "bad", "c")])
         await nc.close()
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("as_path", [False, True])
+async def test_embedded_nats_takes_a_config_and_extra_arguments(tmp_path, as_path):
+    """The config file's settings and the extra arguments reach the server; JetStream, the store
+    and the port still come from the command line; a given store is left in place."""
+    config = "max_payload: 123456\n"
+    if as_path:
+        config = tmp_path / "mine.conf"
+        config.write_text("max_payload: 123456\n")
+    store = tmp_path / "store"
+    with EmbeddedNats(store, config=config, extra_args=["--user", "u", "--pass", "p"]) as srv:
+        with pytest.raises(nats.errors.Error, match="[Aa]uthorization"):
+            await nats.connect(srv.url, allow_reconnect=False, max_reconnect_attempts=0, connect_timeout=3)
+        nc = await nats.connect(srv.url, user="u", password="p", allow_reconnect=False)
+        try:
+            assert nc.max_payload == 123456
+            await ensure_job_resources(nc.jetstream(), JobBus("test", "opts"), 1 << 20, 30.0)
+        finally:
+            await nc.close()
+    assert (store / "jetstream").is_dir() and (store / "nats-server.log").exists()
+    assert (store / "nats.conf").exists() != as_path

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import socket
 import subprocess
 import sys
 import time
@@ -38,7 +37,7 @@ from kopf.testing import KopfRunner
 
 import kmock
 from asyncrlhf import api, workload_env
-from asyncrlhf.bus import JobBus, free_port, nats_server_binary
+from asyncrlhf.bus import EmbeddedNats, JobBus
 from asyncrlhf_operator.handlers import build_registry
 from asyncrlhf_operator.settings import OperatorConfig
 from helm_tools import ToolUnavailable, kubectl_binary
@@ -92,44 +91,13 @@ class KubeApi(ApiThread):
             await self._stop.wait()
 
 
-class AuthNats:
+def auth_nats(store: Path) -> EmbeddedNats:
     """A real nats-server with JetStream that requires a user and password, like the chart's."""
-
-    def __init__(self, store: Path) -> None:
-        self.port, self.store = free_port(), store
-
-    @property
-    def url(self) -> str:
-        return f"nats://127.0.0.1:{self.port}"
-
-    def __enter__(self) -> "AuthNats":
-        self.store.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.store / "nats-server.log", "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-js", "-sd", str(self.store), "-p", str(self.port),
-                                      "-a", "127.0.0.1", "--user", NATS_USER, "--pass", NATS_PASSWORD],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, "nats-server exited"
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return self
-            except OSError:
-                time.sleep(0.05)
-        raise AssertionError("nats-server did not listen")
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
+    return EmbeddedNats(store, extra_args=["--user", NATS_USER, "--pass", NATS_PASSWORD])
 
 
 class Cluster:
-    def __init__(self, kube: KubeApi, bus: AuthNats, kubelet: Kubelet, kubeconfig: Path) -> None:
+    def __init__(self, kube: KubeApi, bus: EmbeddedNats, kubelet: Kubelet, kubeconfig: Path) -> None:
         self.kube, self.bus, self.kubelet, self.kubeconfig = kube, bus, kubelet, kubeconfig
 
     def kubectl(self, *args: str, stdin: Optional[str] = None) -> str:
@@ -191,7 +159,7 @@ class Cluster:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     root = tmp_path_factory.mktemp("kubelet")
-    with AuthNats(root / "nats") as bus, KubeApi() as kube:
+    with auth_nats(root / "nats") as bus, KubeApi() as kube:
         kubeconfig = root / "kubeconfig"
         kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",

@@ -24,13 +24,13 @@ import pytest
 from kopf.testing import KopfRunner
 
 from asyncrlhf import workload_env
-from asyncrlhf.bus import JobBus, free_port
+from asyncrlhf.bus import EmbeddedNats, JobBus, free_port
 from asyncrlhf_operator import natsauth
 from asyncrlhf_operator.handlers import build_registry
 from asyncrlhf_operator.settings import OperatorConfig
 from kubelet import Kubelet
 from test_kubelet import CR, NS, KubeApi, manifest, show
-from test_natsauth import Server, certificates
+from test_natsauth import certificates
 
 pytestmark = [pytest.mark.kubelet, pytest.mark.slow]
 NAME, STEPS = "tiny-creds", 2
@@ -64,7 +64,7 @@ def test_the_operator_mints_the_jobs_creds_and_the_job_trains_with_them(tmp_path
                                        f' key_file: "{certs["server.key"]}" }}\n')
     job = manifest(NAME, STEPS, model={"cache": {"size": "1Gi"}})  # one claim: the tiny model is built once
     del job["spec"]["nats"]["credentialsSecret"]  # the operator's bus, the operator's user for the job
-    with Server(tmp_path / "nats", config) as bus, KubeApi() as kube:
+    with EmbeddedNats(tmp_path / "nats", config=config) as bus, KubeApi() as kube:
         kubeconfig = tmp_path / "kubeconfig"
         kubeconfig.write_text(json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "kmock",

@@ -14,8 +14,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import subprocess
-import time
 from pathlib import Path
 
 import nats
@@ -24,8 +22,8 @@ from nats.aio.client import RawCredentials
 
 from asyncrlhf import workload_env
 from asyncrlhf.bus import (
-    DEAD, PROMPTS, ROLLOUTS, WEIGHTS, JobBus, StreamWatch, connect, dead_letter, ensure_job_resources, free_port,
-    latest_weights, nats_server_binary, publish, tls_context,
+    DEAD, PROMPTS, ROLLOUTS, WEIGHTS, EmbeddedNats, JobBus, StreamWatch, connect, dead_letter, ensure_job_resources,
+    latest_weights, publish, tls_context,
 )
 from asyncrlhf.kv import LEARNER_KEY, JobKV, generator_key
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress, WeightsAnnouncement
@@ -35,37 +33,6 @@ A, B = JobBus("team-a", "sort"), JobBus("team-b", "sort")
 DENIED = 0.5  # seconds a request to a subject the user may not publish to is given (no reply comes)
 
 
-class Server:
-    """A real nats-server with JetStream from a config file (JWT or TLS mode)."""
-
-    def __init__(self, root: Path, config: str, scheme: str = "nats") -> None:
-        self.root, self.port = root, free_port()
-        self.url = f"{scheme}://127.0.0.1:{self.port}"
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "nats.conf").write_text(f"listen: 127.0.0.1:{self.port}\njetstream {{ store_dir: \"{root / 'js'}\" }}\n"
-                                        + config)
-
-    def __enter__(self) -> "Server":
-        self.log = open(self.root / "nats-server.log", "ab")
-        self.proc = subprocess.Popen([nats_server_binary(), "-c", str(self.root / "nats.conf")],
-                                     stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 20
-        while "Server is ready" not in (self.root / "nats-server.log").read_text():
-            assert self.proc.poll() is None, (self.root / "nats-server.log").read_text()
-            assert time.monotonic() < deadline, "nats-server did not start"
-            time.sleep(0.05)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
 @pytest.fixture(scope="module")
 def keys() -> natsauth.Bootstrap:
     return natsauth.bootstrap("test")
@@ -73,7 +40,7 @@ def keys() -> natsauth.Bootstrap:
 
 @pytest.fixture(scope="module")
 def jwt_server(tmp_path_factory, keys):
-    with Server(tmp_path_factory.mktemp("jwt"), keys.resolver_config()) as server:
+    with EmbeddedNats(tmp_path_factory.mktemp("jwt"), config=keys.resolver_config()) as server:
         yield server
 
 
@@ -291,7 +258,7 @@ def certificates(root: Path) -> dict[str, Path]:
 async def test_a_bus_connection_through_tls(tmp_path, monkeypatch):
     certs = certificates(tmp_path)
     config = f'tls {{ cert_file: "{certs["server"]}"\n key_file: "{certs["server.key"]}" }}\n'
-    with Server(tmp_path / "nats", config) as server:
+    with EmbeddedNats(tmp_path / "nats", config=config) as server:
         monkeypatch.setenv(workload_env.NATS_TLS_CA, str(certs["ca"]))
         nc = await connect(server.url)  # a pod: the CA from its mounted Secret
         try:
@@ -368,7 +335,7 @@ async def test_mutual_tls_with_the_client_certificate_from_the_pods_files_or_the
     certs = certificates(tmp_path)
     config = (f'tls {{ cert_file: "{certs["server"]}"\n key_file: "{certs["server.key"]}"\n'
               f' ca_file: "{certs["ca"]}"\n verify: true }}\n')
-    with Server(tmp_path / "nats", config) as server:
+    with EmbeddedNats(tmp_path / "nats", config=config) as server:
         with pytest.raises(Exception):  # the CA alone is not enough: the server wants a client certificate
             await nats.connect(server.url, tls=tls_context(str(certs["ca"])), max_reconnect_attempts=0,
                                allow_reconnect=False, connect_timeout=3)

@@ -331,22 +331,41 @@ def nats_server_binary() -> str:
 
 
 class EmbeddedNats:
-    """A real nats-server with JetStream on 127.0.0.1, a free port and a temporary store."""
+    """A real nats-server with JetStream on 127.0.0.1, a free port and a temporary store.
 
-    def __init__(self, store_dir: Optional[str] = None, port: Optional[int] = None) -> None:
+    `config`: a nats-server configuration (its text, written to `<store_dir>/nats.conf`, or a Path
+    to a file) passed with `-c`; `extra_args` go at the end of the command line (`--user U --pass P`).
+    JetStream, its store, the port and the address are always given on the command line, which
+    takes precedence over the file. Readiness is a TCP connect to the port (it works for TLS too).
+    """
+
+    def __init__(self, store_dir: Optional[str | Path] = None, port: Optional[int] = None, *,
+                 config: Optional[str | Path] = None, extra_args: Iterable[str] = ()) -> None:
         self._own_store = store_dir is None
-        self.store_dir = store_dir or tempfile.mkdtemp(prefix="asyncrlhf-nats-")
+        self.store_dir = os.fspath(store_dir) if store_dir is not None else tempfile.mkdtemp(prefix="asyncrlhf-nats-")
         self.port = port or free_port()
+        self.config, self.extra_args = config, list(extra_args)
         self.proc: Optional[subprocess.Popen] = None
 
     @property
     def url(self) -> str:
         return f"nats://127.0.0.1:{self.port}"
 
-    def start(self, timeout: float = 20.0) -> "EmbeddedNats":
+    def command(self) -> list[str]:
         cmd = [nats_server_binary(), "-js", "-sd", self.store_dir, "-p", str(self.port), "-a", "127.0.0.1"]
-        log = open(os.path.join(self.store_dir, "nats-server.log"), "ab")
-        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+        if isinstance(self.config, str):
+            conf = Path(self.store_dir) / "nats.conf"
+            conf.write_text(self.config)
+            cmd += ["-c", str(conf)]
+        elif self.config is not None:
+            cmd += ["-c", os.fspath(self.config)]
+        return cmd + self.extra_args
+
+    def start(self, timeout: float = 20.0) -> "EmbeddedNats":
+        os.makedirs(self.store_dir, exist_ok=True)
+        cmd = self.command()
+        with open(os.path.join(self.store_dir, "nats-server.log"), "ab") as log:  # the server keeps its own fd
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -356,6 +375,7 @@ class EmbeddedNats:
                     return self
             except OSError:
                 time.sleep(0.05)
+        self.stop()  # a `with` whose __enter__ raised never calls __exit__
         raise RuntimeError(f"nats-server did not listen on port {self.port} within {timeout} s")
 
     def stop(self) -> None:
