@@ -73,9 +73,15 @@ def fixed_rollouts(model_path: str, batches: int, seed: int = 0) -> list[list[Ro
     return out
 
 
-def train_spec(loss: str, stage: int, backend: str = "deepspeed") -> JobSpec:
+# algorithm.oldLogprobs: pi_old from the rollouts (behaviour) or recomputed by the learner at the start of
+# each step (learner: on DeepSpeed each rank's forward over its share, gathered across ranks), with the
+# truncated importance weight min(pi_old / pi_behaviour, cap) the learner switch allows
+OLD_LOGPROBS = {"behaviour": {}, "learner": {"oldLogprobs": "learner", "importanceCap": 2.0}}
+
+
+def train_spec(loss: str, stage: int, backend: str = "deepspeed", old_logprobs: str = "behaviour") -> JobSpec:
     return JobSpec.model_validate({
-        "algorithm": {"loss": loss, "samplesPerPrompt": K},
+        "algorithm": {"loss": loss, "samplesPerPrompt": K, **OLD_LOGPROBS[old_logprobs]},
         "learner": {"backend": backend, "zeroStage": stage, "promptsPerStep": GROUPS, "microBatchSize": K,
                     "optimizer": {"lr": 3e-3, "maxGradNorm": 1.0}},
     })
@@ -247,7 +253,9 @@ def test_commands_round_trip_without_pickle():
 
 # --- DeepSpeed on 2 processes against one torch process ----------------------------------
 
-RUNS = (("grpo", 2), ("ppo", 3))  # ZeRO-2 and ZeRO-3, one launch (process start-up is the cost)
+# ZeRO-2, ZeRO-3 and ZeRO-1 with pi_old recomputed by the learner (one run per stage: results are keyed by
+# it), in one launch (process start-up is the cost)
+RUNS = (("grpo", 2, "behaviour"), ("ppo", 3, "behaviour"), ("proximal-rloo", 1, "learner"))
 
 
 @pytest.fixture(scope="module")
@@ -255,13 +263,13 @@ def deepspeed_runs(tmp_path_factory) -> dict[int, dict]:
     """Train with DeepSpeed on 2 processes (torchrun running this file), once for the module."""
     out = tmp_path_factory.mktemp("deepspeed")
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    runs = [x for loss, stage in RUNS for x in (loss, str(stage))]
+    runs = [x for loss, stage, old_logprobs in RUNS for x in (loss, str(stage), old_logprobs)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), __file__, str(out), *runs]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     return {stage: json.loads((out / f"zero{stage}" / "result.json").read_text()) | {"dir": out / f"zero{stage}"}
-            for _, stage in RUNS}
+            for _, stage, _ in RUNS}
 
 
 def torch_reference(spec: JobSpec, path: str, batches: list[list[RolloutGroup]]):
@@ -277,13 +285,14 @@ def assert_close_weights(actual: dict, expected: dict, atol: float) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("loss,stage", RUNS)
-def test_deepspeed_on_two_processes_matches_one_torch_process(deepspeed_runs, loss, stage):
+@pytest.mark.parametrize("loss,stage,old_logprobs", RUNS)
+def test_deepspeed_on_two_processes_matches_one_torch_process(deepspeed_runs, loss, stage, old_logprobs):
     result, out = deepspeed_runs[stage], deepspeed_runs[stage]["dir"]
     assert result["partitioned_at_load"] == (stage == 3)  # ZeRO-3 loads the policy under zero.Init
     path = resolve_model("builtin:tiny-sort")
     batches = fixed_rollouts(path, STEPS + 1)
-    backend, expected = torch_reference(train_spec(loss, stage, "torch"), path, batches)
+    spec = train_spec(loss, stage, "torch", old_logprobs)
+    backend, expected = torch_reference(spec, path, batches)
 
     for got, want in zip(result["metrics"], expected, strict=True):
         for name in ("loss", "kl", "grad_norm"):
@@ -295,7 +304,7 @@ def test_deepspeed_on_two_processes_matches_one_torch_process(deepspeed_runs, lo
     assert result["resumed_metrics"] == pytest.approx(result["metrics"][-1], rel=1e-6, abs=1e-9)
     assert_close_weights(load_snapshot_state(out / "snapshots" / f"v{STEPS + 2}"), after, 1e-7)
     # ... and the same files resume the single-process torch backend (no pickle, any number of ranks)
-    other = TorchBackend(train_spec(loss, stage, "torch"), path, path)
+    other = TorchBackend(spec, path, path)
     other.load_weights(out / "snapshots" / f"v{STEPS}")
     other.load_state(out / "checkpoint")
     last = other.train_step(to_batch(batches[STEPS], other.pad_id), STEPS)
@@ -428,13 +437,13 @@ def test_two_generators_and_a_two_process_learner_survive_a_generator_and_a_lear
 # --- the worker (torchrun runs this file) ------------------------------------------------
 
 
-def worker(out: Path, loss: str, stage: int) -> None:
+def worker(out: Path, loss: str, stage: int, old_logprobs: str) -> None:
     """Rank 0 drives the backend as the Learner does (through Leader), rank 1 follows; twice: the
     second time a fresh engine resumes from the first one's checkpoint."""
     from asyncrlhf.backends import follower_main, make_backend, release_followers
     from asyncrlhf.snapshots import write_snapshot
 
-    spec = train_spec(loss, stage)
+    spec = train_spec(loss, stage, old_logprobs=old_logprobs)
     if int(os.environ["RANK"]) > 0:
         follower_main(spec)
         follower_main(spec)
@@ -469,8 +478,8 @@ def worker(out: Path, loss: str, stage: int) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     root, runs = Path(sys.argv[1]), sys.argv[2:]
-    for loss, stage in zip(runs[::2], runs[1::2]):
-        worker(root / f"zero{stage}", loss, int(stage))
+    for loss, stage, old_logprobs in zip(runs[::3], runs[1::3], runs[2::3]):
+        worker(root / f"zero{stage}", loss, int(stage), old_logprobs)
 
 
 async def _add_a_generator_after(run: LocalRun, after_step: int) -> tuple[object, int]:
