@@ -189,6 +189,14 @@ def test_a_local_run_serves_metrics_that_follow_training(tmp_path, monkeypatch):
     step = last_learner["asyncrlhf_learner_step"]
     assert 2 * 4 * (step - 1) <= last_learner["asyncrlhf_learner_samples_total"] <= 2 * 4 * step
     assert last_learner["asyncrlhf_learner_rollout_wait_seconds_total"] > 0
+    # the newest snapshot's bytes: every snapshot of a full model weighs the same but for the version
+    # digits in its manifest (the scrape saw an earlier one than the volume's newest now)
+    from asyncrlhf.publishing import tree_bytes
+    from asyncrlhf.snapshots import list_versions, snapshot_dir
+
+    newest = tree_bytes(snapshot_dir(run.volume, list_versions(run.volume)[-1]))
+    assert newest > 200_000  # tiny-sort: ~270 kB
+    assert abs(last_learner["asyncrlhf_learner_snapshot_bytes"] - newest) <= 8
     # vLLM's own metrics, on the same endpoint: every completion's tokens counted by its engine too
     assert last_generator["vllm:generation_tokens_total"] >= last_generator["asyncrlhf_generator_tokens_total"] > 0
     assert "Avg prompt throughput" not in (run.run_dir / "generator-0.log").read_text()  # its stats log is off

@@ -27,7 +27,7 @@ from .api import AsyncRLHFJob
 from .bus import WEIGHTS, EmbeddedNats, JobBus, close_quietly, connect, ensure_job_resources, free_port
 from .checkpoints import CheckpointStore
 from .console import Console, Failure, Observed, StartupWatch, scale_line
-from .kv import JobKV
+from .kv import BUS_ERRORS, JobKV
 from .local_autoscale import LocalAutoscaler, generator_slots
 from .local_generators import Child, GeneratorPool, launch, stop_all
 from .logs import add_file_log, last_error, remove_log
@@ -259,7 +259,7 @@ class LocalRun:
             return
         try:
             reports = await kv.reports()
-        except Exception:  # noqa: BLE001 -- the bus away for a moment: this interval is skipped
+        except BUS_ERRORS:  # the bus away for a moment: this interval is skipped
             return
         record = self.autoscaler.step(progress, reports)
         if record is not None:

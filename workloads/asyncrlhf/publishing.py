@@ -56,6 +56,7 @@ class WeightPublishing:
         await self._make_room()
         try:
             info = await asyncio.to_thread(write_snapshot, self.root, version, self._save_snapshot_files)
+            self.telemetry.snapshot_bytes.set(tree_bytes(Path(info.path)))
             self.state.published_version = version
             self.state.last_snapshot = info.path
             self.state.elapsed = self.elapsed()

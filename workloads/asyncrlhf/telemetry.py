@@ -51,6 +51,8 @@ CATALOGUE: dict[str, tuple[str, str]] = {
     "asyncrlhf_learner_snapshot_seconds": ("histogram", "Seconds to write, announce and prune a snapshot "
                                                         "(its checkpoint not included)."),
     "asyncrlhf_learner_checkpoint_seconds": ("histogram", "Seconds to write a checkpoint."),
+    "asyncrlhf_learner_snapshot_bytes": ("gauge", "Bytes of the newest snapshot (every file; the adapter alone "
+                                         "in a LoRA run): what each generator reads per weight sync."),
     "asyncrlhf_learner_rollout_wait_seconds_total": ("counter", "Seconds the learner waited for its step's "
                                                                 "rollouts (rate = the learner's wait fraction)."),
     "asyncrlhf_learner_samples_total": ("counter", "Samples (completions) of the rollout groups trained on."),
@@ -179,6 +181,7 @@ class LearnerTelemetry(Telemetry):
         self.snapshot_seconds = self._make(Histogram, "asyncrlhf_learner_snapshot_seconds", buckets=SECONDS_BUCKETS)
         self.checkpoint_seconds = self._make(Histogram, "asyncrlhf_learner_checkpoint_seconds",
                                              buckets=SECONDS_BUCKETS)
+        self.snapshot_bytes = self._make(Gauge, "asyncrlhf_learner_snapshot_bytes")
         self.waited = self._make(Counter, "asyncrlhf_learner_rollout_wait_seconds_total")
         self.bus = {name: self._make(Gauge, name) for name in CATALOGUE if name.startswith("asyncrlhf_bus_")}
         self._checkpointed = 0.0  # checkpoint seconds inside the publish being timed
