@@ -216,8 +216,12 @@ class Runner:
         self.grid, self.jobs, self.partial, self.log = grid, jobs, partial, log
         self.done: dict[RunSpec, dict] = {}
         if resume and partial.exists():
-            for line in partial.read_text().splitlines():
-                entry = json.loads(line)
+            for number, line in enumerate(partial.read_text().splitlines(), 1):
+                try:
+                    entry = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by a kill: that run is run again
+                    log(f"resume: line {number} of {partial} is not JSON, skipped")
+                    continue
                 if entry["protocol"] == protocol(grid):
                     row = entry["row"]
                     self.done[RunSpec(row["loss"], row["n"], row["seed"], row["size"], row["lr"], row["switch"])] = row

@@ -88,10 +88,13 @@ def test_quick_frontier_run(tmp_path):
     spec = frontier.RunSpec(pooled["loss"], pooled["n"], pooled["seed"], pooled["size"], pooled["lr"],
                             pooled["switch"])
     assert frontier.train(spec, grid, Task.build("tiny"))["curve"] == pooled["curve"]
-    # --resume runs nothing that finished: the same report from the partial file alone
+    # --resume runs nothing that finished: the same report from the partial file alone (a last line
+    # cut short by a kill is skipped)
     first = json.loads((tmp_path / "fq.json").read_text())
+    with (tmp_path / "fq.partial.jsonl").open("a") as f:
+        f.write(partial[0][: len(partial[0]) // 2] + "\n")
     assert frontier.main(["--quick", "--resume", "--out-dir", str(tmp_path), "--name", "fq"]) == 0
-    assert len((tmp_path / "fq.partial.jsonl").read_text().splitlines()) == len(partial)
+    assert len((tmp_path / "fq.partial.jsonl").read_text().splitlines()) == len(partial) + 1
     assert json.loads((tmp_path / "fq.json").read_text())["runs"] == first["runs"]
     report = json.loads((tmp_path / "fq.json").read_text())
     runs = report["runs"]
