@@ -269,6 +269,9 @@ def overridden(grid: Grid, args) -> Grid:
     for name in ("seeds", "sizes", "losses", "staleness"):
         if getattr(args, name):
             grid = replace(grid, **{name: tuple(getattr(args, name))})
+    for name in ("steps", "eval_every"):
+        if getattr(args, name):
+            grid = replace(grid, **{name: getattr(args, name)})
     if args.lr:
         lrs = {loss: float(lr) for loss, _, lr in (v.partition("=") for v in args.lr)}
         if set(lrs) != set(grid.losses):
@@ -285,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", choices=["tiny", "small"], help="override the grid's model sizes")
     ap.add_argument("--losses", nargs="+", help="override the grid's losses")
     ap.add_argument("--staleness", type=int, nargs="+", help="override the grid's N values")
+    ap.add_argument("--steps", type=int, help="override the grid's steps per run (more episodes per run)")
+    ap.add_argument("--eval-every", type=int, help="override the grid's steps between checkpoints")
     ap.add_argument("--lr", nargs="+", default=[], metavar="LOSS=LR",
                     help="fixed learning rates (no probe), e.g. from a probe on the other size")
     ap.add_argument("--no-ablation", action="store_true", help="skip the off-policy switch runs")
