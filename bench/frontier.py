@@ -35,7 +35,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -105,6 +105,11 @@ class RunSpec:
     @property
     def name(self) -> str:
         return f"{self.size}-{self.loss}-n{self.n}-s{self.seed}-lr{self.lr:g}-{self.switch}"
+
+    @classmethod
+    def of(cls, row: dict) -> "RunSpec":
+        """The run a result row (train's: its RunSpec's fields and the curve) came from."""
+        return cls(**{f.name: row[f.name] for f in fields(cls)})
 
 
 def job_spec(run: RunSpec, grid: Grid):
@@ -176,10 +181,7 @@ def probe_lrs(grid: Grid, execute, log) -> tuple[dict, list]:
     for (size, loss), lr in best.items():
         chosen.setdefault(size, {})[loss] = lr
     probes = [done[RunSpec(loss, 0, 0, size, lr)] for (size, loss), lrs in tried.items() for lr in lrs]
-    for p in probes:
-        log(f"probe {p['size']} {p['loss']} lr {p['lr']:g}: gold {p['curve'][-1]['gold']:.3f} "
-            f"KL {p['curve'][-1]['kl']:.2f}")
-    return chosen, probes
+    return chosen, probes  # (each probe was logged by the executor as it finished)
 
 
 def planned_runs(grid: Grid, lrs: dict) -> list[RunSpec]:
@@ -223,8 +225,7 @@ class Runner:
                     log(f"resume: line {number} of {partial} is not JSON, skipped")
                     continue
                 if entry["protocol"] == protocol(grid):
-                    row = entry["row"]
-                    self.done[RunSpec(row["loss"], row["n"], row["seed"], row["size"], row["lr"], row["switch"])] = row
+                    self.done[RunSpec.of(entry["row"])] = entry["row"]
             log(f"resume: {len(self.done)} finished runs read from {partial}")
         else:
             partial.parent.mkdir(parents=True, exist_ok=True)

@@ -85,9 +85,7 @@ def test_quick_frontier_run(tmp_path):
     assert len(partial) == len(grid.losses) * len(grid.staleness) * len(grid.seeds) + 2 * len(grid.seeds)
     # a run's numbers do not depend on the process it ran in: a pool run equals the same run here
     pooled = json.loads(partial[0])["row"]
-    spec = frontier.RunSpec(pooled["loss"], pooled["n"], pooled["seed"], pooled["size"], pooled["lr"],
-                            pooled["switch"])
-    assert frontier.train(spec, grid, Task.build("tiny"))["curve"] == pooled["curve"]
+    assert frontier.train(frontier.RunSpec.of(pooled), grid, Task.build("tiny"))["curve"] == pooled["curve"]
     # --resume runs nothing that finished: the same report from the partial file alone (a last line
     # cut short by a kill is skipped)
     first = json.loads((tmp_path / "fq.json").read_text())
