@@ -281,6 +281,13 @@ def overridden(grid: Grid, args) -> Grid:
     return replace(grid, ablation_staleness=()) if args.no_ablation else grid
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number >= 1 (steps, checkpoint interval, processes)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number >= 1")
+    return int(text)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--grid", choices=sorted(GRIDS), default="small")
@@ -289,14 +296,14 @@ def main(argv=None) -> int:
     ap.add_argument("--sizes", nargs="+", choices=["tiny", "small"], help="override the grid's model sizes")
     ap.add_argument("--losses", nargs="+", help="override the grid's losses")
     ap.add_argument("--staleness", type=int, nargs="+", help="override the grid's N values")
-    ap.add_argument("--steps", type=int, help="override the grid's steps per run (more episodes per run)")
-    ap.add_argument("--eval-every", type=int, help="override the grid's steps between checkpoints")
+    ap.add_argument("--steps", type=positive, help="override the grid's steps per run (more episodes per run)")
+    ap.add_argument("--eval-every", type=positive, help="override the grid's steps between checkpoints")
     ap.add_argument("--lr", nargs="+", default=[], metavar="LOSS=LR",
                     help="fixed learning rates (no probe), e.g. from a probe on the other size")
     ap.add_argument("--no-ablation", action="store_true", help="skip the off-policy switch runs")
     ap.add_argument("--from-json", metavar="PATH", help="run nothing: render <name>.{json,md,png} again from a "
                     "finished run's JSON (with this code's statistics)")
-    ap.add_argument("--jobs", type=int, default=1, help="runs at a time, one process each (default 1)")
+    ap.add_argument("--jobs", type=positive, default=1, help="runs at a time, one process each (default 1)")
     ap.add_argument("--resume", action="store_true", help="skip the runs already in <out-dir>/<name>.partial.jsonl")
     ap.add_argument("--out-dir", default=str(RESULTS))
     ap.add_argument("--name", default="frontier", help="basename of <out-dir>/<name>.{json,md,png}")

@@ -113,3 +113,13 @@ def test_quick_frontier_run(tmp_path):
     assert "Gold reward at matched KL" in md and "Ablation of the off-policy switches" in md
     assert "Robustness: slope of final gold" in md
     assert (tmp_path / "fq.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args", [["--steps", "0"], ["--eval-every", "-1"], ["--jobs", "two"]])
+def test_counts_below_one_are_refused_with_the_argument_named(args, capsys):
+    import frontier
+
+    with pytest.raises(SystemExit) as exit_:
+        frontier.main(["--quick", *args])
+    assert exit_.value.code == 2
+    assert f"argument {args[0]}: '{args[1]}' is not a whole number >= 1" in capsys.readouterr().err
