@@ -14,8 +14,8 @@ import nats
 import pytest
 
 from asyncrlhf.bus import (
-    GENERATORS_CONSUMER, LEARNER_CONSUMER, PROMPTS, ROLLOUTS, EmbeddedNats, JobBus, connect, delete_job_resources,
-    ensure_job_resources, keep_alive, publish, publish_all,
+    GENERATORS_CONSUMER, LEARNER_CONSUMER, PROMPTS, ROLLOUTS, EmbeddedNats, JobBus, close_quietly, connect,
+    delete_job_resources, ensure_job_resources, keep_alive, publish, publish_all,
 )
 
 DEADLINE = 60.0  # seconds; reaching it is a failure, so it is generous on purpose
@@ -223,3 +223,15 @@ async def test_embedded_nats_takes_a_config_and_extra_arguments(tmp_path, as_pat
             await nc.close()
     assert (store / "jetstream").is_dir() and (store / "nats-server.log").exists()
     assert (store / "nats.conf").exists() != as_path
+
+
+async def test_close_quietly_with_the_bus_gone_does_not_raise():
+    """A client that published while reconnecting to a server that is gone closes without an
+    error (nats-py's close raises ConnectionResetError then): a workload stopping exits cleanly."""
+    srv = EmbeddedNats().start()
+    nc = await connect(srv.url)
+    srv.close()
+    await eventually(lambda: asyncio.sleep(0, not nc.is_connected), "the client to notice the server is gone")
+    await nc.publish("x.y", b"z")  # e.g. a last report, buffered for a reconnect that never comes
+    await close_quietly(nc)
+    assert nc.is_closed

@@ -243,3 +243,16 @@ def test_a_local_run_whose_learner_is_starved_adds_a_generator(tmp_path, monkeyp
     assert [json.loads(line) for line in lines if '"kind": "autoscale"' in line] == decisions
     assert [c.index for c in run.children if c.role == "generator"][:2] == [0, 1]  # a fresh generator
     assert result.summary["rollouts_consumed"] == 6 * 4  # nothing lost or repeated by the change
+
+
+def test_stop_all_reports_how_each_running_child_ended():
+    polite = Child("generator", 0, subprocess.Popen(SLEEPER, start_new_session=True))
+    stubborn = Child("learner", 0, subprocess.Popen(STUBBORN, start_new_session=True, stdout=subprocess.PIPE, text=True))
+    assert stubborn.proc.stdout.readline().strip() == "ready"  # its trap is set
+    gone = Child("generator", 1, subprocess.Popen(["true"], start_new_session=True))
+    gone.proc.wait()
+    ended = stop_all([polite, stubborn, gone], timeout=1.0)
+    assert [(s.name, s.killed) for s in ended] == [("generator-0", False), ("learner-0", True)]  # not the one already gone
+    assert ended[0].seconds < 1.0 <= ended[1].seconds
+    assert str(ended[1]).startswith("learner-0 killed after ") and str(ended[0]).startswith("generator-0 0.")
+    assert polite.proc.returncode == -signal.SIGTERM and stubborn.proc.returncode == -signal.SIGKILL

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import os
 import signal
 import sys
@@ -24,21 +25,24 @@ from typing import Optional
 import psutil
 
 from .api import AsyncRLHFJob
-from .bus import WEIGHTS, EmbeddedNats, JobBus, close_quietly, connect, ensure_job_resources, free_port
+from .bus import WEIGHTS, JobBus, close_quietly, connect, ensure_job_resources
 from .checkpoints import CheckpointStore
 from .console import Console, Failure, Observed, StartupWatch, scale_line
 from .kv import BUS_ERRORS, JobKV
 from .local_autoscale import LocalAutoscaler, generator_slots
-from .local_generators import Child, GeneratorPool, launch, stop_all
+from .local_generators import STOP_GRACE_SECONDS, Child, GeneratorPool, launch, stop_all
 from .logs import add_file_log, last_error, remove_log
 from .manifest import EXIT_BAD_INPUT, dump_manifest
 from .messages import LearnerProgress
 from .devicereport import read_reports
 from .models import resolve_model
+from .natsserver import EmbeddedNats, free_port
 from .placement import Placement, describe, learner_processes, machine_gpus, plan
 from .report import plot_rewards, read_evals, read_metrics, summarize, write_json
 from .telemetry import LocalPorts
 from .workload_env import WorkloadEnv, searcher_env
+
+log = logging.getLogger("asyncrlhf.run")
 
 
 @dataclass
@@ -169,7 +173,7 @@ class LocalRun:
     async def run(self) -> RunResult:
         started = time.monotonic()
         # SIGTERM stops a run as Ctrl-C does: the run is cancelled and every child is stopped
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, asyncio.current_task().cancel)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, self._on_sigterm, asyncio.current_task())
         self.prepare()
         file_log = add_file_log(self.run_dir / "run.log")  # this process's log (the console shows less)
         nc = await connect(self.url, name="asyncrlhf-run")
@@ -191,7 +195,9 @@ class LocalRun:
             self.stop_children()
             await close_quietly(nc)
             if self.nats:
+                bus_started = time.monotonic()
                 self.nats.close()
+                log.info("nats-server stopped in %.1f s", time.monotonic() - bus_started)
             self.console.close()
             remove_log(file_log)
         summary = summarize(self.job, self.run_dir, time.monotonic() - started, produced, snapshots,
@@ -300,9 +306,20 @@ class LocalRun:
     def _generator_restarted(self, index: int, code: int) -> None:
         self.console.note(f"generator {index} exited with {code}; starting a new one")
 
-    def stop_children(self, timeout: float = 30.0) -> None:
-        """SIGTERM each child's process group, SIGKILL what is left after `timeout`."""
-        stop_all(self.children, timeout)
+    @staticmethod
+    def _on_sigterm(task: asyncio.Task) -> None:
+        log.info("SIGTERM: stopping the run")
+        task.cancel()
+
+    def stop_children(self, timeout: float = STOP_GRACE_SECONDS) -> None:
+        """SIGTERM each child's process group, SIGKILL what is left after `timeout`; how each ended
+        goes to run.log (a child that had to be killed as a warning)."""
+        stopped = stop_all(self.children, timeout)
+        if stopped:
+            log.info("children stopped: %s", ", ".join(map(str, stopped)))
+        for s in stopped:
+            if s.killed:
+                log.warning("%s was still running %.0f s after SIGTERM: killed", s.name, timeout)
 
 
 def count_gpus() -> int:

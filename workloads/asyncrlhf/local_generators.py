@@ -83,18 +83,38 @@ def signal_group(proc: subprocess.Popen, sig: int) -> None:
         pass
 
 
-def stop_all(children: list[Child], timeout: float = 30.0) -> None:
-    """SIGTERM each child's process group, SIGKILL what is left after `timeout`."""
+@dataclass(frozen=True)
+class Stopped:
+    """How a child ended when the run stopped it: seconds after the SIGTERM (an upper bound: the
+    children are waited for one after the other), and whether it had to be SIGKILLed."""
+
+    name: str
+    seconds: float
+    killed: bool
+
+    def __str__(self) -> str:
+        return f"{self.name} killed after {self.seconds:.1f} s" if self.killed else f"{self.name} {self.seconds:.1f} s"
+
+
+def stop_all(children: list[Child], timeout: float = 30.0) -> list[Stopped]:
+    """SIGTERM each child's process group, SIGKILL what is left after `timeout`; how each running
+    child ended (those already gone are not listed)."""
+    running = [c for c in children if c.proc.poll() is None]
     for c in children:
         signal_group(c.proc, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
+    started = time.monotonic()
+    deadline, out = started + timeout, []
     for c in children:
+        killed = False
         try:
             c.proc.wait(max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            pass
+            killed = True
         signal_group(c.proc, signal.SIGKILL)  # leftovers of the group (e.g. vLLM's engine core)
         c.proc.wait()
+        if c in running:
+            out.append(Stopped(c.name, time.monotonic() - started, killed))
+    return out
 
 
 @dataclass

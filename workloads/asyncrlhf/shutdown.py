@@ -2,7 +2,8 @@
 
 SIGTERM or SIGINT sets the process's `stopping` event: the learner stops between steps, a
 generator hands back its prompts. Some states cannot notice the event soon — a training step or
-a generation running in a thread, a publish waiting for a bus that is gone — so the first signal
+a generation running in a thread, a learner's request to a bus that is gone (a generator notices
+the bus is away and stops at once: generator.py) — so the first signal
 also starts a watchdog that ends the process after GRACE_SECONDS, and a second signal ends it at
 once. Ending a workload abruptly is safe by design: what a learner has not checkpointed and what
 a generator has not published is redelivered. A pod's grace period (30 s by default) and

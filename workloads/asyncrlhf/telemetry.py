@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from collections import deque
 from contextlib import contextmanager, nullcontext
@@ -28,6 +27,8 @@ from prometheus_client import (
     start_http_server,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from .natsserver import free_port
 
 log = logging.getLogger("asyncrlhf.telemetry")
 step_log = logging.getLogger("asyncrlhf.learner")
@@ -373,7 +374,7 @@ class LocalPorts:
             return {}
         name = f"{role}-{index}"
         if name not in self.ports:
-            self.ports[name] = _free_port()
+            self.ports[name] = free_port()
         return {METRICS_ADDRESS: f"127.0.0.1:{self.ports[name]}"}
 
     def url(self, name: str) -> str:
@@ -381,12 +382,6 @@ class LocalPorts:
 
     def describe(self) -> str:
         return "metrics: " + ", ".join(f"{name} {self.url(name)}" for name in self.ports)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def exported_names(telemetry: Telemetry) -> set[str]:

@@ -44,7 +44,7 @@ from typing import Mapping, Optional
 import torch
 import torch.distributed as dist
 
-from ..bus import free_port
+from ..natsserver import free_port
 from .base import BACKEND_METHODS, Batch, TrainingBackend
 
 log = logging.getLogger("asyncrlhf.distributed")
