@@ -6,7 +6,8 @@ One embedded nats-server, one stream per variant (the job's stream configuration
 work queue, de-duplication window). Each variant publishes the same rollout groups (a K=4 group of
 ~9 KB, the size the local example's groups reach with longer answers), pulls them back in batches,
 decodes and acks them; the clock covers publish + fetch + decode + ack (the payloads are encoded
-before it starts; encoding and decoding alone are timed apart). Variants:
+before it starts; encoding and decoding alone are timed apart, and so are the rollout group's two
+wire forms, JSON and msgpack with packed arrays, on this group and on a real model's). Variants:
   * raw nats-py, publishes in flight: `js.publish_async` (nats-py's own pipelining, up to 4000
     outstanding PubAcks), `fetch(256)`, `ack()` — no de-duplication id, no retry, no decoding;
   * raw nats-py, one at a time: `await js.publish` for each message;
@@ -24,6 +25,8 @@ import os
 import sys
 import time
 from pathlib import Path
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "workloads"))
 
@@ -125,6 +128,35 @@ def codec_microseconds(groups: list[RolloutGroup]) -> tuple[float, float]:
     return (encoded - started) * 1e6 / len(groups), (done - encoded) * 1e6 / len(groups)
 
 
+def real_group(k: int = 16, tokens: int = 1024) -> RolloutGroup:
+    """A group as a real model sends it: token ids of a 128k vocabulary, float32 log-probs (17
+    digits in JSON), ~4 bytes of text a token."""
+    rng = np.random.default_rng(0)
+    completions = [Completion(text="word" * tokens, token_ids=rng.integers(0, 128256, tokens).tolist(),
+                              logprobs=np.log(rng.uniform(0.01, 1.0, tokens)).astype(np.float32).astype(float).tolist(),
+                              eos=True, score=0.5) for _ in range(k)]
+    return RolloutGroup(id="r", prompt_id="p", batch=0, index=0, prompt_text="word" * 256,
+                        prompt_token_ids=list(range(256)), completions=completions, policy_version=0, generator_id="g0")
+
+
+def wire_forms(group: RolloutGroup, repeats: int) -> dict[str, float]:
+    """Bytes and validated decode time of the group's two wire forms: JSON (the schema's
+    `model_dump_json`, what the bus carried before) and msgpack with packed arrays (`encode`)."""
+    out = {}
+    for form, data in (("json", group.model_dump_json().encode()), ("packed", group.encode())):
+        started = time.perf_counter()
+        for _ in range(repeats):
+            RolloutGroup.decode(data)
+        out[f"{form}_bytes"], out[f"{form}_decode_us"] = len(data), (time.perf_counter() - started) * 1e6 / repeats
+    return out
+
+
+def print_wire_forms(label: str, f: dict[str, float]) -> None:
+    print(f"  wire, {label}: JSON {f['json_bytes'] / 1024:.1f} KiB decoded in {f['json_decode_us']:.0f} us, packed "
+          f"{f['packed_bytes'] / 1024:.1f} KiB in {f['packed_decode_us']:.0f} us: "
+          f"{f['json_bytes'] / f['packed_bytes']:.2f}x smaller, {f['json_decode_us'] / f['packed_decode_us']:.2f}x faster")
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=4000)
@@ -142,11 +174,15 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"  {name.ljust(width)}  {rate:8.0f} msg/s  {rate * size / 2**20:6.1f} MiB/s")
     encode, decode = codec_microseconds(make_groups(min(n, 1000)))
     print(f"  message schema alone: encode {encode:.0f} us, decode (validated) {decode:.0f} us per group")
+    small = wire_forms(make_groups(1)[0], 200 if args.quick else 2000)
+    print_wire_forms("this bench's group (K=4 x 128)", small)
+    large = wire_forms(real_group(), 5 if args.quick else 50)
+    print_wire_forms("a real model's group (K=16 x 1024)", large)
     ratio = best["asyncrlhf, in flight"] / best["raw nats-py, in flight"]
     print(f"asyncrlhf / raw nats-py, both with publishes in flight: {ratio:.2f}x (target >= 0.5x)")
     print(f"asyncrlhf in flight / asyncrlhf one at a time: "
           f"{best['asyncrlhf, in flight'] / best['asyncrlhf, one at a time']:.2f}x")
-    return {"messages": n, "bytes": size, "rates": best, "ratio": ratio}
+    return {"messages": n, "bytes": size, "rates": best, "ratio": ratio, "wire": {"small": small, "large": large}}
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ RATIO = r"([0-9.]+)x"
 BENCHES = [
     Bench("bus", "bus_bench.py", [], ["--quick"], (
         Figure("asyncrlhf / raw nats-py, publishes in flight", rf"both with publishes in flight: {RATIO}", ">= 0.5x"),
-        Figure("asyncrlhf in flight / one at a time", rf"in flight / asyncrlhf one at a time: {RATIO}"))),
+        Figure("asyncrlhf in flight / one at a time", rf"in flight / asyncrlhf one at a time: {RATIO}"),
+        Figure("rollout group JSON / packed bytes, K=16 x 1024", rf"K=16 x 1024\).*: {RATIO} smaller"),
+        Figure("rollout group JSON / packed decode time, K=16 x 1024", rf"K=16 x 1024\).*smaller, {RATIO} faster"))),
     Bench("engine_overhead", "engine_overhead.py", [], ["--quick"], (
         Figure("our Generator / bare vLLM, tokens/s", rf"our Generator / bare vLLM: {RATIO}", ">= 0.9x"),
         Figure("HF engine batched / one prompt at a time", rf"HF engine batched / before: {RATIO}", ">= 3x"))),

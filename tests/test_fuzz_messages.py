@@ -3,7 +3,8 @@ MessageError — never another exception — and what decodes holds only safe va
 
 1,200 inputs in all: raw bytes, JSON objects with the message's own field names and arbitrary
 values (so validation, not only parsing, is exercised), and valid messages with one field replaced
-by a hostile value. Plus a table of the dangerous values the audit found, each refused.
+by a hostile value; 600 more for the rollout group's msgpack form (packed arrays included). Plus a
+table of the dangerous values the audit found, each refused.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 
+import msgpack
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
@@ -66,7 +68,7 @@ def sample(cls: type[Message]) -> dict:
         "GeneratorStatus": {"generator_id": "g", "policy_version": 1},
         "LearnerProgress": {"step": 1, "total_steps": 2, "policy_version": 1},
     }
-    return json.loads(cls(**examples[cls.__name__]).encode()) if cls.__name__ in examples else {}
+    return json.loads(cls(**examples[cls.__name__]).model_dump_json()) if cls.__name__ in examples else {}
 
 
 @settings(FUZZ, max_examples=400)
@@ -95,6 +97,37 @@ def test_valid_messages_with_one_hostile_value(cls, data):
         obj[key] = [{**sample(RolloutGroup)["completions"][0], data.draw(st.sampled_from(
             ["token_ids", "logprobs", "score", "text", "eos"])): data.draw(JSON_VALUES)}]
     decode(cls, _dumps(obj))
+
+
+MSGPACK_SCALARS = (st.none() | st.booleans() | st.integers(-2 ** 63, 2 ** 64 - 1) | st.floats() | st.text(max_size=20)
+                   | st.binary(max_size=40) | st.sampled_from([b"\x00" * 12, b"\xff" * 8, b"\x00\x00\xf8\x7f" * 2]))
+MSGPACK_VALUES = st.recursive(MSGPACK_SCALARS, lambda inner: st.lists(inner, max_size=5)
+                              | st.dictionaries(st.text(max_size=10), inner, max_size=5), max_leaves=20)
+
+
+def _packed_sample() -> dict:
+    return msgpack.unpackb(RolloutGroup.model_validate(sample(RolloutGroup)).encode())
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.data())
+def test_packed_rollout_groups_with_the_schemas_own_fields(data):
+    names = sorted(RolloutGroup.model_fields)
+    obj = data.draw(st.dictionaries(st.sampled_from(names) | st.text(max_size=5), MSGPACK_VALUES, max_size=len(names)))
+    decode(RolloutGroup, msgpack.packb(obj))
+
+
+@settings(FUZZ, max_examples=300)
+@given(st.data())
+def test_packed_rollout_groups_with_one_hostile_value(data):
+    """Packed arrays of any length and content (NaN log-probs, token ids past 2**31, cut arrays) among them."""
+    obj = _packed_sample()
+    key = data.draw(st.sampled_from(sorted(obj)))
+    obj[key] = data.draw(MSGPACK_VALUES)
+    if key == "completions" and isinstance(obj[key], list) and data.draw(st.booleans()):
+        obj[key] = [{**_packed_sample()["completions"][0], data.draw(st.sampled_from(
+            ["token_ids", "logprobs", "score", "text", "eos"])): data.draw(MSGPACK_VALUES)}]
+    decode(RolloutGroup, msgpack.packb(obj))
 
 
 def test_every_message_type_has_a_sample():

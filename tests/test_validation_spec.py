@@ -157,10 +157,10 @@ def test_every_broken_rule_is_reported_when_the_fields_are_valid():
         "spec.algorithm.samplesPerPrompt", "spec.learner.offload", "spec.task.prompts.path"], found
 
 
-@pytest.mark.parametrize("k,max_tokens,fits", [(20, 1024, True), (20, 1025, False), (1, MAX_GROUP_TOKENS, True),
-                                               (2, MAX_GROUP_TOKENS, False), (256, 80, True), (256, 81, False)])
+@pytest.mark.parametrize("k,max_tokens,fits", [(40, 1024, True), (40, 1025, False), (2, MAX_GROUP_TOKENS // 2, True),
+                                               (2, MAX_GROUP_TOKENS // 2 + 1, False), (256, 160, True), (256, 161, False)])
 def test_a_rollout_group_must_fit_in_one_bus_message(k, max_tokens, fits):
-    assert MAX_GROUP_TOKENS == 20480  # (1 MiB - 64 KiB) / 48 bytes a token
+    assert MAX_GROUP_TOKENS == 40960  # (1 MiB - 64 KiB) / 24 bytes a token
     data = manifest(algorithm={"loss": "ppo", "samplesPerPrompt": k}, generator={"sampling": {"maxTokens": max_tokens}})
     found = [p for p in problems(data) if p.startswith("spec.generator.sampling.maxTokens:")]
     assert (found == []) == fits, found

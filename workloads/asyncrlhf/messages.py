@@ -1,8 +1,13 @@
-"""Every message that crosses the bus, as typed, versioned schemas (JSON on the wire).
+"""Every message that crosses the bus, as typed, versioned schemas.
 
 One module so producers and consumers cannot disagree. Each schema carries `v` (its
 version); a reader refuses a message whose version it does not know instead of guessing.
-No pickle: messages are JSON, weights are safetensors files referenced by path.
+No pickle: messages are JSON, weights are safetensors files referenced by path. The one
+exception to JSON is the rollout group, by far the largest message (K completions with a token id
+and a log-prob per token): it travels as msgpack with its token ids packed as little-endian uint32
+and its log-probs as float64 (`RolloutGroup.encode`), about 12 bytes a token plus the text instead
+of ~31 in JSON, and several times cheaper to decode. Its reader also takes the JSON form (a
+generator of an earlier release), told apart by the first byte.
 
 Values a reader would trip over are refused at decode, as a MessageError like any malformed
 message: every float finite (a NaN score once turned every weight into NaN), lists and strings
@@ -18,6 +23,8 @@ import math
 import time
 from typing import Annotated, Any, ClassVar, Optional, TypeVar
 
+import msgpack
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
@@ -124,6 +131,67 @@ class RolloutGroup(Message):
     generator_id: str = Field(max_length=MAX_ID)
     created: float = Field(default_factory=time.time)
     generation_seconds: float = 0.0
+
+
+    def encode(self) -> bytes:
+        """msgpack, token ids and log-probs packed (the module docstring); `decode` reads it back exactly."""
+        data = self.model_dump(exclude={"completions", "prompt_token_ids"})
+        data["prompt_token_ids"] = _pack(self.prompt_token_ids, _IDS)
+        data["completions"] = [{"text": c.text, "token_ids": _pack(c.token_ids, _IDS),
+                                "logprobs": _pack(c.logprobs, _LOGPROBS), "eos": c.eos, "score": c.score}
+                               for c in self.completions]
+        return msgpack.packb(data, use_bin_type=True)
+
+    @classmethod
+    def decode(cls, data: bytes) -> "RolloutGroup":
+        if data[:1] == b"{":  # the JSON form
+            return super().decode(data)
+        try:
+            raw = msgpack.unpackb(data, raw=False)
+            if not isinstance(raw, dict) or not isinstance(raw.get("completions"), list):
+                raise ValueError("not a map with a list of completions")
+            prompt_ids = _unpack(raw.get("prompt_token_ids"), _IDS, "prompt_token_ids", MAX_PROMPT_TOKENS)
+            # the packed arrays are checked whole (below and in _unpack); everything else by the schema
+            completions = [_completion(c) for c in raw["completions"]]
+            msg = cls.model_validate({**raw, "prompt_token_ids": [], "completions": completions})
+        except (ValueError, TypeError, msgpack.UnpackException) as err:  # ValidationError is a ValueError
+            raise MessageError(f"invalid {cls.kind} message: {err}") from err
+        if msg.v != SCHEMA_VERSION:
+            raise MessageError(f"{cls.kind} message has schema version {msg.v}, expected {SCHEMA_VERSION}")
+        return msg.model_copy(update={"prompt_token_ids": prompt_ids.tolist()})
+
+
+_IDS, _LOGPROBS = np.dtype("<u4"), np.dtype("<f8")  # token ids are TokenIds (< 2**31), log-probs exact
+
+
+def _pack(values: list, dtype: np.dtype) -> bytes:
+    return np.asarray(values, dtype=dtype).tobytes()
+
+
+def _unpack(packed: Any, dtype: np.dtype, name: str, limit: int) -> np.ndarray:
+    """A packed array, refused as the schema would refuse its list: too long, a token id not a
+    TokenId (< 2**31), a log-prob not finite."""
+    if not isinstance(packed, bytes) or len(packed) % dtype.itemsize:
+        raise ValueError(f"{name}: expected packed {dtype.itemsize}-byte values")
+    values = np.frombuffer(packed, dtype=dtype)
+    if len(values) > limit:
+        raise ValueError(f"{name}: {len(values)} values, at most {limit}")
+    if dtype == _IDS and len(values) and values.max() >= 1 << 31:
+        raise ValueError(f"{name}: a token id >= 2**31")
+    if dtype == _LOGPROBS and not np.isfinite(values).all():
+        raise ValueError(f"{name}: a log-prob that is not finite")
+    return values
+
+
+def _completion(c: Any) -> "Completion":
+    if not isinstance(c, dict):
+        raise ValueError("a completion is not a map")
+    ids = _unpack(c.get("token_ids"), _IDS, "token_ids", MAX_TOKENS)
+    logprobs = _unpack(c.get("logprobs"), _LOGPROBS, "logprobs", MAX_TOKENS)
+    if len(ids) != len(logprobs):
+        raise ValueError(f"{len(ids)} token ids but {len(logprobs)} log-probs: one per token")
+    shell = Completion.model_validate({**c, "token_ids": [], "logprobs": []})  # text, eos, score, no other key
+    return shell.model_copy(update={"token_ids": ids.tolist(), "logprobs": logprobs.tolist()})
 
 
 class WeightsAnnouncement(Message):

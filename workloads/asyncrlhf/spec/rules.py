@@ -15,11 +15,13 @@ class CrossFieldRule:
 
 
 # A rollout group (samplesPerPrompt completions: token ids, log-probs, text) travels as one NATS
-# message. Measured: ~31 bytes per generated token (JSON, ASCII text); 48 leaves room for longer
-# token texts. 1 MiB is NATS's default max_payload, the embedded bus's limit (the chart's NATS
-# allows 8MB), 64 KiB of it kept for the prompt and the envelope: at most 20,480 tokens per group.
+# message, msgpack with packed arrays (messages.py): 4 bytes of token id + 8 of log-prob + the
+# token's text (~4 bytes of English on average; JSON took ~31 in all). 24 leaves 12 bytes of text a
+# token on average (code indentation, CJK). 1 MiB is NATS's default max_payload, the embedded
+# bus's limit (the chart's NATS allows 8MB), 64 KiB of it kept for the prompt and the envelope: at
+# most 40,960 tokens per group (e.g. 8 x 4096, 16 x 2048, 64 x 640).
 MESSAGE_LIMIT_BYTES = 1 << 20
-BYTES_PER_TOKEN = 48
+BYTES_PER_TOKEN = 24
 MAX_GROUP_TOKENS = (MESSAGE_LIMIT_BYTES - (64 << 10)) // BYTES_PER_TOKEN
 
 _BEHAVIOUR = "[" + ", ".join(f"'{x}'" for x in BEHAVIOUR_LOGPROB_LOSSES) + "]"
