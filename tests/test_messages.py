@@ -148,14 +148,16 @@ def test_a_generator_report_is_fresh_for_two_minutes_and_busy_generators_keep_re
     assert len(reports) >= 5 and set(reports) == {"kv"}
 
 
-def test_a_group_at_the_specs_limit_fits_in_natss_default_max_payload():
-    """spec/rules.py lets K x maxTokens reach MAX_GROUP_TOKENS at BYTES_PER_TOKEN: a group that long,
-    every token's text 12 bytes (3x an average English token), after a 6,000-token prompt, fits in 1 MiB."""
-    from asyncrlhf.spec.rules import BYTES_PER_TOKEN, MAX_GROUP_TOKENS, MESSAGE_LIMIT_BYTES
+@pytest.mark.parametrize("message_bytes", [1 << 20, 8 << 20])
+def test_a_group_at_the_specs_limit_fits_in_the_buss_message_size(message_bytes):
+    """spec/rules.py lets K x maxTokens reach max_group_tokens(nats.maxMessageBytes) at BYTES_PER_TOKEN:
+    a group that long, every token's text 12 bytes (3x an average English token), after a
+    6,000-token prompt, fits (NATS's default 1 MiB; the chart's NATS, 8 MiB)."""
+    from asyncrlhf.spec.rules import BYTES_PER_TOKEN, GROUP_ENVELOPE_BYTES, max_group_tokens
 
     k, text = 16, "x" * (BYTES_PER_TOKEN - 12)
-    n = MAX_GROUP_TOKENS // k
+    n = max_group_tokens(message_bytes) // k
     completion = Completion(text=text * n, token_ids=[150000] * n, logprobs=[-1.0] * n, eos=False, score=0.0)
     g = group().model_copy(update={"prompt_text": "word" * 6000, "prompt_token_ids": [1] * 6000,
                                    "completions": [completion] * k})
-    assert MESSAGE_LIMIT_BYTES - 64 * 1024 < len(g.encode()) <= MESSAGE_LIMIT_BYTES
+    assert message_bytes - GROUP_ENVELOPE_BYTES < len(g.encode()) <= message_bytes

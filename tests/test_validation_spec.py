@@ -157,17 +157,27 @@ def test_every_broken_rule_is_reported_when_the_fields_are_valid():
         "spec.algorithm.samplesPerPrompt", "spec.learner.offload", "spec.task.prompts.path"], found
 
 
-@pytest.mark.parametrize("k,max_tokens,fits", [(40, 1024, True), (40, 1025, False), (2, MAX_GROUP_TOKENS // 2, True),
-                                               (2, MAX_GROUP_TOKENS // 2 + 1, False), (256, 160, True), (256, 161, False)])
-def test_a_rollout_group_must_fit_in_one_bus_message(k, max_tokens, fits):
+@pytest.mark.parametrize("k,max_tokens,message_bytes,fits", [
+    (40, 1024, None, True), (40, 1025, None, False), (2, MAX_GROUP_TOKENS // 2, None, True),
+    (2, MAX_GROUP_TOKENS // 2 + 1, None, False), (256, 160, None, True), (256, 161, None, False),
+    # the chart's NATS (8 MiB): (8 MiB - 64 KiB) // 24 = 346,794 tokens
+    (16, 16384, 8 << 20, True), (64, 4096, 8 << 20, True), (11, 31526, 8 << 20, True), (11, 31527, 8 << 20, False),
+    (16, 32768, 8 << 20, False), (16, 32768, 64 << 20, True),
+])
+def test_a_rollout_group_must_fit_in_one_bus_message(k, max_tokens, message_bytes, fits):
     assert MAX_GROUP_TOKENS == 40960  # (1 MiB - 64 KiB) / 24 bytes a token
-    data = manifest(algorithm={"loss": "ppo", "samplesPerPrompt": k}, generator={"sampling": {"maxTokens": max_tokens}})
+    nats = {} if message_bytes is None else {"maxMessageBytes": message_bytes}
+    data = manifest(algorithm={"loss": "ppo", "samplesPerPrompt": k}, generator={"sampling": {"maxTokens": max_tokens}},
+                    nats=nats)
     found = [p for p in problems(data) if p.startswith("spec.generator.sampling.maxTokens:")]
     assert (found == []) == fits, found
+    if not fits:
+        assert "nats.maxMessageBytes" in found[0] and "lower maxTokens" in found[0]
     [rule] = [r for r in crd.spec_schema()["properties"]["spec"]["x-kubernetes-validations"]
               if r["fieldPath"] == ".generator.sampling.maxTokens" and "samplesPerPrompt" in r["rule"]]
     env = celpy.Environment()
-    spec = {"algorithm": {"samplesPerPrompt": k}, "generator": {"sampling": {"maxTokens": max_tokens}}}
+    spec = {"algorithm": {"samplesPerPrompt": k}, "generator": {"sampling": {"maxTokens": max_tokens}},
+            "nats": {"maxMessageBytes": message_bytes or 1 << 20}}  # the CRD's default, as admission fills it in
     assert bool(env.program(env.compile(rule["rule"])).evaluate({"self": celpy.json_to_cel(spec)})) == fits
 
 

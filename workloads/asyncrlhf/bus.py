@@ -181,6 +181,19 @@ async def connect(url: str, **options) -> nats.NATS:
     )
 
 
+class BusLimitError(ValueError):
+    """The bus cannot carry this job's messages (a restart cannot help)."""
+
+
+def check_message_size(nc, wanted: int) -> None:
+    """The server takes messages of `wanted` bytes (spec.nats.maxMessageBytes), else BusLimitError."""
+    if nc.max_payload < wanted:
+        raise BusLimitError(
+            f"the bus takes messages of at most {nc.max_payload} bytes (its max_payload), but "
+            f"spec.nats.maxMessageBytes is {wanted}: set nats.maxMessageBytes to at most {nc.max_payload}, "
+            f"or raise max_payload in the NATS server's configuration (the chart: nats.maxPayload)")
+
+
 async def close_quietly(nc) -> None:
     """Flush (acks are plain publishes: they must reach the server) and close; a bus that is
     already gone must not turn a clean exit into a failure (nats-py's close raises on the lost

@@ -156,13 +156,14 @@ def cmd_generator(args) -> int:
     except (ValueError, RewardConfigError) as err:  # ASYNCRLHF_SEARCHER names a group the spec does not have, ...
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    from .bus import BusLimitError
     from .generator import main_async
     from .models import ChatTemplateError, ModelNotFoundError
     from .placement import PlacementError
 
     try:
         asyncio.run(main_async(job.spec, bus, env.nats_url, env.generator_id, env.snapshot_dir, env.searcher))
-    except (RewardConfigError, ChatTemplateError, PlacementError, ModelNotFoundError) as err:  # a restart cannot help
+    except (RewardConfigError, ChatTemplateError, PlacementError, ModelNotFoundError, BusLimitError) as err:  # a restart cannot help
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     return 0

@@ -23,8 +23,8 @@ import nats
 from .api import JobSpec
 from . import shutdown
 from .bus import (
-    GENERATORS_CONSUMER, ROLLOUTS, JobBus, close_quietly, connect, dead_letter, keep_alive, latest_weights,
-    publish_all,
+    GENERATORS_CONSUMER, ROLLOUTS, BusLimitError, JobBus, check_message_size, close_quietly, connect, dead_letter,
+    keep_alive, latest_weights, publish_all,
 )
 from .engines import Engine, make_engine
 from .faults import fault_point
@@ -71,6 +71,7 @@ class Generator:
         self.engine = engine or make_engine(spec, self.model_path)
         self.scorer = make_reward(spec)
         self.fetch_size = fetch_size or spec.learner.prompts_per_step
+        self.max_payload = spec.nats.max_message_bytes  # the server's own once connected (run)
         self.state = GeneratorState()
         self.stopping = asyncio.Event()
         job, namespace = (bus.job, bus.namespace) if bus is not None else ("", "")  # no bus: a test's engine check
@@ -230,7 +231,8 @@ class Generator:
             async def ack(j: int, idx=idx) -> None:  # the prompt's group is stored: its prompt is done
                 await msgs[idx[j]].ack()
 
-            stored = await publish_all(js, [(subject, g.encode(), g.id) for g in groups], then=ack)
+            encoded = encode_for_bus(groups, self.max_payload)
+            stored = await publish_all(js, [(subject, e, g.id) for e, g in zip(encoded, groups)], then=ack)
             self._count([g for g, new in zip(groups, stored) if new], tokens if all(stored) else None)
 
     def _count(self, groups: list[RolloutGroup], tokens: Optional[int]) -> None:
@@ -265,6 +267,12 @@ class Generator:
 
     async def run(self) -> GeneratorState:
         nc = await connect(self.nats_url, name=f"generator-{self.id}")
+        try:
+            check_message_size(nc, self.spec.nats.max_message_bytes)  # before the first rollout is made
+        except BusLimitError:
+            await nc.close()
+            raise
+        self.max_payload = nc.max_payload
         self.probes.connected = lambda: nc.is_connected
         js = nc.jetstream()
         kv = await JobKV.open(js, self.bus.bucket)
@@ -333,6 +341,21 @@ class Generator:
         while True:
             await asyncio.sleep(GENERATOR_HEARTBEAT_SECONDS)
             await self.report(kv)
+
+
+def encode_for_bus(groups: list[RolloutGroup], max_payload: int) -> list[bytes]:
+    """The groups' wire form. A group larger than the bus takes (its token texts average more than
+    the 12 bytes the spec's cap allows for: spec/rules.py) raises BusLimitError: the prompt would
+    come back and fail again for ever, so the generator stops with the reason instead."""
+    encoded = [g.encode() for g in groups]
+    for g, data in zip(groups, encoded):
+        if len(data) > max_payload:
+            tokens = sum(len(c.token_ids) for c in g.completions)
+            raise BusLimitError(
+                f"rollout group {g.id} ({tokens} tokens) is {len(data)} bytes, more than the bus's largest message "
+                f"({max_payload} bytes): lower generator.sampling.maxTokens or algorithm.samplesPerPrompt, or "
+                f"raise nats.maxMessageBytes (and the NATS server's max_payload)")
+    return encoded
 
 
 def sync_due(held: int, newest: int, gap: int, need: int = 0) -> bool:

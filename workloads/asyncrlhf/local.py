@@ -167,7 +167,8 @@ class LocalRun:
             resolve_model(self.spec.model.policy)  # build the built-in model once, before the children
         if not self.url:
             with self.console.phase("starting nats-server", "nats-server started"):
-                self.nats = EmbeddedNats().start()
+                # the largest message the job's rollout groups may need (nats.maxMessageBytes)
+                self.nats = EmbeddedNats(config=f"max_payload: {self.spec.nats.max_message_bytes}\n").start()
             self.url = self.nats.url
 
     async def run(self) -> RunResult:

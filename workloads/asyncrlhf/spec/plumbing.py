@@ -7,6 +7,8 @@ from pydantic import Field
 from .base import DNS_SUBDOMAIN_OR_EMPTY, NATS_URL, SpecModel
 from .pods import QUANTITY, AccessMode
 
+NATS_DEFAULT_MAX_PAYLOAD = 1 << 20  # nats-server's default max_payload: any NATS takes messages this large
+
 
 class VolumeSnapshotSpec(SpecModel):
     """CSI VolumeSnapshots of the snapshot volume (cluster only): backups of the checkpoints."""
@@ -87,4 +89,12 @@ class NatsSpec(SpecModel):
     ack_wait_seconds: float = Field(
         60.0, ge=1, le=86400,
         description="Seconds before an unacknowledged message is redelivered (crash recovery).",
+    )
+    max_message_bytes: int = Field(
+        NATS_DEFAULT_MAX_PAYLOAD, ge=1 << 20, le=64 << 20,
+        description="The largest message the bus takes: its server's max_payload (1 MiB by default in "
+        "NATS, 8 MiB in the chart's NATS, 64 MiB at most). It caps a rollout group: samplesPerPrompt x "
+        "maxTokens x 24 bytes + 64 KiB must fit (40,960 tokens at 1 MiB, 346,794 at 8 MiB). The "
+        "generators check the server takes it when they connect; `asyncrlhf run` starts its "
+        "nats-server with it.",
     )

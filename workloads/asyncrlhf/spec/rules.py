@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .algorithm import BEHAVIOUR_LOGPROB_LOSSES, RATIO_CLIPPED_LOSSES
+from .plumbing import NATS_DEFAULT_MAX_PAYLOAD
 
 
 class CrossFieldRule:
@@ -17,12 +18,23 @@ class CrossFieldRule:
 # A rollout group (samplesPerPrompt completions: token ids, log-probs, text) travels as one NATS
 # message, msgpack with packed arrays (messages.py): 4 bytes of token id + 8 of log-prob + the
 # token's text (~4 bytes of English on average; JSON took ~31 in all). 24 leaves 12 bytes of text a
-# token on average (code indentation, CJK). 1 MiB is NATS's default max_payload, the embedded
-# bus's limit (the chart's NATS allows 8MB), 64 KiB of it kept for the prompt and the envelope: at
-# most 40,960 tokens per group (e.g. 8 x 4096, 16 x 2048, 64 x 640).
-MESSAGE_LIMIT_BYTES = 1 << 20
+# token on average (code indentation, CJK). The message must fit nats.maxMessageBytes (the bus's
+# max_payload: 1 MiB by default, the chart's NATS 8 MiB), 64 KiB of it kept for the prompt and the
+# envelope: at 1 MiB, at most 40,960 tokens per group (e.g. 8 x 4096, 16 x 2048, 64 x 640); at 8 MiB,
+# 346,794 (e.g. 16 x 16384, 64 x 4096).
 BYTES_PER_TOKEN = 24
-MAX_GROUP_TOKENS = (MESSAGE_LIMIT_BYTES - (64 << 10)) // BYTES_PER_TOKEN
+GROUP_ENVELOPE_BYTES = 64 << 10
+
+
+def max_group_tokens(message_bytes: int) -> int:
+    """The most tokens a rollout group may hold on a bus that takes `message_bytes` messages."""
+    return (message_bytes - GROUP_ENVELOPE_BYTES) // BYTES_PER_TOKEN
+
+
+MAX_GROUP_TOKENS = max_group_tokens(NATS_DEFAULT_MAX_PAYLOAD)  # at NATS's default max_payload
+_FITS = f" * self.generator.sampling.maxTokens * {BYTES_PER_TOKEN} + {GROUP_ENVELOPE_BYTES} <= self.nats.maxMessageBytes"
+_RAISE = ("or raise nats.maxMessageBytes, up to your NATS server's max_payload (the chart's NATS: 8 MiB; "
+          "NATS's default, and nats.maxMessageBytes's: 1 MiB)")
 
 _BEHAVIOUR = "[" + ", ".join(f"'{x}'" for x in BEHAVIOUR_LOGPROB_LOSSES) + "]"
 _CLIPPED = "[" + ", ".join(f"'{x}'" for x in RATIO_CLIPPED_LOSSES) + "]"
@@ -108,11 +120,12 @@ SEARCHER_RULES = [
 CROSS_FIELD_RULES: list[CrossFieldRule] = [
     CrossFieldRule(
         "generator.sampling.maxTokens",
-        f"self.algorithm.samplesPerPrompt * self.generator.sampling.maxTokens <= {MAX_GROUP_TOKENS}",
-        f"a rollout group (samplesPerPrompt x maxTokens tokens) must fit in one bus message: at most "
-        f"{MAX_GROUP_TOKENS} tokens ({MESSAGE_LIMIT_BYTES >> 20} MiB, NATS's default max_payload, at "
-        f"{BYTES_PER_TOKEN} bytes a token); lower maxTokens or algorithm.samplesPerPrompt",
-        lambda s: s.algorithm.samples_per_prompt * s.generator.sampling.max_tokens <= MAX_GROUP_TOKENS,
+        "self.algorithm.samplesPerPrompt" + _FITS,
+        f"a rollout group (samplesPerPrompt x maxTokens tokens, {BYTES_PER_TOKEN} bytes a token, plus 64 KiB) "
+        f"must fit in one bus message of nats.maxMessageBytes ({MAX_GROUP_TOKENS} tokens at 1 MiB); lower "
+        f"maxTokens or algorithm.samplesPerPrompt, " + _RAISE,
+        lambda s: s.algorithm.samples_per_prompt * s.generator.sampling.max_tokens
+        <= max_group_tokens(s.nats.max_message_bytes),
     ),
     CrossFieldRule(
         "async.maxStaleness",
@@ -279,10 +292,12 @@ CROSS_FIELD_RULES: list[CrossFieldRule] = [
     ),
     CrossFieldRule(
         "generator.sampling.maxTokens",
-        f"self.async.replayBuffer.generateSamples * self.generator.sampling.maxTokens <= {MAX_GROUP_TOKENS}",
-        f"a rollout group (replayBuffer.generateSamples x maxTokens tokens) must fit in one bus message: at "
-        f"most {MAX_GROUP_TOKENS} tokens; lower maxTokens or generateSamples",
-        lambda s: s.async_.replay_buffer.generate_samples * s.generator.sampling.max_tokens <= MAX_GROUP_TOKENS,
+        "self.async.replayBuffer.generateSamples" + _FITS,
+        f"a rollout group (replayBuffer.generateSamples x maxTokens tokens, {BYTES_PER_TOKEN} bytes a token, plus "
+        f"64 KiB) must fit in one bus message of nats.maxMessageBytes ({MAX_GROUP_TOKENS} tokens at 1 MiB); "
+        f"lower maxTokens or generateSamples, " + _RAISE,
+        lambda s: s.async_.replay_buffer.generate_samples * s.generator.sampling.max_tokens
+        <= max_group_tokens(s.nats.max_message_bytes),
     ),
     CrossFieldRule(
         "generator.searchers",
