@@ -1,5 +1,5 @@
 """Processes stop when told: `asyncrlhf run` takes its children down with it (none needs its
-SIGKILL), and a generator whose bus is gone exits at once on SIGTERM, by itself."""
+SIGKILL), and a generator or learner whose bus is gone exits at once on SIGTERM, by itself."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import yaml
 from asyncrlhf.bus import EmbeddedNats, JobBus, connect, ensure_job_resources
 from asyncrlhf.kv import JobKV
 from asyncrlhf.local_generators import STOP_GRACE_SECONDS
-from asyncrlhf.shutdown import GRACE_SECONDS
+from asyncrlhf.shutdown import GRACE_SECONDS, STRANDED_CHECK_SECONDS, Stranded, unless_stranded
 
 pytestmark = pytest.mark.slow
 
@@ -77,12 +77,14 @@ def test_sigterm_to_asyncrlhf_run_stops_every_child(tmp_path):
     assert stopped < STOP_GRACE_SECONDS, f"asyncrlhf run took {stopped:.1f} s to stop:\n{log[-2000:]}"
 
 
-def test_a_generator_whose_bus_is_gone_exits_soon_after_sigterm(tmp_path):
+@pytest.mark.parametrize("role", ["generator", "learner"])
+def test_a_workload_whose_bus_is_gone_exits_by_itself_soon_after_sigterm(tmp_path, role):
     manifest = tmp_path / "job.yaml"
     manifest.write_text(yaml.safe_dump(JOB))
     server = EmbeddedNats().start()
-    env = dict(os.environ, ASYNCRLHF_NATS_URL=server.url, GENERATOR_ID="g0", ASYNCRLHF_SNAPSHOT_DIR=str(tmp_path))
-    log = open(tmp_path / "generator.log", "wb")
+    env = dict(os.environ, ASYNCRLHF_NATS_URL=server.url, GENERATOR_ID="g0", ASYNCRLHF_SNAPSHOT_DIR=str(tmp_path / "volume"),
+               ASYNCRLHF_RUN_DIR=str(tmp_path / "run"))
+    log = open(tmp_path / f"{role}.log", "wb")
 
     async def make_stream() -> None:
         nc = await connect(server.url)
@@ -90,34 +92,66 @@ def test_a_generator_whose_bus_is_gone_exits_soon_after_sigterm(tmp_path):
         await nc.close()
 
     asyncio.run(make_stream())
-    gen = subprocess.Popen([sys.executable, "-m", "asyncrlhf.cli", "generator", "--config", str(manifest)],
-                           env=env, stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "asyncrlhf.cli", role, "--config", str(manifest)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_for(lambda: _reported(server.url), 120, "the generator's first report")
+        wait_for(lambda: _reported(server.url, role), 120, f"the {role}'s first report")
         server.close()  # the bus is gone
         time.sleep(2)
         started = time.monotonic()
-        gen.send_signal(signal.SIGTERM)
-        gen.wait(30)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
         stopped = time.monotonic() - started
     finally:
-        if gen.poll() is None:
-            gen.kill()
+        if proc.poll() is None:
+            proc.kill()
         server.close()
-    log = (tmp_path / "generator.log").read_text()
+    text = (tmp_path / f"{role}.log").read_text()
     # it noticed the bus was away and left at once: no request waited out its timeout, the
     # watchdog (exit 128 + SIGTERM after shutdown.GRACE_SECONDS) was not needed
-    assert gen.returncode == 0 and "stopping with the bus away" in log, log[-3000:]
-    assert stopped < GRACE_SECONDS, f"the generator took {stopped:.1f} s to exit after SIGTERM"
+    assert proc.returncode == 0 and "stopping with the bus away" in text, text[-3000:]
+    assert stopped < GRACE_SECONDS, f"the {role} took {stopped:.1f} s to exit after SIGTERM"
 
 
-def _reported(url: str) -> bool:
+def _reported(url: str, role: str) -> bool:
     async def check() -> bool:
         nc = await connect(url)
         try:
             kv = await JobKV.open(nc.jetstream(), JobBus("default", "stop-me").bucket)
-            return bool(await kv.reports())
+            return bool(await kv.reports()) if role == "generator" else await kv.progress() is not None
         finally:
             await nc.close()
 
     return asyncio.run(check())
+
+
+async def test_unless_stranded_cuts_work_short_only_when_stopping_with_the_bus_away():
+    stopping, connected = asyncio.Event(), [True]
+
+    async def forever() -> None:
+        await asyncio.sleep(3600)
+
+    assert await unless_stranded(asyncio.sleep(0.01, "done"), stopping, lambda: connected[0]) == "done"
+    stopping.set()  # stopping, the bus there: the work goes on (it hands its prompts back)
+    assert await unless_stranded(asyncio.sleep(0.7, "handed back"), stopping, lambda: connected[0]) == "handed back"
+    work = asyncio.ensure_future(forever())
+    connected[0] = False
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with pytest.raises(Stranded):
+        await unless_stranded(work, stopping, lambda: connected[0])
+    assert loop.time() - started <= STRANDED_CHECK_SECONDS + 0.5
+    await asyncio.sleep(0)
+    assert work.cancelled()
+    stopping.clear()  # the bus away but not stopping: the work goes on (nats-py reconnects)
+    assert await unless_stranded(asyncio.sleep(0.7, "later"), stopping, lambda: connected[0]) == "later"
+
+
+async def test_unless_stranded_cancels_its_work_with_its_caller():
+    work = asyncio.ensure_future(asyncio.sleep(3600))
+    caller = asyncio.ensure_future(unless_stranded(work, asyncio.Event(), lambda: True))
+    await asyncio.sleep(0.05)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    assert work.cancelled()

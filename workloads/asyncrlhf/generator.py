@@ -41,7 +41,6 @@ from .snapshots import SnapshotError, check_structure, confined
 from .telemetry import GeneratorTelemetry
 
 log = logging.getLogger("asyncrlhf.generator")
-STRANDED_CHECK_SECONDS = 0.5  # how often a step checks for "stopping, and the bus away"
 WEIGHTS_WAIT_ACK_WAITS = 3  # waiting longer than this many ack waits for weights, prompts are handed back
 WEIGHTS_WAIT_RETRY_SECONDS = 5.0  # ... and redelivered after this delay
 HOLD_LIMIT_MIN_SECONDS, HOLD_LIMIT_ACK_WAITS = 1800.0, 30  # a generation holds its prompts at most this long
@@ -285,8 +284,10 @@ class Generator:
         try:
             while not self.stopping.is_set():
                 try:
-                    if await self._step_unless_stranded(nc, js, kv, sub):
+                    if await shutdown.unless_stranded(self._step(js, kv, sub), self.stopping, lambda: nc.is_connected):
                         break
+                except shutdown.Stranded:
+                    break
                 except nats.errors.Error as err:
                     # the bus is away (restarting, failing over): the prompts we held come back to
                     # the queue after ackWaitSeconds, so waiting and going on loses nothing and
@@ -299,18 +300,6 @@ class Generator:
                 await self.report(kv)
             await close_quietly(nc)
         return self.state
-
-    async def _step_unless_stranded(self, nc, js, kv, sub) -> bool:
-        """`_step`, cut short once the generator is stopping while the bus is away: each bus request
-        would wait out its timeout (seconds each), and what the step holds is redelivered anyway."""
-        step = asyncio.create_task(self._step(js, kv, sub))
-        while not step.done():
-            await asyncio.wait({step}, timeout=STRANDED_CHECK_SECONDS)
-            if self.stopping.is_set() and not nc.is_connected and not step.done():
-                step.cancel()
-                log.info("stopping with the bus away: what this generator held is redelivered")
-                return True
-        return step.result()
 
     async def _step(self, js, kv, sub) -> bool:
         """Take prompts and answer them, or, when there are none, pick up new weights; True once

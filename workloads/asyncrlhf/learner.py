@@ -249,10 +249,10 @@ class Learner(WeightPublishing):
             heartbeat = asyncio.create_task(self.heartbeat())
             try:
                 async with keep_alive(self.intake.unacked, self.spec.nats.ack_wait_seconds):
-                    await self.loop()
+                    await shutdown.unless_stranded(self.loop(), self.stopping, lambda: nc.is_connected)
             finally:
                 heartbeat.cancel()
-        except asyncio.CancelledError:
+        except (asyncio.CancelledError, shutdown.Stranded):
             log.info("learner stopping at step %d (unacked rollouts will be redelivered)", self.state.step)
         finally:
             self.log.close()

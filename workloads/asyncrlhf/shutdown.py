@@ -2,12 +2,13 @@
 
 SIGTERM or SIGINT sets the process's `stopping` event: the learner stops between steps, a
 generator hands back its prompts. Some states cannot notice the event soon — a training step or
-a generation running in a thread, a learner's request to a bus that is gone (a generator notices
-the bus is away and stops at once: generator.py) — so the first signal
+a generation running in a thread, a request to a bus that is gone — so the first signal
 also starts a watchdog that ends the process after GRACE_SECONDS, and a second signal ends it at
 once. Ending a workload abruptly is safe by design: what a learner has not checkpointed and what
 a generator has not published is redelivered. A pod's grace period (30 s by default) and
-`asyncrlhf run`'s are longer than GRACE_SECONDS, so they never have to SIGKILL.
+`asyncrlhf run`'s are longer than GRACE_SECONDS, so they never have to SIGKILL. With the bus away,
+waiting is pointless (nothing can be handed back, each request waits out its timeout):
+`unless_stranded` cuts the work short at once, and the process exits by itself.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ import logging
 import os
 import signal
 import threading
+from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("asyncrlhf.shutdown")
 GRACE_SECONDS = 8.0
+STRANDED_CHECK_SECONDS = 0.5  # how often `unless_stranded` looks for "stopping, and the bus away"
 
 
 def install(stopping: asyncio.Event, grace: float = GRACE_SECONDS) -> None:
@@ -45,3 +48,25 @@ def _exit_late(signum: int, grace: float) -> None:
                 signal.Signals(signum).name)
     logging.shutdown()
     os._exit(128 + signum)
+
+
+class Stranded(Exception):
+    """Work cut short by `unless_stranded`: stopping, with the bus away."""
+
+
+async def unless_stranded(work: Awaitable[Any], stopping: asyncio.Event, connected: Callable[[], bool]) -> Any:
+    """`work`'s result; once `stopping` is set while `connected()` is False, the work is cancelled
+    and Stranded raised (what it held on the bus is redelivered; a thread it started runs on, and
+    the watchdog bounds that)."""
+    task = asyncio.ensure_future(work)
+    while not task.done():
+        try:
+            await asyncio.wait({task}, timeout=STRANDED_CHECK_SECONDS)
+        except asyncio.CancelledError:  # the caller is cancelled: so is its work
+            task.cancel()
+            raise
+        if stopping.is_set() and not connected() and not task.done():
+            task.cancel()
+            log.info("stopping with the bus away: what this process held is redelivered")
+            raise Stranded()
+    return task.result()
