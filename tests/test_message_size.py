@@ -10,7 +10,7 @@ import pytest
 
 from asyncrlhf.api import AsyncRLHFJob, JobSpec
 from asyncrlhf.bus import BusLimitError, EmbeddedNats, JobBus, check_message_size, connect, ensure_job_resources
-from asyncrlhf.generator import Generator, encode_for_bus
+from asyncrlhf.generator import HEADERS_ALLOWANCE, Generator, encode_for_bus
 from asyncrlhf.local import LocalRun
 from asyncrlhf.messages import Completion, RolloutGroup
 
@@ -24,10 +24,12 @@ def _group(tokens: int, text_per_token: str = "word") -> RolloutGroup:
 
 def test_a_group_larger_than_the_bus_takes_stops_the_generator_with_the_reason():
     fits = _group(1000)  # 4 x 1000 x (4 + 4 + 8) bytes = 64,000 + the envelope
-    assert [RolloutGroup.decode(d) for d in encode_for_bus([fits], 65_000)] == [fits]
-    with pytest.raises(BusLimitError, match=r"rollout group r-1 \(4000 tokens\) is \d+ bytes, more than the bus's "
-                                            r"largest message \(64000 bytes\).*nats.maxMessageBytes"):
-        encode_for_bus([fits], 64_000)
+    size = len(fits.encode())
+    assert 64_000 < size < 64_500
+    assert [RolloutGroup.decode(d) for d in encode_for_bus([fits], size + HEADERS_ALLOWANCE)] == [fits]
+    with pytest.raises(BusLimitError, match=rf"rollout group r-1 \(4000 tokens\) is {size} bytes, more than the bus's "
+                                            rf"largest message \({size + HEADERS_ALLOWANCE - 1} bytes\).*nats.maxMessageBytes"):
+        encode_for_bus([fits], size + HEADERS_ALLOWANCE - 1)  # no room left for the message id
 
 
 def test_check_message_size_against_a_real_server():

@@ -41,6 +41,7 @@ from .snapshots import SnapshotError, check_structure, confined
 from .telemetry import GeneratorTelemetry
 
 log = logging.getLogger("asyncrlhf.generator")
+HEADERS_ALLOWANCE = 1024  # bytes of a message's headers (Nats-Msg-Id: a rollout id, at most 512 characters)
 WEIGHTS_WAIT_ACK_WAITS = 3  # waiting longer than this many ack waits for weights, prompts are handed back
 WEIGHTS_WAIT_RETRY_SECONDS = 5.0  # ... and redelivered after this delay
 HOLD_LIMIT_MIN_SECONDS, HOLD_LIMIT_ACK_WAITS = 1800.0, 30  # a generation holds its prompts at most this long
@@ -338,7 +339,7 @@ def encode_for_bus(groups: list[RolloutGroup], max_payload: int) -> list[bytes]:
     come back and fail again for ever, so the generator stops with the reason instead."""
     encoded = [g.encode() for g in groups]
     for g, data in zip(groups, encoded):
-        if len(data) > max_payload:
+        if len(data) + HEADERS_ALLOWANCE > max_payload:  # max_payload counts the headers (the msg id) too
             tokens = sum(len(c.token_ids) for c in g.completions)
             raise BusLimitError(
                 f"rollout group {g.id} ({tokens} tokens) is {len(data)} bytes, more than the bus's largest message "
