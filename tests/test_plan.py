@@ -716,6 +716,12 @@ OWNED = [
     ("sidecar", {"containers": [{"name": "proxy", "image": "envoy"}]}, "containers[0].name: only the workload's container"),
     ("host network", {"hostNetwork": True}, "hostNetwork: not supported in a pod template"),
     ("root", {"securityContext": {"runAsUser": 0}}, "securityContext: the workloads run as non-root"),
+    # a value of the wrong type where a mapping belongs: an error naming it, not a crash (found by the fuzz)
+    ("context not a mapping", {"securityContext": 1}, "securityContext: must be a mapping, got int"),
+    ("resources not a mapping", {"containers": [{"name": "generator", "resources": 3}]},
+     "containers[0].resources: must be a mapping, got int"),
+    ("limits not a mapping", {"containers": [{"name": "learner", "resources": {"limits": [1]}}]},
+     "containers[0].resources.limits: must be a mapping, got list"),
 ]
 
 

@@ -23,8 +23,6 @@ import math
 import time
 from typing import Annotated, Any, ClassVar, Optional, TypeVar
 
-import msgpack
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SCHEMA_VERSION = 1
@@ -135,6 +133,8 @@ class RolloutGroup(Message):
 
     def encode(self) -> bytes:
         """msgpack, token ids and log-probs packed (the module docstring); `decode` reads it back exactly."""
+        import msgpack  # here, not at the top: the operator imports this module and never moves rollouts
+
         data = self.model_dump(exclude={"completions", "prompt_token_ids"})
         data["prompt_token_ids"] = _pack(self.prompt_token_ids, _IDS)
         data["completions"] = [{"text": c.text, "token_ids": _pack(c.token_ids, _IDS),
@@ -146,6 +146,8 @@ class RolloutGroup(Message):
     def decode(cls, data: bytes) -> "RolloutGroup":
         if data[:1] == b"{":  # the JSON form
             return super().decode(data)
+        import msgpack
+
         try:
             raw = msgpack.unpackb(data, raw=False)
             if not isinstance(raw, dict) or not isinstance(raw.get("completions"), list):
@@ -161,16 +163,21 @@ class RolloutGroup(Message):
         return msg.model_copy(update={"prompt_token_ids": prompt_ids.tolist()})
 
 
-_IDS, _LOGPROBS = np.dtype("<u4"), np.dtype("<f8")  # token ids are TokenIds (< 2**31), log-probs exact
+_IDS, _LOGPROBS = "<u4", "<f8"  # token ids are TokenIds (< 2**31), log-probs exact
 
 
-def _pack(values: list, dtype: np.dtype) -> bytes:
+def _pack(values: list, dtype: str) -> bytes:
+    import numpy as np
+
     return np.asarray(values, dtype=dtype).tobytes()
 
 
-def _unpack(packed: Any, dtype: np.dtype, name: str, limit: int) -> np.ndarray:
-    """A packed array, refused as the schema would refuse its list: too long, a token id not a
-    TokenId (< 2**31), a log-prob not finite."""
+def _unpack(packed: Any, dtype: str, name: str, limit: int) -> Any:
+    """A packed array (numpy), refused as the schema would refuse its list: too long, a token id not
+    a TokenId (< 2**31), a log-prob not finite."""
+    import numpy as np
+
+    dtype = np.dtype(dtype)
     if not isinstance(packed, bytes) or len(packed) % dtype.itemsize:
         raise ValueError(f"{name}: expected packed {dtype.itemsize}-byte values")
     values = np.frombuffer(packed, dtype=dtype)

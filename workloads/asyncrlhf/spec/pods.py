@@ -78,7 +78,7 @@ def pod_spec_problems(spec: dict[str, Any]) -> list[str]:
     """Why a pod template's spec cannot be merged (empty when it can), each with its field."""
     problems = [f"{k}: not supported in a pod template (supported: {', '.join(POD_FIELDS)})"
                 for k in spec if k not in POD_FIELDS]
-    context = spec.get("securityContext") or {}
+    context = _mapping(spec, "securityContext", "securityContext", problems)
     if context.get("runAsNonRoot") is False or context.get("runAsUser") == 0:
         problems.append("securityContext: the workloads run as non-root; set runAsUser to a non-zero uid")
     for i, volume in enumerate(_items(spec, "volumes")):
@@ -87,6 +87,15 @@ def pod_spec_problems(spec: dict[str, Any]) -> list[str]:
     for i, container in enumerate(_items(spec, "containers")):
         problems += _container_problems(container, f"containers[{i}]")
     return problems
+
+
+def _mapping(owner: dict[str, Any], key: str, where: str, problems: list[str]) -> dict[str, Any]:
+    """owner[key] when it is a mapping (or absent: {}); else {} and a problem naming the field."""
+    value = owner.get(key)
+    if value is None or isinstance(value, dict):
+        return value or {}
+    problems.append(f"{where}: must be a mapping, got {type(value).__name__}")
+    return {}
 
 
 def _items(spec: dict[str, Any], key: str) -> list[dict[str, Any]]:
@@ -106,8 +115,9 @@ def _container_problems(container: dict[str, Any], where: str) -> list[str]:
     for i, mount in enumerate(_items(container, "volumeMounts")):
         if mount.get("mountPath") in OWNED_MOUNT_PATHS or mount.get("name") in OWNED_VOLUMES:
             problems.append(f"{where}.volumeMounts[{i}]: {mount.get('mountPath')} is mounted by the operator")
+    resources = _mapping(container, "resources", f"{where}.resources", problems)
     for part in ("requests", "limits"):
-        for key in (container.get("resources") or {}).get(part) or {}:
+        for key in _mapping(resources, part, f"{where}.resources.{part}", problems):
             if key in OWNED_RESOURCES:
                 problems.append(f"{where}.resources.{part}.{key}: set the job's {OWNED_RESOURCES[key]} instead")
     return problems
