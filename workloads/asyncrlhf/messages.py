@@ -5,9 +5,10 @@ version); a reader refuses a message whose version it does not know instead of g
 No pickle: messages are JSON, weights are safetensors files referenced by path. The one
 exception to JSON is the rollout group, by far the largest message (K completions with a token id
 and a log-prob per token): it travels as msgpack with its token ids packed as little-endian uint32
-and its log-probs as float64 (`RolloutGroup.encode`), about 12 bytes a token plus the text instead
-of ~31 in JSON, and several times cheaper to decode. Its reader also takes the JSON form (a
-generator of an earlier release), told apart by the first byte.
+and its log-probs as float64 (`RolloutGroup.encode`): about 12 bytes a token plus the text instead
+of ~31 in JSON, and about twice as fast to decode once completions are a few hundred tokens long
+(slower below ~150: bench/results/bus.md). Its reader also takes the JSON form (a generator of an
+earlier release), told apart by the first byte.
 
 Values a reader would trip over are refused at decode, as a MessageError like any malformed
 message: every float finite (a NaN score once turned every weight into NaN), lists and strings
@@ -129,7 +130,6 @@ class RolloutGroup(Message):
     generator_id: str = Field(max_length=MAX_ID)
     created: float = Field(default_factory=time.time)
     generation_seconds: float = 0.0
-
 
     def encode(self) -> bytes:
         """msgpack, token ids and log-probs packed (the module docstring); `decode` reads it back exactly."""
