@@ -38,7 +38,8 @@ observedGeneration`; Job `active/ready/succeeded/failed/completedIndexes/startTi
 completionTime/conditions` (Complete; Failed with BackoffLimitExceeded past `backoffLimit`;
 Suspended); a Pod object per process with its phase and container state (running, the exit
 code when terminated, CrashLoopBackOff with the last exit code for a Deployment pod that
-exits, which is restarted after 10 s doubling as kubelet does). A pod whose owner is deleted,
+exits, which is restarted after 10 s doubling as kubelet does; a failed container with
+terminationMessagePolicy FallbackToLogsOnError gets its log's tail as its message). A pod whose owner is deleted,
 scaled down, suspended or replaced (a new uid under the same name) is stopped before any new
 pod starts: SIGTERM to its process group, SIGKILL after terminationGracePeriodSeconds.
 
@@ -430,15 +431,25 @@ class Kubelet:
         elif pod.running:
             phase, state = "Running", {"running": {"startedAt": now_iso()}}
         elif pod.exit_code is None:  # a Deployment's pod between restarts
-            terminated = {"exitCode": pod.last_exit, "reason": "Completed" if pod.last_exit == 0 else "Error"}
+            terminated = self._terminated(pod, pod.last_exit)
             phase, state, last = "Running", {"waiting": {"reason": "CrashLoopBackOff"}}, {"terminated": terminated}
         else:
-            terminated = {"exitCode": pod.exit_code, "reason": "Completed" if pod.exit_code == 0 else "Error"}
+            terminated = self._terminated(pod, pod.exit_code)
             phase, state = ("Succeeded" if pod.exit_code == 0 else "Failed"), {"terminated": terminated}
         status = {"phase": phase, "containerStatuses": [{
             "name": name, "ready": pod.running, "restartCount": pod.restarts, "state": state,
             "lastState": last, "image": pod.container.get("image", "")}]}
         self.api.call("PATCH", core(pod.namespace, "pods", pod.name) + "/status", {"status": status})
+
+    @staticmethod
+    def _terminated(pod: Pod, code: int) -> dict[str, Any]:
+        """A terminated state; a failed container with terminationMessagePolicy FallbackToLogsOnError
+        gets its log's last 80 lines, at most 2048 bytes, as its message (as kubelet does)."""
+        terminated: dict[str, Any] = {"exitCode": code, "reason": "Completed" if code == 0 else "Error"}
+        if code != 0 and pod.container.get("terminationMessagePolicy") == "FallbackToLogsOnError" and pod.log.exists():
+            tail = "\n".join(pod.log.read_text(errors="replace").splitlines()[-80:])
+            terminated["message"] = tail.encode()[-2048:].decode(errors="ignore")
+        return terminated
 
     # --- volumes and environment -------------------------------------------------------------
 

@@ -376,6 +376,10 @@ def test_a_crash_looping_generator_is_named_in_the_status(cluster):
         show(f"{name}: named in the status after {time.monotonic() - t0:.1f} s")
         reason, message = named[0]
         assert reason == "Error" and "keeps failing (Error, exit code 2," in message, named
+        # what the generator said before exiting, quoted from its termination message (FallbackToLogsOnError)
+        assert "restarts): " in message, f"nothing the generator said is quoted: {named}"
+        said = message.split("restarts): ", 1)[1]
+        assert said.startswith("error: ") and "cannot import module 'no_such_module'" in said, named
         pod_name = message.split()[1].rstrip(":")
         pod = cluster.kube.get(f"/api/v1/namespaces/{NS}/pods/{pod_name}")
         container = pod["status"]["containerStatuses"][0]

@@ -832,6 +832,27 @@ def test_pod_problems(case, pods, reason):
     assert (found.reason if found else None) == reason
 
 
+def test_a_crash_loop_quotes_what_the_container_said_last():
+    """The workload containers leave their last log lines as the termination message
+    (FallbackToLogsOnError); the problem quotes the `error:` line the workloads print before exit 2."""
+    for kind in ("Job", "Deployment"):
+        for c in children(job())[kind]["spec"]["template"]["spec"]["containers"]:
+            assert c["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    crashed = pod(waiting="CrashLoopBackOff", last="Error")
+    crashed["status"]["containerStatuses"][0]["lastState"]["terminated"]["message"] = (
+        "2026-12-02 08:00:00 INFO asyncrlhf.engines: loading\nerror: the bus takes messages of at most 1048576 "
+        "bytes (its max_payload), but spec.nats.maxMessageBytes is 8388608: ...\nTraceback-free exit\n")
+    found = health.pod_problem([crashed])
+    assert found.reason == "Error" and found.message.endswith(
+        "keeps failing (Error, exit code 137, 3 restarts): error: the bus takes messages of at most 1048576 bytes "
+        "(its max_payload), but spec.nats.maxMessageBytes is 8388608: ...")
+    assert health.said_last("one\n  two  \n\n") == "two" and health.said_last("") == ""  # no error line: the last
+    long = health.said_last("error: " + "x" * 1000)
+    assert len(long) == health.SAID_MAX and long.endswith("…")
+    silent = pod(waiting="CrashLoopBackOff", last="Error")
+    assert health.pod_problem([silent]).message.endswith("3 restarts)")  # nothing said: nothing quoted
+
+
 def claim(phase, modes=("ReadWriteMany",)) -> dict:
     return {"metadata": {"name": "demo-snapshots"}, "spec": {"accessModes": list(modes)}, "status": {"phase": phase}}
 

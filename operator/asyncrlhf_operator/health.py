@@ -51,8 +51,10 @@ def _problem_of(pod: dict[str, Any]) -> Optional[Problem]:
         if reason == "CrashLoopBackOff" and last.get("reason") in TERMINATED:
             # the crash's own reason says more than "back-off restarting"
             code = last.get("exitCode")
+            said = said_last(last.get("message", ""))
             return _problem(last["reason"], f"pod {name}: container {container.get('name')} keeps failing "
-                            f"({last['reason']}, exit code {code}, {container.get('restartCount', 0)} restarts)")
+                            f"({last['reason']}, exit code {code}, {container.get('restartCount', 0)} restarts)"
+                            + (f": {said}" if said else ""))
         if reason in WAITING:
             return _problem(reason, f"pod {name}: container {container.get('name')} {reason}: "
                             f"{waiting.get('message', '')}".rstrip(": "))
@@ -61,6 +63,19 @@ def _problem_of(pod: dict[str, Any]) -> Optional[Problem]:
                 and condition.get("reason") == "Unschedulable":
             return _problem("Unschedulable", f"pod {name} cannot be scheduled: {condition.get('message', '')}")
     return None
+
+
+SAID_MAX = 400  # characters of a container's last words quoted in a condition message
+
+
+def said_last(termination_message: str) -> str:
+    """What a failed container said last (its termination message: with FallbackToLogsOnError, its
+    log's last lines): the last `error: ...` line the workloads print before exiting, else the
+    last line; bounded. Empty when it said nothing."""
+    lines = [line.strip() for line in termination_message.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    said = (errors or lines or [""])[-1]
+    return said if len(said) <= SAID_MAX else said[: SAID_MAX - 1] + "…"
 
 
 def _problem(reason: str, message: str) -> Problem:

@@ -115,6 +115,9 @@ def _pod_spec(
         "env": env,
         "resources": resources,
         "volumeMounts": mounts,
+        # a container that fails leaves its last log lines as its termination message: the
+        # workloads print `error: ...` (what to fix) before exiting 2, and health.py quotes it
+        "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,
             "readOnlyRootFilesystem": True,
