@@ -853,6 +853,28 @@ def test_a_crash_loop_quotes_what_the_container_said_last():
     assert health.pod_problem([silent]).message.endswith("3 restarts)")  # nothing said: nothing quoted
 
 
+def test_a_learner_that_failed_for_good_is_quoted_in_the_failed_condition():
+    """A learner pod that exits 2 before it reaches the bus (no progress report) leaves its
+    `error:` line in its termination message; the Failed condition quotes it after the Job's own."""
+    def learner_pod(state: str, code: int, message: str) -> dict:
+        ended = {"terminated": {"exitCode": code, "reason": "Error" if code else "Completed", "message": message}}
+        return {"metadata": {"name": "demo-learner-0-x"}, "status": {"containerStatuses": [
+            {"name": "learner", **({"state": ended} if state == "state" else {"state": {}, "lastState": ended})}]}}
+
+    said = "INFO loading\nerror: model Qwen/Nope not found on the hub (check spec.model.policy)\n"
+    for state in ("state", "lastState"):
+        o = obs(learner=learner_job(condition="Failed", message="Job has reached the specified backoff limit"),
+                restarts=2, pods=(pod("gen", waiting="ImagePullBackOff"), learner_pod(state, 2, said)))
+        failed = next(c for c in compute_status(o, {})["conditions"] if c["type"] == "Failed")
+        assert failed["reason"] == "BackoffLimitExceeded" and failed["message"].endswith(
+            "Job has reached the specified backoff limit; the learner said: error: model Qwen/Nope not found on "
+            "the hub (check spec.model.policy)"), failed
+    quiet = obs(learner=learner_job(condition="Failed", message="BackoffLimitExceeded"), restarts=2,
+                pods=(learner_pod("state", 0, "done\n"),))  # a clean exit says nothing worth quoting
+    assert next(c for c in compute_status(quiet, {})["conditions"] if c["type"] == "Failed")["message"].endswith(
+        "): BackoffLimitExceeded")
+
+
 def claim(phase, modes=("ReadWriteMany",)) -> dict:
     return {"metadata": {"name": "demo-snapshots"}, "spec": {"accessModes": list(modes)}, "status": {"phase": phase}}
 

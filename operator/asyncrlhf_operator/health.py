@@ -78,6 +78,20 @@ def said_last(termination_message: str) -> str:
     return said if len(said) <= SAID_MAX else said[: SAID_MAX - 1] + "…"
 
 
+def container_said(pods: Iterable[dict[str, Any]], container: str) -> str:
+    """What a `container` of these pods said last when it ended with an error (its terminated
+    state, or the last one of a restarted container): `said_last` of its termination message."""
+    for pod in pods:
+        for status in (pod.get("status") or {}).get("containerStatuses") or []:
+            if status.get("name") != container:
+                continue
+            for state in (status.get("state"), status.get("lastState")):
+                ended = (state or {}).get("terminated") or {}
+                if ended.get("exitCode") not in (None, 0) and said_last(ended.get("message", "")):
+                    return said_last(ended["message"])
+    return ""
+
+
 def _problem(reason: str, message: str) -> Problem:
     hint = HINTS.get(reason)
     return Problem(reason, f"{message} ({hint})" if hint else message)

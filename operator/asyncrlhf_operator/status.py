@@ -19,7 +19,7 @@ from typing import Any, Literal, Optional
 from asyncrlhf import api
 from asyncrlhf.messages import GeneratorStatus, LearnerProgress
 
-from .health import Problem, claim_problem, pod_problem
+from .health import Problem, claim_problem, container_said, pod_problem
 
 # Generators that have not reported for this long are gone (scaled down, crashed, replaced).
 TERMINAL = ("Succeeded", "Failed")
@@ -88,12 +88,16 @@ def learner_state(job: Optional[dict[str, Any]], nodes: int) -> LearnerState:
 
 
 def learner_failure(obs: Observed) -> str:
-    """Why the learner failed, in the learner's own words when it said any."""
+    """Why the learner failed, in the learner's own words when it said any: its last progress
+    report, else the Job's condition with the `error:` line a learner pod ended with (one that
+    exits 2 before it reaches the bus: a model not found, a reward that cannot be imported)."""
     if obs.progress and obs.progress.failed:
         return obs.progress.failed
     condition = (_job_condition(obs.learner or {}, "Failed")
                  or _job_condition(obs.learner or {}, "FailureTarget") or {})
-    return condition.get("message") or condition.get("reason") or "the learner Job failed"
+    failed = condition.get("message") or condition.get("reason") or "the learner Job failed"
+    said = container_said(obs.pods, "learner")
+    return f"{failed}; the learner said: {said}" if said else failed
 
 
 def learner_action(obs: Observed, previous_phase: str = "") -> Action:
