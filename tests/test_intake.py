@@ -146,3 +146,11 @@ def test_the_torch_backend_reports_the_models_limits():
 
     model = GPT2LMHeadModel(GPT2Config(vocab_size=77, n_positions=33, n_embd=8, n_layer=1, n_head=2))
     assert token_limits(model) == (77, 33)
+
+
+def test_a_pull_asks_for_fewer_groups_when_groups_may_be_large():
+    from asyncrlhf.intake import FETCH_BATCH, fetch_batch
+
+    # 64 MiB a pull at most: nats-server's max_pending; 64 groups of NATS's default 1 MiB
+    assert [fetch_batch(n << 20) for n in (1, 2, 8, 48, 64)] == [FETCH_BATCH, 32, 8, 1, 1]
+    assert FETCH_BATCH == 64

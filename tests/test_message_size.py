@@ -22,19 +22,32 @@ def _group(tokens: int, text_per_token: str = "word") -> RolloutGroup:
                         completions=[completion] * 4, policy_version=0, generator_id="g")
 
 
-def test_a_group_larger_than_the_bus_takes_stops_the_generator_with_the_reason():
+def test_a_group_larger_than_the_bus_takes_goes_without_its_texts_or_stops_the_generator():
     fits = _group(1000)  # 4 x 1000 x (4 + 4 + 8) bytes = 64,000 + the envelope
     size = len(fits.encode())
     assert 64_000 < size < 64_500
     assert [RolloutGroup.decode(d) for d in encode_for_bus([fits], size + HEADERS_ALLOWANCE)] == [fits]
-    with pytest.raises(BusLimitError, match=rf"rollout group r-1 \(4000 tokens\) is {size} bytes, more than the bus's "
-                                            rf"largest message \({size + HEADERS_ALLOWANCE - 1} bytes\).*nats.maxMessageBytes"):
-        encode_for_bus([fits], size + HEADERS_ALLOWANCE - 1)  # no room left for the message id
+    # a byte short: the texts (16,000 bytes; the learner trains on token ids) are left out
+    [bare] = [RolloutGroup.decode(d) for d in encode_for_bus([fits], size + HEADERS_ALLOWANCE - 1)]
+    assert [c.text for c in bare.completions] == [""] * 4
+    assert [(c.token_ids, c.logprobs, c.score) for c in bare.completions] == \
+        [(c.token_ids, c.logprobs, c.score) for c in fits.completions]
+    with pytest.raises(BusLimitError, match=r"rollout group r-1 \(1 prompt tokens, 4000 generated\) is \d+ bytes even "
+                                            r"without its texts, more than the bus's largest message \(48000 bytes\)"
+                                            r".*nats.maxMessageBytes"):
+        encode_for_bus([fits], 48_000)  # 4 x 1000 x 12 = 48,000 bytes of ids and log-probs alone
 
 
 def test_check_message_size_against_a_real_server():
-    with EmbeddedNats() as small, EmbeddedNats(config=f"max_payload: {8 << 20}\n") as large:
+    with EmbeddedNats() as small, EmbeddedNats(config=f"max_payload: {8 << 20}\n") as large, \
+            EmbeddedNats(config="max_payload: 65536\n") as tiny:
         async def go() -> None:
+            nc = await connect(tiny.url)
+            try:  # no job fits a bus below 1 MiB: the error says to raise the server's limit
+                with pytest.raises(BusLimitError, match="jobs need at least 1 MiB .*: raise max_payload"):
+                    check_message_size(nc, 1 << 20)
+            finally:
+                await nc.close()
             for server, size in ((small, 1 << 20), (large, 8 << 20)):
                 nc = await connect(server.url)
                 try:
@@ -70,7 +83,7 @@ def test_asyncrlhf_runs_nats_server_takes_the_jobs_message_size(tmp_path):
     job = AsyncRLHFJob.model_validate({"metadata": {"name": "big"}, "spec": {
         "model": {"policy": "builtin:tiny-sort"}, "nats": {"maxMessageBytes": 16 << 20}}})
     run = LocalRun(job, tmp_path / "big", quiet=True)
-    run.prepare()
+    run.prepare()  # starts the nats-server (or raises: nothing to close then)
     try:
         async def size() -> int:
             nc = await connect(run.url)

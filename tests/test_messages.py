@@ -161,3 +161,6 @@ def test_a_group_at_the_specs_limit_fits_in_the_buss_message_size(message_bytes)
     g = group().model_copy(update={"prompt_text": "word" * 6000, "prompt_token_ids": [1] * 6000,
                                    "completions": [completion] * k})
     assert message_bytes - GROUP_ENVELOPE_BYTES < len(g.encode()) <= message_bytes
+    from asyncrlhf.generator import encode_for_bus
+
+    assert encode_for_bus([g], message_bytes) == [g.encode()]  # with its texts, and room for the headers

@@ -846,7 +846,8 @@ def test_a_crash_loop_quotes_what_the_container_said_last():
     assert found.reason == "Error" and found.message.endswith(
         "keeps failing (Error, exit code 137, 3 restarts): error: the bus takes messages of at most 1048576 bytes "
         "(its max_payload), but spec.nats.maxMessageBytes is 8388608: ...")
-    assert health.said_last("one\n  two  \n\n") == "two" and health.said_last("") == ""  # no error line: the last
+    assert health.said_last("one\n  error: two  \nthree\n") == "error: two" and health.said_last("") == ""
+    assert health.said_last("INFO connecting to https://user:secret@host\n") == ""  # only error: lines are quoted
     long = health.said_last("error: " + "x" * 1000)
     assert len(long) == health.SAID_MAX and long.endswith("…")
     silent = pod(waiting="CrashLoopBackOff", last="Error")

@@ -123,13 +123,24 @@ async def reconcile_learner(ctx: Context, body, job, desired: dict[str, Any], *,
         return
     annotations = ((existing.get("spec") or {}).get("template") or {}).get("metadata", {}).get("annotations", {})
     if annotations.get(plan.CONFIG_HASH) != plan.config_hash(job):
-        # A Job's pod template is immutable: replace the Job; the learner resumes from its
-        # checkpoint with the new config (the timer recreates it once the old one is gone).
-        await ctx.kube.delete("batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground")
-        kopf.info(body, reason="LearnerReplaced", message="the config changed: restarting the learner "
-                  "from its checkpoint with the new config")
+        await _replace_learner(ctx, body, meta, "the config changed: restarting the learner from its checkpoint "
+                               "with the new config")
         return
-    await ctx.kube.apply(desired)
+    try:
+        await ctx.kube.apply(desired)
+    except KubeError as err:
+        if err.status != 422 or "immutable" not in err.message:
+            raise
+        # the same config, another pod template: an upgraded operator renders the pods differently
+        await _replace_learner(ctx, body, meta, "the operator's learner pod template changed (an operator "
+                               "upgrade): restarting the learner from its checkpoint with it")
+
+
+async def _replace_learner(ctx: Context, body, meta: dict[str, Any], why: str) -> None:
+    """A Job's pod template is immutable: delete the Job; the learner resumes from its checkpoint
+    in the new one (the timer recreates it once the old one is gone)."""
+    await ctx.kube.delete("batch/v1", "Job", meta["namespace"], meta["name"], propagation="Foreground")
+    kopf.info(body, reason="LearnerReplaced", message=why)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -70,11 +70,11 @@ SAID_MAX = 400  # characters of a container's last words quoted in a condition m
 
 def said_last(termination_message: str) -> str:
     """What a failed container said last (its termination message: with FallbackToLogsOnError, its
-    log's last lines): the last `error: ...` line the workloads print before exiting, else the
-    last line; bounded. Empty when it said nothing."""
-    lines = [line.strip() for line in termination_message.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error:")]
-    said = (errors or lines or [""])[-1]
+    log's last lines): the last `error: ...` line, which the workloads print on purpose before
+    exiting 2 (what to fix, never a secret); bounded. Empty when there is none: any other log line
+    could be unrelated, or carry what the job's status should not show."""
+    errors = [line.strip() for line in termination_message.splitlines() if line.strip().startswith("error:")]
+    said = errors[-1] if errors else ""
     return said if len(said) <= SAID_MAX else said[: SAID_MAX - 1] + "…"
 
 

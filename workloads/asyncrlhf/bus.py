@@ -188,10 +188,12 @@ class BusLimitError(ValueError):
 def check_message_size(nc, wanted: int) -> None:
     """The server takes messages of `wanted` bytes (spec.nats.maxMessageBytes), else BusLimitError."""
     if nc.max_payload < wanted:
+        fix = (f"set nats.maxMessageBytes to at most {nc.max_payload}, or " if nc.max_payload >= 1 << 20 else
+               "jobs need at least 1 MiB (NATS's default): ")
         raise BusLimitError(
             f"the bus takes messages of at most {nc.max_payload} bytes (its max_payload), but "
-            f"spec.nats.maxMessageBytes is {wanted}: set nats.maxMessageBytes to at most {nc.max_payload}, "
-            f"or raise max_payload in the NATS server's configuration (the chart: nats.maxPayload)")
+            f"spec.nats.maxMessageBytes is {wanted}: {fix}raise max_payload in the NATS server's configuration "
+            f"(the chart: nats.maxPayload)")
 
 
 async def close_quietly(nc) -> None:

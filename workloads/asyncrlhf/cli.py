@@ -136,14 +136,16 @@ def cmd_learner(args) -> int:
     from .placement import PlacementError
     from .tracking import TrackingError
 
+    from .shutdown import EXIT_STOPPED
+
     try:
-        asyncio.run(main_async(job.spec, bus, env.nats_url, env.snapshot_dir, env.run_dir))
+        finished = asyncio.run(main_async(job.spec, bus, env.nats_url, env.snapshot_dir, env.run_dir))
     except (TrackingError, PlacementError, ModelNotFoundError) as err:  # no tracker library / credentials, no GPUs: a restart cannot help
         print(f"error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
     finally:
         release_followers()
-    return 0
+    return 0 if finished else EXIT_STOPPED  # stopped before the last step: not a completion
 
 
 def cmd_generator(args) -> int:

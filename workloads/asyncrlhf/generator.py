@@ -335,16 +335,26 @@ class Generator:
 
 def encode_for_bus(groups: list[RolloutGroup], max_payload: int) -> list[bytes]:
     """The groups' wire form. A group larger than the bus takes (its token texts average more than
-    the 12 bytes the spec's cap allows for: spec/rules.py) raises BusLimitError: the prompt would
-    come back and fail again for ever, so the generator stops with the reason instead."""
-    encoded = [g.encode() for g in groups]
-    for g, data in zip(groups, encoded):
+    the 12 bytes the spec's cap allows for: spec/rules.py) goes without its completions' texts,
+    which the learner does not read (it trains on token ids). One still too large (a prompt of
+    more tokens than the cap's 64 KiB allows for) raises BusLimitError: that prompt would come back
+    and fail again for ever, so the generator stops with the reason."""
+    encoded = []
+    for g in groups:
+        data = g.encode()
         if len(data) + HEADERS_ALLOWANCE > max_payload:  # max_payload counts the headers (the msg id) too
+            bare = g.model_copy(update={"completions": [c.model_copy(update={"text": ""}) for c in g.completions]})
+            data = bare.encode()
+            log.warning("rollout group %s is too large for the bus (%d bytes): sent without its completions' texts "
+                        "(%d bytes)", g.id, len(g.encode()), len(data))
+        if len(data) + HEADERS_ALLOWANCE > max_payload:
             tokens = sum(len(c.token_ids) for c in g.completions)
             raise BusLimitError(
-                f"rollout group {g.id} ({tokens} tokens) is {len(data)} bytes, more than the bus's largest message "
-                f"({max_payload} bytes): lower generator.sampling.maxTokens or algorithm.samplesPerPrompt, or "
-                f"raise nats.maxMessageBytes (and the NATS server's max_payload)")
+                f"rollout group {g.id} ({len(g.prompt_token_ids)} prompt tokens, {tokens} generated) is {len(data)} "
+                f"bytes even without its texts, more than the bus's largest message ({max_payload} bytes): "
+                f"shorten the prompts (task.prompts), lower generator.sampling.maxTokens or "
+                f"algorithm.samplesPerPrompt, or raise nats.maxMessageBytes (and the NATS server's max_payload)")
+        encoded.append(data)
     return encoded
 
 

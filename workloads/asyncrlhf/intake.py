@@ -32,6 +32,13 @@ from .schedule import Verdict, classify, implausible
 log = logging.getLogger("asyncrlhf.learner")
 STREAM_CHECK_SECONDS = 10.0  # waiting this long for rollouts, the learner checks that its stream is still there
 FETCH_BATCH = 64
+FETCH_BYTES = 64 << 20  # at most this many bytes of rollouts asked for in one pull (nats-server's max_pending)
+
+
+def fetch_batch(max_message_bytes: int) -> int:
+    """Rollout groups per pull: FETCH_BATCH, fewer when groups may be large (nats.maxMessageBytes),
+    so one pull cannot exceed FETCH_BYTES and make the learner a slow consumer."""
+    return max(1, min(FETCH_BATCH, FETCH_BYTES // max_message_bytes))
 UNREADABLE_TRIES = 3  # rollouts of one prompt the model cannot read before the learner gives up on the job
 
 
@@ -65,9 +72,9 @@ class TokenLimits:
 
 class RolloutIntake:
     def __init__(self, state: LearnerState, prompts_per_step: int, max_staleness: int, total_steps: int,
-                 dead_letter: DeadLetter, limits: TokenLimits = TokenLimits()) -> None:
+                 dead_letter: DeadLetter, limits: TokenLimits = TokenLimits(), batch: int = FETCH_BATCH) -> None:
         self.state, self.per, self.n, self.total = state, prompts_per_step, max_staleness, total_steps
-        self.limits = limits
+        self.limits, self.batch = limits, batch
         self.dead_letter = dead_letter
         self.pending: dict[int, dict[int, tuple[RolloutGroup, object]]] = {}  # batch -> index -> (group, msg)
         # messages of trained steps not yet covered by a checkpoint (acked after it), by rollout id
@@ -92,7 +99,7 @@ class RolloutIntake:
             if stopping.is_set():
                 raise asyncio.CancelledError
             try:
-                msgs = await sub.fetch(FETCH_BATCH, timeout=0.5)
+                msgs = await sub.fetch(self.batch, timeout=0.5)
             except (nats.errors.TimeoutError, asyncio.TimeoutError):
                 msgs = []
             except nats.errors.Error as err:  # no consumer (the stream is gone), the bus away, ...

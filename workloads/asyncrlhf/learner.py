@@ -40,7 +40,7 @@ from .evaluation import Evaluator
 from .export import snapshot_tokenizer
 from .faults import fault_point
 from .feeding import PromptFeeder
-from .intake import RolloutIntake, TokenLimits
+from .intake import RolloutIntake, TokenLimits, fetch_batch
 from .identity import claim_volume
 from .learner_link import LearnerLink
 from .messages import (
@@ -75,7 +75,8 @@ class Learner(WeightPublishing):
         self.feeder = PromptFeeder(spec, bus, self.state)
         self.intake = RolloutIntake(self.state, spec.learner.prompts_per_step, spec.async_.effective_staleness,
                                     spec.learner.total_steps, self._dead_letter,
-                                    TokenLimits(backend.vocab_size, backend.max_positions))
+                                    TokenLimits(backend.vocab_size, backend.max_positions),
+                                    fetch_batch(spec.nats.max_message_bytes))
         self.link = LearnerLink(spec, bus, self.feeder, self.intake)
         buffer_spec = spec.async_.replay_buffer
         self.replay = ReplayBuffer.from_spec(buffer_spec) if replay_enabled(buffer_spec, spec.algorithm.loss) else None
@@ -276,7 +277,8 @@ class Learner(WeightPublishing):
             await self.put_progress(row, done=True)
 
 
-async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> None:
+async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_dir: str) -> bool:
+    """Run the learner; True once every step is trained, False when it was stopped before."""
     # an earlier job's checkpoints under this name: moved aside before anything reads them (a
     # volume the spec names is the user's choice: adopted)
     claim_volume(Path(root), bus.uid, adopt=bool(spec.weight_sync.volume_claim))
@@ -284,6 +286,6 @@ async def main_async(spec: JobSpec, bus: JobBus, nats_url: str, root: str, run_d
     shutdown.install(learner.stopping)
     learner.telemetry.serve(spec.metrics.port)
     try:
-        await learner.run()
+        return (await learner.run()).step >= spec.learner.total_steps
     finally:
         learner.telemetry.close()

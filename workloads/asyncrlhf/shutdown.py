@@ -8,7 +8,8 @@ once. Ending a workload abruptly is safe by design: what a learner has not check
 a generator has not published is redelivered. A pod's grace period (30 s by default) and
 `asyncrlhf run`'s are longer than GRACE_SECONDS, so they never have to SIGKILL. With the bus away,
 waiting is pointless (nothing can be handed back, each request waits out its timeout):
-`unless_stranded` cuts the work short at once, and the process exits by itself.
+`unless_stranded` cuts the work short at once, and the process exits by itself (once an engine
+or training call in flight in a thread returns: the watchdog still bounds that).
 """
 
 from __future__ import annotations
@@ -22,6 +23,10 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("asyncrlhf.shutdown")
 GRACE_SECONDS = 8.0
+# The exit code of a learner stopped before its last step (as if SIGTERM had killed it): to a
+# Kubernetes Job an exit 0 is a completion, and a learner evicted mid-run has not completed
+# (the Job's podFailurePolicy ignores disruptions; the operator recreates a learner that failed).
+EXIT_STOPPED = 128 + signal.SIGTERM
 STRANDED_CHECK_SECONDS = 0.5  # how often `unless_stranded` looks for "stopping, and the bus away"
 
 
@@ -68,5 +73,8 @@ async def unless_stranded(work: Awaitable[Any], stopping: asyncio.Event, connect
         if stopping.is_set() and not connected() and not task.done():
             task.cancel()
             log.info("stopping with the bus away: what this process held is redelivered")
+            await asyncio.wait({task}, timeout=STRANDED_CHECK_SECONDS)  # its cleanup runs before the caller's
+            if task.done() and not task.cancelled() and task.exception() is not None:
+                log.info("the work cut short ended with: %r", task.exception())  # retrieved: not logged as lost
             raise Stranded()
     return task.result()
