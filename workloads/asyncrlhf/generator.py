@@ -343,10 +343,11 @@ def encode_for_bus(groups: list[RolloutGroup], max_payload: int) -> list[bytes]:
     for g in groups:
         data = g.encode()
         if len(data) + HEADERS_ALLOWANCE > max_payload:  # max_payload counts the headers (the msg id) too
+            full = len(data)
             bare = g.model_copy(update={"completions": [c.model_copy(update={"text": ""}) for c in g.completions]})
             data = bare.encode()
             log.warning("rollout group %s is too large for the bus (%d bytes): sent without its completions' texts "
-                        "(%d bytes)", g.id, len(g.encode()), len(data))
+                        "(%d bytes)", g.id, full, len(data))
         if len(data) + HEADERS_ALLOWANCE > max_payload:
             tokens = sum(len(c.token_ids) for c in g.completions)
             raise BusLimitError(
